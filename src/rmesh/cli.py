@@ -1,0 +1,184 @@
+"""``rmesh``: serve the mesh, send it problems. Heavy imports wait until a command needs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEV_KEY = "demo-key"  # the dev-only key of policy/tenants/demo.yaml
+EXIT_NOT_RELEASED = 3
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rmesh.serve import SERVICES, run_forever
+
+    names = SERVICES if args.service == "all" else (args.service,)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_forever(names))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def load_request(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the request from --file, then --problem and --evidence on top of it."""
+    import yaml
+
+    request: dict[str, Any] = {}
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as handle:
+                request = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            raise SystemExit(f"rmesh solve: cannot read {args.file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"rmesh solve: {args.file} is not valid YAML: {exc}") from None
+        if not isinstance(request, dict):
+            raise SystemExit(f"rmesh solve: {args.file} must hold a mapping")
+        unknown = set(request) - {"problem", "task", "evidence", "high_impact"}
+        if unknown:
+            raise SystemExit(f"rmesh solve: {args.file}: unknown fields {', '.join(sorted(unknown))}")
+    if args.problem is not None:
+        request["problem"] = args.problem
+    evidence = dict(request.get("evidence") or {})
+    for item in args.evidence:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rmesh solve: --evidence wants KEY=VALUE, got {item!r}")
+        evidence[key] = value
+    for key in args.drop_evidence:
+        evidence.pop(key, None)
+    request["evidence"] = evidence
+    return request
+
+
+def _to_proto(request: dict[str, Any]):
+    from google.protobuf import json_format
+
+    from rmesh.api.router.v1 import router_pb2
+
+    try:
+        return json_format.ParseDict(request, router_pb2.SolveRequest())
+    except json_format.ParseError as exc:
+        raise SystemExit(f"rmesh solve: request does not fit the API: {exc}") from None
+
+
+def event_to_dict(message) -> dict[str, Any]:
+    """One Solve event as plain JSON: the event name plus its fields, token counts as ints."""
+    from google.protobuf import json_format
+
+    name = message.WhichOneof("event")
+    body = json_format.MessageToDict(
+        getattr(message, name), preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    if "usage" in body:
+        body["usage"] = {k: int(v) for k, v in body["usage"].items()}
+    return {"event": name, **body}
+
+
+def _describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "status":
+        return f"status    {event['message']}"
+    if kind == "config":
+        budget = event["budget"]
+        return (
+            f"config    tenant={event['tenant']} strategy={event['strategy']} "
+            f"max_tokens={budget['max_tokens']} branches={budget['max_branches']} "
+            f"required={','.join(event['required_evidence']) or '-'} ({event['reason']})"
+        )
+    if kind == "progress":
+        u = event["usage"]
+        return (
+            f"progress  {event['stage']}: branches {event['branches_done']}/{event['branches_started']}, "
+            f"tokens {u['completion_tokens']} generated, {u['cached_tokens']} cached, "
+            f"checks {event['checks_passed']}/{event['checks_total']}"
+        )
+    lines = [f"outcome   {event['kind']} released={event['released']} ({event['reason']})"]
+    if event["released"]:
+        for cp in event["checkpoints"]:
+            lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}")
+        lines.append(f"  answer: {event['answer']}")
+    if event["missing_evidence"]:
+        lines.append(f"  missing evidence: {', '.join(event['missing_evidence'])}; next: {event['next_step']}")
+    u = event["usage"]
+    lines.append(
+        f"  usage: prompt {u['prompt_tokens']}, completion {u['completion_tokens']}, cached {u['cached_tokens']}"
+    )
+    return "\n".join(lines)
+
+
+async def _solve_async(args: argparse.Namespace, request) -> int:
+    import grpc
+
+    from rmesh.api.router.v1 import router_pb2_grpc
+    from rmesh.config import Addresses, ServerSettings
+    from rmesh.grpc_edge import create_channel
+
+    key = args.tenant_key or os.environ.get("RMESH_API_KEY")
+    if not key:
+        print("rmesh solve: no --tenant-key or RMESH_API_KEY; using the dev-only key of tenant 'demo'", file=sys.stderr)
+        key = DEV_KEY
+    address = Addresses.load().router
+    outcome: dict[str, Any] | None = None
+    async with create_channel(address, ServerSettings.load()) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        call = stub.Solve(request, metadata=[("authorization", f"Bearer {key}")], timeout=args.timeout)
+        try:
+            async for message in call:
+                event = event_to_dict(message)
+                print(json.dumps(event) if args.json else _describe(event), flush=True)
+                if event["event"] == "outcome":
+                    outcome = event
+        except grpc.aio.AioRpcError as exc:
+            if args.json:
+                print(json.dumps({"event": "error", "code": exc.code().name, "message": exc.details()}))
+            else:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+    return 0 if outcome and outcome["released"] else EXIT_NOT_RELEASED
+
+
+def _solve(args: argparse.Namespace) -> int:
+    if not args.file and args.problem is None:
+        print("rmesh solve: give --file REQUEST.yaml or --problem TEXT", file=sys.stderr)
+        return EXIT_USAGE
+    request = _to_proto(load_request(args))
+    return asyncio.run(_solve_async(args, request))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmesh", description="Reasoning Mesh: adaptive test-time compute over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the mesh's services in the foreground")
+    serve.add_argument("service", nargs="?", default="all", choices=["all", "router", "solver", "verifier"])
+    serve.set_defaults(func=_serve)
+
+    solve = sub.add_parser("solve", help="send one problem to the router and stream its events")
+    solve.add_argument("--file", help="request file (YAML): problem, task, evidence, high_impact")
+    solve.add_argument("--problem", help="problem text (overrides the file's)")
+    solve.add_argument("--evidence", action="append", default=[], metavar="KEY=VALUE", help="add or override evidence")
+    solve.add_argument("--drop-evidence", action="append", default=[], metavar="KEY", help="remove an evidence key")
+    solve.add_argument("--tenant-key", help="API key (default: $RMESH_API_KEY)")
+    solve.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    solve.add_argument("--json", action="store_true", help="print one JSON object per event")
+    solve.set_defaults(func=_solve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""gRPC clients that implement the cores' ports; each call carries the remaining deadline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+
+from rmesh import convert
+from rmesh.api.solver.v1 import solver_pb2_grpc
+from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
+from rmesh.domain import Candidate, Precheck, TaskSpec, Verdict
+from rmesh.grpc_edge import error_from_rpc, remaining_timeout
+from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
+
+VERIFIER_SERVICE = "rmesh.api.verifier.v1.VerifierService"
+SOLVER_SERVICE = "rmesh.api.solver.v1.SolverService"
+
+
+class VerifierClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+
+    async def precheck(self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str]) -> Precheck:
+        request = verifier_pb2.PrecheckRequest(
+            task=convert.task_to_proto(task), evidence=dict(evidence), required_evidence=list(required)
+        )
+        try:
+            reply = await self._stub.Precheck(request, timeout=remaining_timeout())
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "verifier") from None
+        return Precheck(tuple(reply.missing_evidence), reply.next_step, reply.numeric_answer)
+
+    async def verify(
+        self,
+        task: TaskSpec,
+        evidence: Mapping[str, str],
+        required: Sequence[str],
+        candidates: Sequence[Candidate],
+    ) -> list[Verdict]:
+        request = verifier_pb2.VerifyRequest(
+            task=convert.task_to_proto(task),
+            evidence=dict(evidence),
+            required_evidence=list(required),
+            candidates=[convert.candidate_to_proto(c) for c in candidates],
+        )
+        try:
+            reply = await self._stub.Verify(request, timeout=remaining_timeout())
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "verifier") from None
+        return [convert.verdict_from_proto(v) for v in reply.verdicts]
+
+
+class SolverClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = solver_pb2_grpc.SolverServiceStub(channel)
+
+    async def solve(self, request: SolveRequest) -> AsyncIterator[Progress | SolveResult]:
+        call = self._stub.Solve(convert.solve_request_to_proto(request), timeout=remaining_timeout())
+        try:
+            async for message in call:
+                if message.HasField("progress"):
+                    yield convert.progress_from_proto(message.progress)
+                else:
+                    yield convert.result_from_proto(message.result)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "solver") from None
+        finally:
+            call.cancel()

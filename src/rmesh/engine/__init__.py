@@ -1,0 +1,45 @@
+"""Engines: one interface, two real implementations. Heavy imports stay lazy."""
+
+from __future__ import annotations
+
+from rmesh.engine.base import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    BranchResult,
+    Engine,
+    EngineStats,
+    GenerationRequest,
+    SamplingParams,
+)
+
+
+def create_engine(config) -> Engine:
+    """Build the engine named by a ``SolverConfig``."""
+    if config.engine == "embedded":
+        from rmesh.engine.llama import LlamaEngine
+
+        return LlamaEngine.load(
+            model_path=config.model_path or None,
+            n_ctx=config.n_ctx,
+            max_branches=config.max_parallel_branches,
+            threads=config.threads or None,
+        )
+    if config.engine == "sglang":
+        from rmesh.engine.sglang import SGLangEngine
+
+        return SGLangEngine(config.sglang_url)
+    raise ValueError(f"RMESH_ENGINE: unknown engine {config.engine!r}; known: embedded, sglang")
+
+
+__all__ = [
+    "FINISH_ABORT",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+    "BranchResult",
+    "Engine",
+    "EngineStats",
+    "GenerationRequest",
+    "SamplingParams",
+    "create_engine",
+]

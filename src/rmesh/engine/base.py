@@ -1,0 +1,66 @@
+"""The narrow engine interface the solver talks to.
+
+Two real implementations: ``LlamaEngine`` (llama.cpp in process, the embedded default) and
+``SGLangEngine`` (SGLang's native HTTP API). Each translates ``SamplingParams`` in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """N branches of one prompt. Branches share the prompt's prefix; it is evaluated once."""
+
+    prompt: str
+    n: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # GBNF grammar (llama.cpp) / EBNF (SGLang's ``ebnf``) that every branch must follow.
+    grammar: str | None = None
+    # Absolute ``time.monotonic()`` after which the work is abandoned.
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    finish_reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
+
+
+@dataclass
+class EngineStats:
+    jobs_started: int = 0
+    jobs_finished: int = 0
+    jobs_cancelled: int = 0
+    tokens_generated: int = 0
+    busy: bool = False
+
+
+class Engine(Protocol):
+    model_name: str
+    stats: EngineStats
+
+    async def generate(self, request: GenerationRequest) -> list[BranchResult]:
+        """Generate ``request.n`` branches; raise ``rmesh.errors.DeadlineExceeded`` past the deadline."""
+
+    async def healthy(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,121 @@
+"""SGLang's native HTTP API (``/generate``), request and response shapes as of SGLang 0.5.23.
+
+Branches share a prefix through SGLang's radix cache: the prompt is first sent with
+``max_new_tokens: 0`` so the tree holds it, then the branches go out as one batch of
+byte-identical prompts. Cached tokens come from ``meta_info.cached_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from rmesh.engine.base import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    BranchResult,
+    EngineStats,
+    GenerationRequest,
+    SamplingParams,
+)
+from rmesh.errors import DeadlineExceeded, Unavailable
+
+
+def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The one place SamplingParams become SGLang ``sampling_params``."""
+    out: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+    }
+    if params.seed:
+        out["sampling_seed"] = params.seed
+    if grammar:
+        out["ebnf"] = grammar
+    return out
+
+
+def _finish_reason(meta: dict[str, Any]) -> str:
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else None
+    return {"stop": FINISH_STOP, "length": FINISH_LENGTH}.get(kind, FINISH_ABORT)
+
+
+class SGLangEngine:
+    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=None)
+        self.model_name = "sglang"
+        self.stats = EngineStats()
+
+    async def _post(self, path: str, body: dict[str, Any], deadline: float | None) -> Any:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline passed before the engine call")
+        try:
+            response = await asyncio.wait_for(self._client.post(path, json=body), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("engine call exceeded the deadline") from None
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"SGLang engine at {self.base_url} unreachable: {exc}") from None
+        if response.status_code != 200:
+            raise Unavailable(f"SGLang {path} answered {response.status_code}: {response.text[:200]}")
+        try:
+            return response.json()
+        except ValueError:
+            raise Unavailable(f"SGLang {path} returned malformed JSON") from None
+
+    async def generate(self, request: GenerationRequest) -> list[BranchResult]:
+        self.stats.jobs_started += 1
+        try:
+            # Warm the radix tree with the shared prefix, then fan the branches out.
+            await self._post(
+                "/generate",
+                {"text": request.prompt, "sampling_params": sampling_to_sglang(request.sampling, None, 0)},
+                request.deadline,
+            )
+            params = sampling_to_sglang(request.sampling, request.grammar)
+            body = {
+                "text": [request.prompt] * request.n,
+                "sampling_params": [params] * request.n,
+            }
+            payload = await self._post("/generate", body, request.deadline)
+        except DeadlineExceeded:
+            self.stats.jobs_cancelled += 1
+            raise
+        items = payload if isinstance(payload, list) else [payload]
+        if len(items) != request.n:
+            raise Unavailable(f"SGLang returned {len(items)} results for {request.n} branches")
+        results = []
+        for item in items:
+            try:
+                meta = item["meta_info"]
+                results.append(
+                    BranchResult(
+                        text=str(item["text"]),
+                        prompt_tokens=int(meta["prompt_tokens"]),
+                        completion_tokens=int(meta["completion_tokens"]),
+                        cached_tokens=int(meta.get("cached_tokens", 0)),
+                        finish_reason=_finish_reason(meta),
+                    )
+                )
+            except (KeyError, TypeError, ValueError):
+                raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None
+        self.stats.jobs_finished += 1
+        self.stats.tokens_generated += sum(r.completion_tokens for r in results)
+        return results
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._client.get("/health_generate", timeout=10)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

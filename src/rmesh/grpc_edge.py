@@ -1,0 +1,170 @@
+"""The gRPC edge shared by the three services: status mapping, deadlines, servers, channels.
+
+Cores raise ``rmesh.errors`` exceptions; this module turns them into precise gRPC statuses
+(with a google.rpc QuotaFailure detail for quota errors) and turns statuses received from a
+downstream service back into the same exceptions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+
+from rmesh import errors
+from rmesh.config import ServerSettings
+
+log = logging.getLogger("rmesh.grpc")
+
+# Absolute time.monotonic() by which the current call must finish; None when unbounded.
+DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rmesh_deadline", default=None)
+
+_CODES: list[tuple[type[errors.MeshError], grpc.StatusCode]] = [
+    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+def status_code(error: errors.MeshError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> None:
+    """End the call with the status that fits ``error``; never returns."""
+    code = status_code(error)
+    if isinstance(error, errors.ResourceExhausted) and error.violations:
+        detail = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                for v in error.violations
+            ]
+        )
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=error.message)
+        status.details.add().Pack(detail)
+        await context.abort_with_status(rpc_status.to_status(status))
+    await context.abort(code, error.message)
+
+
+def begin_call(context: grpc.aio.ServicerContext) -> float | None:
+    """Record the caller's deadline for downstream calls; return it as a monotonic time."""
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    DEADLINE.set(deadline)
+    return deadline
+
+
+def remaining_timeout() -> float | None:
+    """Seconds left for a downstream call (gRPC Python does not propagate deadlines)."""
+    deadline = DEADLINE.get()
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded("deadline passed before the downstream call")
+    return left
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> errors.MeshError:
+    """Map a downstream status back to the project's exceptions, keeping its message."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, reason = details.partition(": ")
+        return errors.InvalidRequest(field, reason) if reason else errors.InvalidRequest(service, details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.DeadlineExceeded(f"{service}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.ResourceExhausted(f"{service}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return errors.FailedPrecondition(f"{service}: {details}")
+    return errors.Unavailable(f"{service} unavailable: {code.name}: {details}")
+
+
+def _options(settings: ServerSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+
+
+def create_server(
+    address: str,
+    settings: ServerSettings,
+    add_servicers: Callable[[grpc.aio.Server], Iterable[str]],
+    tracer_provider=None,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server with health, reflection, tracing and message limits; not started."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
+        options=_options(settings),
+    )
+    service_names = list(add_servicers(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health_servicer.set(name, status)
+
+
+async def graceful_stop(server: grpc.aio.Server, health_servicer, names: Iterable[str], grace: float) -> None:
+    """Report NOT_SERVING first so balancers drain, then stop with a grace period."""
+    await set_serving(health_servicer, names, False)
+    await server.stop(grace)
+
+
+def _service_config(retry_services: Iterable[str]) -> str:
+    # Only calls that are safe to repeat are retried: the verifier's are pure functions.
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": s} for s in retry_services],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def create_channel(
+    address: str, settings: ServerSettings, retry_services: Iterable[str] = (), tracer_provider=None
+) -> grpc.aio.Channel:
+    options: list[tuple[str, object]] = list(_options(settings))
+    retry = list(retry_services)
+    if retry:
+        options += [("grpc.service_config", _service_config(retry)), ("grpc.enable_retries", 1)]
+    return grpc.aio.insecure_channel(
+        address, options=options, interceptors=aio_client_interceptors(tracer_provider=tracer_provider)
+    )

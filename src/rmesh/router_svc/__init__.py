@@ -1,0 +1,1 @@
+"""The router service: tenants, routing, the release gate and the event stream."""

@@ -1,0 +1,204 @@
+"""The router core: validate, route by tenant, precheck evidence, search, gate the release.
+
+The router re-verifies the solver's chosen candidate itself before releasing it: the release
+decision belongs to the verifier's exact checks and evidence contract, not to the search.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rmesh.domain import Budget, Checkpoint, CheckResult, TaskSpec, Usage
+from rmesh.errors import InvalidRequest
+from rmesh.router_svc.tenants import Tenant
+from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
+
+MAX_PROBLEM_CHARS = 8000
+MAX_EVIDENCE_ITEMS = 64
+_EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+
+OUTCOME_RELEASED = "released"
+OUTCOME_MISSING_EVIDENCE = "missing_evidence"
+OUTCOME_NO_ELIGIBLE_ANSWER = "no_eligible_answer"
+
+
+@dataclass(frozen=True)
+class RouterRequest:
+    problem: str
+    task: TaskSpec = field(default_factory=TaskSpec)
+    # Values as received; validated to be strings here.
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    high_impact: bool = False
+
+
+@dataclass(frozen=True)
+class Status:
+    message: str
+
+
+@dataclass(frozen=True)
+class Config:
+    strategy: str
+    budget: Budget
+    tenant: str
+    required_evidence: tuple[str, ...]
+    reason: str
+    policy_revision: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    answer: str = ""
+    checkpoints: tuple[Checkpoint, ...] = ()
+    missing_evidence: tuple[str, ...] = ()
+    next_step: str = ""
+    strategy: str = ""
+    usage: Usage = Usage()
+    checks: tuple[CheckResult, ...] = ()
+    stop_reason: str = ""
+    reason: str = ""
+    policy_revision: str = ""
+
+    @property
+    def released(self) -> bool:
+        return self.kind == OUTCOME_RELEASED
+
+
+Event = Status | Config | Progress | Outcome
+
+
+class SolverPort(Protocol):
+    def solve(self, request: SolveRequest) -> AsyncIterator[Progress | SolveResult]: ...
+
+
+def validate(request: RouterRequest) -> dict[str, str]:
+    """Check the caller's request; return the evidence as a key → string mapping."""
+    if not request.problem.strip():
+        raise InvalidRequest("problem", "must not be empty")
+    if len(request.problem) > MAX_PROBLEM_CHARS:
+        raise InvalidRequest("problem", f"longer than {MAX_PROBLEM_CHARS} characters")
+    if len(request.evidence) > MAX_EVIDENCE_ITEMS:
+        raise InvalidRequest("evidence", f"more than {MAX_EVIDENCE_ITEMS} items")
+    evidence: dict[str, str] = {}
+    for key, value in request.evidence.items():
+        if not _EVIDENCE_KEY.fullmatch(key):
+            raise InvalidRequest(f"evidence.{key}", "key must match [A-Za-z_][A-Za-z0-9_.-]{0,63}")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"evidence.{key}", f"value must be a string, got {_kind(value)}")
+        evidence[key] = value
+    return evidence
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+class RouterCore:
+    def __init__(self, verifier: VerifierPort, solver: SolverPort) -> None:
+        self.verifier = verifier
+        self.solver = solver
+
+    async def solve(self, tenant: Tenant, request: RouterRequest) -> AsyncIterator[Event]:
+        evidence = validate(request)
+        yield Status("accepted")
+        kind = request.task.kind
+        strategy = tenant.strategy_for(kind)
+        required = tenant.required_evidence_for(kind)
+        precheck = await self.verifier.precheck(request.task, evidence, required)
+        reason = (
+            f"tenant {tenant.name}: strategy for task kind {kind!r}"
+            if kind in tenant.strategy_by_kind
+            else f"tenant {tenant.name}: default strategy"
+        )
+        yield Config(strategy, tenant.budget, tenant.name, required, reason, tenant.revision)
+        if precheck.missing_evidence:
+            yield Outcome(
+                kind=OUTCOME_MISSING_EVIDENCE,
+                missing_evidence=precheck.missing_evidence,
+                next_step=precheck.next_step,
+                strategy=strategy,
+                reason="required evidence is missing; no model call was made",
+                policy_revision=tenant.revision,
+            )
+            return
+        solve_request = SolveRequest(
+            problem=request.problem,
+            task=request.task,
+            evidence=evidence,
+            strategy=strategy,
+            budget=tenant.budget,
+            required_evidence=required,
+            tenant=tenant.name,
+        )
+        result: SolveResult | None = None
+        async for item in self.solver.solve(solve_request):
+            if isinstance(item, SolveResult):
+                result = item
+            else:
+                yield item
+        if result is None:
+            raise RuntimeError("solver stream ended without a result")
+        yield await self._gate(tenant, request.task, evidence, required, result)
+
+    async def _gate(
+        self,
+        tenant: Tenant,
+        task: TaskSpec,
+        evidence: dict[str, str],
+        required: tuple[str, ...],
+        result: SolveResult,
+    ) -> Outcome:
+        common = dict(
+            strategy=result.strategy,
+            usage=result.usage,
+            stop_reason=result.stop_reason,
+            policy_revision=tenant.revision,
+        )
+        if result.best is None:
+            return Outcome(kind=OUTCOME_NO_ELIGIBLE_ANSWER, reason="the engine produced no candidate", **common)
+        (verdict,) = await self.verifier.verify(task, evidence, required, [result.best])
+        if verdict.release:
+            return Outcome(
+                kind=OUTCOME_RELEASED,
+                answer=result.best.final_answer,
+                checkpoints=result.best.checkpoints,
+                checks=verdict.checks,
+                reason="every exact check passed and every required evidence key is cited",
+                **common,
+            )
+        problems = []
+        if verdict.missing_evidence:
+            problems.append("missing evidence " + ", ".join(verdict.missing_evidence))
+        failed = [c.name for c in verdict.checks if not c.passed]
+        if failed:
+            problems.append("failed checks " + ", ".join(failed))
+        if verdict.unknown_citations:
+            problems.append("cites unknown evidence " + ", ".join(verdict.unknown_citations))
+        if verdict.ungrounded_claims:
+            problems.append("states facts its evidence lacks: " + ", ".join(verdict.ungrounded_claims))
+        if verdict.uncited_required:
+            problems.append("does not cite " + ", ".join(verdict.uncited_required))
+        if not result.best.well_formed:
+            problems.append("answer did not follow the response template")
+        return Outcome(
+            kind=OUTCOME_NO_ELIGIBLE_ANSWER,
+            missing_evidence=verdict.missing_evidence,
+            next_step=verdict.next_step,
+            checks=verdict.checks,
+            reason="no eligible answer within budget: " + ("; ".join(problems) or "not released"),
+            **common,
+        )

@@ -1,0 +1,35 @@
+"""Thin gRPC servicer over RouterCore: authenticate, then stream the core's events."""
+
+from __future__ import annotations
+
+import grpc
+
+from rmesh import convert
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.errors import MeshError
+from rmesh.grpc_edge import abort, begin_call
+from rmesh.router_svc.core import RouterCore
+from rmesh.router_svc.tenants import TenantRegistry
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, core: RouterCore, tenants: TenantRegistry) -> None:
+        self.core = core
+        self.tenants = tenants
+
+    async def Solve(self, request, context: grpc.aio.ServicerContext):
+        begin_call(context)
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            tenant = self.tenants.authenticate(metadata.get("authorization"))
+            async for event in self.core.solve(tenant, convert.router_request_from_proto(request)):
+                yield convert.router_event_to_proto(event)
+        except MeshError as exc:
+            await abort(context, exc)
+
+
+def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> list[str]:
+    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

@@ -1,0 +1,174 @@
+"""Start the mesh's services on their addresses; stop them gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+
+from rmesh import clients, grpc_edge
+from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig
+from rmesh.engine import Engine, create_engine
+from rmesh.router_svc import servicer as router_servicer
+from rmesh.router_svc.core import RouterCore
+from rmesh.router_svc.tenants import TenantRegistry
+from rmesh.solver_svc import servicer as solver_servicer
+from rmesh.solver_svc.core import SolverCore
+from rmesh.telemetry import tracer_provider
+from rmesh.verifier_svc import servicer as verifier_servicer
+from rmesh.verifier_svc.core import VerifierCore
+
+log = logging.getLogger("rmesh.serve")
+SERVICES = ("verifier", "solver", "router")
+
+
+@dataclass
+class RunningService:
+    name: str
+    server: grpc.aio.Server
+    port: int
+    health: object
+    service_names: list[str]
+    provider: TracerProvider
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    engine: Engine | None = None
+
+    async def stop(self, grace: float) -> None:
+        await grpc_edge.graceful_stop(self.server, self.health, self.service_names, grace)
+        for channel in self.channels:
+            await channel.close()
+        if self.engine is not None:
+            await self.engine.aclose()
+        self.provider.shutdown()
+
+
+async def _start(name, address, settings, provider, add) -> RunningService:
+    server, port, health = grpc_edge.create_server(address, settings, add, tracer_provider=provider)
+    await server.start()
+    names = add.service_names
+    service = RunningService(name, server, port, health, names, provider)
+    await grpc_edge.set_serving(health, names, True)
+    log.info("%s serving on %s (port %d)", name, address, port)
+    return service
+
+
+class _Adder:
+    """Registers one servicer on a server and remembers the service names it added."""
+
+    def __init__(self, servicer, add_fn) -> None:
+        self.servicer, self.add_fn, self.service_names = servicer, add_fn, []
+
+    def __call__(self, server: grpc.aio.Server) -> list[str]:
+        self.service_names = self.add_fn(self.servicer, server)
+        return self.service_names
+
+
+async def start_verifier(address: str, settings: ServerSettings, provider: TracerProvider) -> RunningService:
+    add = _Adder(verifier_servicer.VerifierServicer(VerifierCore()), verifier_servicer.add_to_server)
+    return await _start("verifier", address, settings, provider, add)
+
+
+async def start_solver(
+    address: str,
+    settings: ServerSettings,
+    provider: TracerProvider,
+    verifier_address: str,
+    engine: Engine,
+    own_engine: bool = True,
+) -> RunningService:
+    channel = grpc_edge.create_channel(
+        verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
+    )
+    core = SolverCore(engine, clients.VerifierClient(channel), tracer=provider.get_tracer("rmesh.solver"))
+    add = _Adder(solver_servicer.SolverServicer(core), solver_servicer.add_to_server)
+    service = await _start("solver", address, settings, provider, add)
+    service.channels.append(channel)
+    service.engine = engine if own_engine else None
+    return service
+
+
+async def start_router(
+    address: str,
+    settings: ServerSettings,
+    provider: TracerProvider,
+    solver_address: str,
+    verifier_address: str,
+    tenants: TenantRegistry,
+) -> RunningService:
+    verifier_channel = grpc_edge.create_channel(
+        verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
+    )
+    solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
+    core = RouterCore(clients.VerifierClient(verifier_channel), clients.SolverClient(solver_channel))
+    add = _Adder(router_servicer.RouterServicer(core, tenants), router_servicer.add_to_server)
+    service = await _start("router", address, settings, provider, add)
+    service.channels += [verifier_channel, solver_channel]
+    return service
+
+
+def bound_address(address: str, port: int) -> str:
+    """The address clients should use once a server bound ``address`` (port 0 picks one)."""
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def start_services(
+    names: tuple[str, ...],
+    env: Mapping[str, str],
+    engine: Engine | None = None,
+    extra_processors: list[SpanProcessor] | None = None,
+) -> list[RunningService]:
+    """Start the named services in dependency order on the addresses ``env`` gives."""
+    addresses = Addresses.load(env)
+    settings = ServerSettings.load(env)
+    started: list[RunningService] = []
+
+    def provider(name: str) -> TracerProvider:
+        return tracer_provider(f"rmesh-{name}", env, extra_processors)
+
+    verifier_addr, solver_addr = addresses.verifier, addresses.solver
+    try:
+        if "verifier" in names:
+            service = await start_verifier(verifier_addr, settings, provider("verifier"))
+            verifier_addr = bound_address(verifier_addr, service.port)
+            started.append(service)
+        if "solver" in names:
+            own = engine is None
+            solver_engine = engine or create_engine(SolverConfig.load(env))
+            service = await start_solver(solver_addr, settings, provider("solver"), verifier_addr, solver_engine, own)
+            solver_addr = bound_address(solver_addr, service.port)
+            started.append(service)
+        if "router" in names:
+            tenants = TenantRegistry.load_dir(RouterConfig.load(env).tenants_dir)
+            started.append(
+                await start_router(addresses.router, settings, provider("router"), solver_addr, verifier_addr, tenants)
+            )
+    except BaseException:
+        for service in reversed(started):
+            await service.stop(0)
+        raise
+    return started
+
+
+async def run_forever(names: tuple[str, ...], env: Mapping[str, str] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then drain: NOT_SERVING first, then stop with grace."""
+    env = dict(os.environ if env is None else env)
+    settings = ServerSettings.load(env)
+    services = await start_services(names, env)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("mesh ready: %s; Ctrl-C to stop", ", ".join(s.name for s in services))
+    await stop.wait()
+    log.info("stopping (grace %.0fs)", settings.grace_seconds)
+    # The router stops first so no new work reaches the solver while it drains.
+    for service in reversed(services):
+        await service.stop(settings.grace_seconds)
+    log.info("stopped")

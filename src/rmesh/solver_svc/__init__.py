@@ -1,0 +1,1 @@
+"""The solver service: search strategies over an engine, within a budget."""

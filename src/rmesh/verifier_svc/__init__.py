@@ -1,0 +1,1 @@
+"""The verifier service: exact checkers and the evidence contract."""

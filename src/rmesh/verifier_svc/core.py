@@ -1,0 +1,149 @@
+"""The verifier core: validates tasks, runs exact checkers, enforces the evidence contract.
+
+Exact checks are authoritative. The score only ranks candidates that the checks and the
+evidence contract already allow; it never releases anything on its own.
+"""
+
+from __future__ import annotations
+
+import re
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rmesh.domain import (
+    NEXT_STEP_CITE_EVIDENCE,
+    NEXT_STEP_MORE_COMPUTE,
+    NEXT_STEP_REQUEST_TOOL_DATA,
+    Candidate,
+    CheckResult,
+    Precheck,
+    TaskSpec,
+    Verdict,
+)
+from rmesh.errors import InvalidRequest
+from rmesh.verifier_svc.checkers import REGISTRY, ExactChecker
+
+
+@dataclass(frozen=True)
+class PreparedCheck:
+    checker: ExactChecker
+    prepared: Any
+
+
+class VerifierCore:
+    def __init__(self, registry: Mapping[str, ExactChecker] | None = None) -> None:
+        self._registry = dict(REGISTRY if registry is None else registry)
+
+    @property
+    def checker_names(self) -> list[str]:
+        return sorted(self._registry)
+
+    def prepare(self, task: TaskSpec) -> list[PreparedCheck]:
+        """Resolve and validate every check; raise InvalidRequest naming the field."""
+        prepared = []
+        for index, spec in enumerate(task.checks):
+            checker = self._registry.get(spec.name)
+            if checker is None:
+                known = ", ".join(self.checker_names)
+                raise InvalidRequest(
+                    f"task.checks[{index}].name", f"unknown checker {spec.name!r}; known: {known}"
+                )
+            prepared.append(PreparedCheck(checker, checker.prepare(spec.params, f"task.checks[{index}].params")))
+        return prepared
+
+    def precheck(
+        self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str]
+    ) -> Precheck:
+        checks = self.prepare(task)
+        missing = tuple(key for key in required if key not in evidence)
+        return Precheck(
+            missing_evidence=missing,
+            next_step=NEXT_STEP_REQUEST_TOOL_DATA if missing else "",
+            numeric_answer=any(c.checker.numeric_answer for c in checks),
+        )
+
+    def verify(
+        self,
+        task: TaskSpec,
+        evidence: Mapping[str, str],
+        required: Sequence[str],
+        candidates: Sequence[Candidate],
+    ) -> list[Verdict]:
+        checks = self.prepare(task)
+        return [self._judge(c, checks, evidence, required) for c in candidates]
+
+    def _judge(
+        self,
+        candidate: Candidate,
+        checks: list[PreparedCheck],
+        evidence: Mapping[str, str],
+        required: Sequence[str],
+    ) -> Verdict:
+        missing = tuple(key for key in required if key not in evidence)
+        cited = candidate.cited_keys
+        unknown = tuple(sorted(key for key in cited if key not in evidence))
+        uncited = tuple(key for key in required if key in evidence and key not in cited)
+        ungrounded = ungrounded_claims(candidate, evidence) if evidence else ()
+        results: list[CheckResult] = []
+        if not candidate.final_answer.strip():
+            results.append(CheckResult("final_answer", False, "candidate has no final answer"))
+        results.extend(c.checker.check(candidate.final_answer, c.prepared) for c in checks)
+        exact_ok = all(r.passed for r in results)
+        grounded = not missing and not unknown and not uncited and not ungrounded and candidate.well_formed
+        release = exact_ok and grounded
+        if missing:
+            next_step = NEXT_STEP_REQUEST_TOOL_DATA
+        elif not exact_ok:
+            next_step = NEXT_STEP_MORE_COMPUTE
+        elif not grounded:
+            next_step = NEXT_STEP_CITE_EVIDENCE
+        else:
+            next_step = ""
+        return Verdict(
+            release=release,
+            missing_evidence=missing,
+            unknown_citations=unknown,
+            uncited_required=uncited,
+            ungrounded_claims=ungrounded,
+            checks=tuple(results),
+            next_step=next_step,
+            score=_rank_score(candidate, results, required, cited, unknown + ungrounded),
+        )
+
+
+_NUMBER_OR_DATE = re.compile(r"\d+(?:[.,:/-]\d+)*")
+
+
+def ungrounded_claims(candidate: Candidate, evidence: Mapping[str, str]) -> tuple[str, ...]:
+    """Numbers and dates the candidate states that its cited evidence does not contain.
+
+    A checkpoint is held to the values it cites; the final answer and the summary to every
+    value the candidate cites. Evidence is only searched, never interpreted.
+    """
+    def grounded_in(token: str, keys) -> bool:
+        return any(token in _NUMBER_OR_DATE.findall(evidence.get(k, "")) for k in keys)
+
+    claims: list[str] = []
+    for cp in candidate.checkpoints:
+        claims += [t for t in _NUMBER_OR_DATE.findall(cp.text) if not grounded_in(t, cp.cites)]
+    all_cited = candidate.cited_keys
+    for text in (candidate.verification_summary, candidate.final_answer):
+        claims += [t for t in _NUMBER_OR_DATE.findall(text) if not grounded_in(t, all_cited)]
+    return tuple(dict.fromkeys(claims))
+
+
+def _rank_score(
+    candidate: Candidate,
+    results: list[CheckResult],
+    required: Sequence[str],
+    cited: set[str],
+    problems: tuple[str, ...],
+) -> float:
+    """Order candidates: exact checks first, then citation coverage, then form."""
+    check_share = sum(r.passed for r in results) / len(results) if results else 1.0
+    coverage = sum(1 for k in required if k in cited) / len(required) if required else 1.0
+    citation_penalty = 0.5 if problems else 1.0
+    form = 1.0 if candidate.well_formed else 0.0
+    return round(0.6 * check_share + 0.3 * coverage * citation_penalty + 0.1 * form, 6)

@@ -1,0 +1,55 @@
+"""Shared fixtures: one embedded engine per session and a real mesh on port-0 addresses."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rmesh.engine.llama import LlamaEngine
+from rmesh.serve import start_services
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEMO_KEY = "demo-key"
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real embedded model, loaded once: small context, four branches."""
+    eng = LlamaEngine.load(n_ctx=4096, max_branches=4)
+    yield eng
+
+
+class Mesh:
+    def __init__(self, services, spans: InMemorySpanExporter) -> None:
+        self.services = {s.name: s for s in services}
+        self.spans = spans
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.services[name].port}"
+
+    def channel(self, name: str = "router") -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address(name))
+
+
+@pytest_asyncio.fixture(scope="session")
+async def mesh(engine):
+    """Router, solver and verifier as real grpc.aio servers on ports the OS picks."""
+    spans = InMemorySpanExporter()
+    env = {
+        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
+        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
+        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
+        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
+        "RMESH_MAX_MESSAGE_BYTES": str(256 * 1024),
+    }
+    services = await start_services(
+        ("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)]
+    )
+    yield Mesh(services, spans)
+    for service in reversed(services):
+        await service.stop(1)
