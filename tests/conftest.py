@@ -25,9 +25,10 @@ def engine():
 
 
 class Mesh:
-    def __init__(self, services, spans: InMemorySpanExporter) -> None:
+    def __init__(self, services, spans: InMemorySpanExporter, engine) -> None:
         self.services = {s.name: s for s in services}
         self.spans = spans
+        self.engine = engine
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.services[name].port}"
@@ -50,6 +51,6 @@ async def mesh(engine):
     services = await start_services(
         ("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)]
     )
-    yield Mesh(services, spans)
+    yield Mesh(services, spans, engine)
     for service in reversed(services):
         await service.stop(1)

@@ -63,6 +63,11 @@ class SolverConfig:
     n_ctx: int = 4096
     max_parallel_branches: int = 8
     threads: int = 0  # 0: all cores
+    answer_style: str = ""  # "extractive" or "free"; empty: extractive on embedded, free on sglang
+
+    @property
+    def resolved_answer_style(self) -> str:
+        return self.answer_style or ("extractive" if self.engine == "embedded" else "free")
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "SolverConfig":
@@ -74,6 +79,7 @@ class SolverConfig:
             n_ctx=int(e.get("RMESH_N_CTX", 4096)),
             max_parallel_branches=int(e.get("RMESH_MAX_PARALLEL_BRANCHES", 8)),
             threads=int(e.get("RMESH_THREADS", 0)),
+            answer_style=e.get("RMESH_ANSWER_STYLE", ""),
         )
 
 

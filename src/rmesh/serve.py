@@ -81,11 +81,14 @@ async def start_solver(
     verifier_address: str,
     engine: Engine,
     own_engine: bool = True,
+    answer_style: str = "extractive",
 ) -> RunningService:
     channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
-    core = SolverCore(engine, clients.VerifierClient(channel), tracer=provider.get_tracer("rmesh.solver"))
+    core = SolverCore(
+        engine, clients.VerifierClient(channel), tracer=provider.get_tracer("rmesh.solver"), answer_style=answer_style
+    )
     add = _Adder(solver_servicer.SolverServicer(core), solver_servicer.add_to_server)
     service = await _start("solver", address, settings, provider, add)
     service.channels.append(channel)
@@ -140,8 +143,17 @@ async def start_services(
             started.append(service)
         if "solver" in names:
             own = engine is None
-            solver_engine = engine or create_engine(SolverConfig.load(env))
-            service = await start_solver(solver_addr, settings, provider("solver"), verifier_addr, solver_engine, own)
+            solver_config = SolverConfig.load(env)
+            solver_engine = engine or create_engine(solver_config)
+            service = await start_solver(
+                solver_addr,
+                settings,
+                provider("solver"),
+                verifier_addr,
+                solver_engine,
+                own,
+                solver_config.resolved_answer_style,
+            )
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)
         if "router" in names:

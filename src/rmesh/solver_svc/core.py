@@ -13,8 +13,22 @@ from rmesh.solver_svc.search import SearchState
 from rmesh.solver_svc.strategies import REGISTRY
 
 
+# "extractive": with evidence and no numeric check, the final answer quotes evidence verbatim
+# (the embedded 270M model writes fluent but invented prose); "free": the model writes it.
+ANSWER_STYLES = ("extractive", "free")
+
+
 class SolverCore:
-    def __init__(self, engine: Engine, verifier: VerifierPort, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        verifier: VerifierPort,
+        tracer: trace.Tracer | None = None,
+        answer_style: str = "extractive",
+    ) -> None:
+        if answer_style not in ANSWER_STYLES:
+            raise ValueError(f"answer_style: {answer_style!r} is not one of {', '.join(ANSWER_STYLES)}")
+        self.answer_style = answer_style
         self.engine = engine
         self.verifier = verifier
         self.tracer = tracer or trace.get_tracer("rmesh.solver")
@@ -45,6 +59,7 @@ class SolverCore:
             deadline=limit,
             numeric_answer=precheck.numeric_answer,
             tracer=self.tracer,
+            extractive_answer=self.answer_style == "extractive",
         )
         span = trace.get_current_span()
         span.set_attribute("rmesh.strategy", request.strategy)

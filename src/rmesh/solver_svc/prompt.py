@@ -46,6 +46,9 @@ _EXAMPLE_REPLY = (
     "<final_answer>Yes, both chairs shipped on 5 May and should arrive within 2 days.</final_answer>\n"
     "</response>"
 )
+_EXAMPLE_EXTRACTIVE_REPLY = _EXAMPLE_REPLY.replace(
+    "Yes, both chairs shipped on 5 May and should arrive within 2 days.", _EXAMPLE_EVIDENCE["warehouse"]
+)
 _EXAMPLE_NUMERIC_PROBLEM = "What is 9 + 4 * 3?"
 _EXAMPLE_NUMERIC_REPLY = (
     "<response>\n"
@@ -66,7 +69,9 @@ def _user_turn(problem: str, evidence: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def build_prompt(problem: str, evidence: Mapping[str, str], numeric_answer: bool) -> str:
+def build_prompt(
+    problem: str, evidence: Mapping[str, str], numeric_answer: bool, extractive_answer: bool = False
+) -> str:
     """Gemma chat-format prompt: instructions, one worked example, then the request.
 
     Evidence is presented as data; the grammar, not the text, decides what may be cited.
@@ -81,7 +86,10 @@ def build_prompt(problem: str, evidence: Mapping[str, str], numeric_answer: bool
     if numeric_answer and not evidence:
         example_user, example_reply = _EXAMPLE_NUMERIC_PROBLEM, _EXAMPLE_NUMERIC_REPLY
     else:
-        example_user, example_reply = _user_turn(_EXAMPLE_PROBLEM, _EXAMPLE_EVIDENCE), _EXAMPLE_REPLY
+        example_user = _user_turn(_EXAMPLE_PROBLEM, _EXAMPLE_EVIDENCE)
+        example_reply = _EXAMPLE_EXTRACTIVE_REPLY if extractive_answer else _EXAMPLE_REPLY
+        if extractive_answer:
+            rules += " The final answer quotes the evidence that answers the request."
     return (
         f"<start_of_turn>user\n{rules}\n\n{example_user}<end_of_turn>\n"
         f"<start_of_turn>model\n{example_reply}<end_of_turn>\n"
@@ -97,12 +105,15 @@ def build_grammar(
     max_checkpoints: int,
     required: Sequence[str] = (),
     quote_evidence: bool = True,
+    extractive_answer: bool = False,
     max_line_chars: int = 160,
 ) -> str:
     """GBNF (llama.cpp) that SGLang's ``ebnf`` parameter also accepts.
 
     Required keys come first, one checkpoint each, in the tenant's order; then, up to the
-    remaining checkpoint budget, checkpoints may cite the request's other keys.
+    remaining checkpoint budget, checkpoints may cite the request's other keys. With
+    ``extractive_answer`` the final answer is one to three evidence values quoted verbatim:
+    the model chooses which evidence answers the request but cannot invent a fact.
     """
     required = [key for key in required if key in evidence]
     others = [key for key in evidence if key not in required]
@@ -130,8 +141,12 @@ def build_grammar(
     elif not evidence:
         rules.append('checkpoint ::= "<checkpoint>" line "</checkpoint>\\n"')
     rules.append('summary ::= "<verification_summary>" line "</verification_summary>\\n"')
+    quotable = [v for v in evidence.values() if 0 < len(v) <= MAX_QUOTED_CHARS and "<" not in v and "\n" not in v]
     if numeric_answer:
         rules.append('answer ::= "<final_answer>" "-"? [0-9]{1,12} ("." [0-9]{1,6})? "</final_answer>\\n"')
+    elif extractive_answer and quotable:
+        rules.append('answer ::= "<final_answer>" quote (" " quote){0,2} "</final_answer>\\n"')
+        rules.append("quote ::= " + " | ".join(_literal(v) for v in dict.fromkeys(quotable)))
     else:
         rules.append('answer ::= "<final_answer>" line "</final_answer>\\n"')
     rules.append(f"line ::= {_FREE_LINE}{{1,{max_line_chars}}}")

@@ -37,6 +37,7 @@ class SearchState:
     deadline: float
     numeric_answer: bool
     tracer: trace.Tracer
+    extractive_answer: bool = False
     usage: Usage = Usage()
     branches_started: int = 0
     scored: list[Scored] = field(default_factory=list)
@@ -67,9 +68,10 @@ class SearchState:
             numeric_answer=self.numeric_answer,
             max_checkpoints=max(1, min(request.budget.max_depth, len(request.evidence) or 3)),
             required=request.required_evidence,
+            extractive_answer=self.extractive_answer,
         )
         generation = GenerationRequest(
-            prompt=build_prompt(request.problem, request.evidence, self.numeric_answer),
+            prompt=build_prompt(request.problem, request.evidence, self.numeric_answer, self.extractive_answer),
             n=n,
             sampling=SamplingParams(
                 max_new_tokens=per_branch,
