@@ -61,6 +61,12 @@ async def abort(context: grpc.aio.ServicerContext, error: errors.MeshError) -> N
     await context.abort(code, error.message)
 
 
+async def abort_internal(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """An unexpected failure: logged with its traceback, reported as INTERNAL, never UNKNOWN."""
+    log.error("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
 def begin_call(context: grpc.aio.ServicerContext) -> float | None:
     """Record the caller's deadline for downstream calls; return it as a monotonic time."""
     remaining = context.time_remaining()

@@ -7,7 +7,7 @@ import grpc
 from rmesh import convert
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.errors import MeshError
-from rmesh.grpc_edge import abort, begin_call
+from rmesh.grpc_edge import abort, abort_internal, begin_call
 from rmesh.router_svc.core import RouterCore
 from rmesh.router_svc.tenants import TenantRegistry
 
@@ -28,6 +28,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 yield convert.router_event_to_proto(event)
         except MeshError as exc:
             await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
 
 
 def add_to_server(servicer: RouterServicer, server: grpc.aio.Server) -> list[str]:

@@ -9,7 +9,7 @@ import grpc
 from rmesh import convert
 from rmesh.api.solver.v1 import solver_pb2, solver_pb2_grpc
 from rmesh.errors import MeshError
-from rmesh.grpc_edge import abort, begin_call
+from rmesh.grpc_edge import abort, abort_internal, begin_call
 from rmesh.solver_svc.core import SolverCore
 from rmesh.solver_svc.model import Progress
 
@@ -41,6 +41,8 @@ class SolverServicer(solver_pb2_grpc.SolverServiceServicer):
             result = await task
         except MeshError as exc:
             await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
         finally:
             task.cancel()
         yield solver_pb2.SolveResponse(result=convert.result_to_proto(result))

@@ -7,7 +7,7 @@ import grpc
 from rmesh import convert
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.errors import MeshError
-from rmesh.grpc_edge import abort
+from rmesh.grpc_edge import abort, abort_internal
 from rmesh.verifier_svc.core import VerifierCore
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
@@ -24,6 +24,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             )
         except MeshError as exc:
             await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
         return verifier_pb2.PrecheckResponse(
             missing_evidence=list(result.missing_evidence),
             next_step=result.next_step,
@@ -40,6 +42,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             )
         except MeshError as exc:
             await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
         return verifier_pb2.VerifyResponse(verdicts=[convert.verdict_to_proto(v) for v in verdicts])
 
     async def ListCheckers(self, request, context):
