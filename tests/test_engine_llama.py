@@ -82,3 +82,20 @@ async def test_deadline_cancels_engine_work(engine):
     assert time.monotonic() - started < 2.0
     assert engine.stats.jobs_cancelled == cancelled_before + 1
     assert not engine.stats.busy
+
+
+async def test_tree_nodes_share_the_root_prefix_in_one_batch(engine):
+    """Two nodes with a common root: each node's tail is decoded once, its branches copy it."""
+    root = PROMPT + "Here are three: red,"
+    nodes = [
+        GenerationRequest(root + " green,", n=2, sampling=SamplingParams(max_new_tokens=4, temperature=0.7, seed=3), logprobs=True),
+        GenerationRequest(root + " blue and", n=1, sampling=SamplingParams(max_new_tokens=4, temperature=0.7, seed=4), logprobs=True),
+    ]
+    first, second = await engine.generate_many(nodes)
+    assert len(first) == 2 and len(second) == 1
+    assert first[1].cached_tokens == first[1].prompt_tokens
+    shared = engine.count_tokens(root)
+    assert shared - 1 <= second[0].cached_tokens < second[0].prompt_tokens
+    for result in (*first, *second):
+        assert result.completion_tokens > 0
+        assert result.logprob < 0

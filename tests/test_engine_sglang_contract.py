@@ -62,6 +62,11 @@ class FakeSGLang(BaseHTTPRequestHandler):
                         "completion_tokens": min(n, 2),
                         "cached_tokens": prompt_tokens - 1 if isinstance(body["text"], list) else 0,
                         "e2e_latency": 0.01,
+                        **(
+                            {"output_token_logprobs": [[-0.25, 1, None], [-0.25, 1, None]][: min(n, 2)]}
+                            if body.get("return_logprob")
+                            else {}
+                        ),
                     },
                 }
             )
@@ -84,7 +89,7 @@ async def test_warms_prefix_then_fans_out_identical_prompts(sglang_url):
     request = GenerationRequest("shared prompt text here", n=3, sampling=SamplingParams(max_new_tokens=16), grammar='root ::= "x"')
     results = await engine.generate(request)
     warm, fan_out = FakeSGLang.requests
-    assert warm["text"] == request.prompt and warm["sampling_params"]["max_new_tokens"] == 0
+    assert warm["text"] == [request.prompt] and warm["sampling_params"][0]["max_new_tokens"] == 0
     assert fan_out["text"] == [request.prompt] * 3
     assert all(p["ebnf"] == 'root ::= "x"' and p["max_new_tokens"] == 16 for p in fan_out["sampling_params"])
     assert [r.text for r in results] == ["branch 0", "branch 1", "branch 2"]
@@ -106,4 +111,19 @@ async def test_unreachable_engine_is_unavailable():
     with pytest.raises(Unavailable):
         await engine.generate(GenerationRequest("p", n=1))
     assert not await engine.healthy()
+    await engine.aclose()
+
+
+async def test_tree_nodes_warm_each_prompt_and_sum_logprobs(sglang_url):
+    """Two nodes: each distinct prompt is warmed once, branches are grouped back per node."""
+    engine = SGLangEngine(sglang_url)
+    a = GenerationRequest("root step one", n=2, sampling=SamplingParams(max_new_tokens=8), logprobs=True)
+    b = GenerationRequest("root step two", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True)
+    grouped = await engine.generate_many([a, b])
+    warm, fan_out = FakeSGLang.requests
+    assert warm["text"] == ["root step one", "root step two"]
+    assert fan_out["text"] == ["root step one", "root step one", "root step two"]
+    assert fan_out["return_logprob"] is True
+    assert [len(g) for g in grouped] == [2, 1]
+    assert grouped[0][0].logprob == pytest.approx(-0.5)
     await engine.aclose()

@@ -64,6 +64,19 @@ class SolverConfig:
     max_parallel_branches: int = 8
     threads: int = 0  # 0: all cores
     answer_style: str = ""  # "extractive" or "free"; empty: extractive on embedded, free on sglang
+    # The SGLang-served model's KV layout, "layers,kv_heads,head_dim,bytes_per_element".
+    sglang_kv_geometry: str = "18,1,256,2"
+    # KV bytes all concurrent requests of one solver may hold; 0: the engine's whole context.
+    kv_budget_bytes: int = 0
+    # How long a request waits for KV budget before RESOURCE_EXHAUSTED.
+    kv_wait_seconds: float = 5.0
+
+    @property
+    def sglang_kv(self):
+        from rmesh.engine.base import KVGeometry
+
+        layers, kv_heads, head_dim, width = (int(x) for x in self.sglang_kv_geometry.split(","))
+        return KVGeometry(layers, kv_heads, head_dim, width)
 
     @property
     def resolved_answer_style(self) -> str:
@@ -80,6 +93,9 @@ class SolverConfig:
             max_parallel_branches=int(e.get("RMESH_MAX_PARALLEL_BRANCHES", 8)),
             threads=int(e.get("RMESH_THREADS", 0)),
             answer_style=e.get("RMESH_ANSWER_STYLE", ""),
+            sglang_kv_geometry=e.get("RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
+            kv_budget_bytes=int(e.get("RMESH_KV_BUDGET_BYTES", 0)),
+            kv_wait_seconds=float(e.get("RMESH_KV_WAIT_SECONDS", 5.0)),
         )
 
 

@@ -7,7 +7,7 @@ from google.protobuf import json_format, struct_pb2
 from rmesh.api.common.v1 import common_pb2
 from rmesh.api.router.v1 import router_pb2
 from rmesh.api.solver.v1 import solver_pb2
-from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, TaskSpec, Usage, Verdict
+from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, SearchParams, TaskSpec, Usage, Verdict
 from rmesh.router_svc import core as router_core
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
 
@@ -49,6 +49,31 @@ def budget_to_proto(budget: Budget) -> common_pb2.Budget:
         max_depth=budget.max_depth,
         wall_clock_seconds=budget.wall_clock_seconds,
         max_tokens_per_branch=budget.max_tokens_per_branch,
+        max_kv_bytes=budget.max_kv_bytes,
+    )
+
+
+def search_to_proto(search: SearchParams) -> common_pb2.SearchParams:
+    return common_pb2.SearchParams(
+        temperature=search.temperature,
+        samples=search.samples,
+        beam_width=search.beam_width,
+        branching_factor=search.branching_factor,
+        prune_below=search.prune_below,
+        exploration=search.exploration,
+        no_improvement_rounds=search.no_improvement_rounds,
+    )
+
+
+def search_from_proto(search: common_pb2.SearchParams) -> SearchParams:
+    return SearchParams(
+        samples=search.samples,
+        beam_width=search.beam_width,
+        branching_factor=search.branching_factor,
+        prune_below=search.prune_below,
+        exploration=search.exploration,
+        no_improvement_rounds=search.no_improvement_rounds,
+        temperature=search.temperature if search.HasField("temperature") else None,
     )
 
 
@@ -59,6 +84,7 @@ def budget_from_proto(budget: common_pb2.Budget) -> Budget:
         max_depth=budget.max_depth,
         wall_clock_seconds=budget.wall_clock_seconds,
         max_tokens_per_branch=budget.max_tokens_per_branch,
+        max_kv_bytes=budget.max_kv_bytes,
     )
 
 
@@ -97,6 +123,7 @@ def verdict_to_proto(v: Verdict) -> common_pb2.Verdict:
         unknown_citations=list(v.unknown_citations),
         uncited_required=list(v.uncited_required),
         ungrounded_claims=list(v.ungrounded_claims),
+        step_scores=list(v.step_scores),
         checks=[check_result_to_proto(r) for r in v.checks],
         next_step=v.next_step,
         score=v.score,
@@ -110,6 +137,7 @@ def verdict_from_proto(v: common_pb2.Verdict) -> Verdict:
         unknown_citations=tuple(v.unknown_citations),
         uncited_required=tuple(v.uncited_required),
         ungrounded_claims=tuple(v.ungrounded_claims),
+        step_scores=tuple(v.step_scores),
         checks=tuple(CheckResult(r.name, r.passed, r.detail) for r in v.checks),
         next_step=v.next_step,
         score=v.score,
@@ -127,6 +155,7 @@ def solve_request_to_proto(r: SolveRequest) -> solver_pb2.SolveRequest:
         required_evidence=list(r.required_evidence),
         tenant=r.tenant,
         seed=r.seed,
+        search=search_to_proto(r.search),
     )
 
 
@@ -140,6 +169,7 @@ def solve_request_from_proto(r: solver_pb2.SolveRequest) -> SolveRequest:
         required_evidence=tuple(r.required_evidence),
         tenant=r.tenant,
         seed=r.seed,
+        search=search_from_proto(r.search),
     )
 
 
@@ -151,6 +181,10 @@ def progress_to_proto(p: Progress) -> solver_pb2.SolveProgress:
         usage=usage_to_proto(p.usage),
         checks_passed=p.checks_passed,
         checks_total=p.checks_total,
+        round=p.round,
+        best_score=p.best_score,
+        branches_pruned=p.branches_pruned,
+        stop_reason=p.stop_reason,
     )
 
 
@@ -162,6 +196,10 @@ def progress_from_proto(p: solver_pb2.SolveProgress) -> Progress:
         usage=usage_from_proto(p.usage),
         checks_passed=p.checks_passed,
         checks_total=p.checks_total,
+        round=p.round,
+        best_score=p.best_score,
+        branches_pruned=p.branches_pruned,
+        stop_reason=p.stop_reason,
     )
 
 
@@ -172,6 +210,9 @@ def result_to_proto(r: SolveResult) -> solver_pb2.SolveResult:
         candidates_evaluated=r.candidates_evaluated,
         eligible=r.eligible,
         strategy=r.strategy,
+        vote_share=r.vote_share,
+        peak_live_branches=r.peak_live_branches,
+        peak_kv_bytes=r.peak_kv_bytes,
     )
     if r.best is not None:
         out.best.CopyFrom(candidate_to_proto(r.best))
@@ -189,6 +230,9 @@ def result_from_proto(r: solver_pb2.SolveResult) -> SolveResult:
         candidates_evaluated=r.candidates_evaluated,
         eligible=r.eligible,
         strategy=r.strategy,
+        vote_share=r.vote_share,
+        peak_live_branches=r.peak_live_branches,
+        peak_kv_bytes=r.peak_kv_bytes,
     )
 
 
@@ -221,6 +265,7 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
                 required_evidence=list(event.required_evidence),
                 reason=event.reason,
                 policy_revision=event.policy_revision,
+                search=search_to_proto(event.search),
             )
         )
     if isinstance(event, Progress):
@@ -233,6 +278,9 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
                 usage=p.usage,
                 checks_passed=p.checks_passed,
                 checks_total=p.checks_total,
+                round=p.round,
+                branches_pruned=p.branches_pruned,
+                stop_reason=p.stop_reason,
             )
         )
     return router_pb2.SolveResponse(
@@ -249,5 +297,6 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
             stop_reason=event.stop_reason,
             reason=event.reason,
             policy_revision=event.policy_revision,
+            vote_share=event.vote_share,
         )
     )

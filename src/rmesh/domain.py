@@ -39,6 +39,18 @@ class Budget:
     max_depth: int = 4
     wall_clock_seconds: float = 60.0
     max_tokens_per_branch: int = 256
+    max_kv_bytes: int = 0  # 0: no per-request cap
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    samples: int = 0  # 0: budget.max_branches
+    beam_width: int = 2
+    branching_factor: int = 3
+    prune_below: float = 0.0
+    exploration: float = 1.5
+    no_improvement_rounds: int = 2
+    temperature: float | None = None  # None: each strategy's own default
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class Verdict:
     unknown_citations: tuple[str, ...] = ()
     uncited_required: tuple[str, ...] = ()
     ungrounded_claims: tuple[str, ...] = ()
+    step_scores: tuple[float, ...] = ()
     checks: tuple[CheckResult, ...] = ()
     next_step: str = ""
     score: float = 0.0

@@ -20,6 +20,7 @@ from rmesh.router_svc.core import RouterCore
 from rmesh.router_svc.tenants import TenantRegistry
 from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
+from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.telemetry import tracer_provider
 from rmesh.verifier_svc import servicer as verifier_servicer
 from rmesh.verifier_svc.core import VerifierCore
@@ -82,12 +83,21 @@ async def start_solver(
     engine: Engine,
     own_engine: bool = True,
     answer_style: str = "extractive",
+    kv_budget_bytes: int = 0,
+    kv_wait_seconds: float = 5.0,
 ) -> RunningService:
     channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
+    # Default budget: what the engine's own context can hold (the embedded engine), else 8 GiB.
+    n_ctx = getattr(engine, "n_ctx", 0)
+    capacity = kv_budget_bytes or (n_ctx * engine.kv_bytes_per_token if n_ctx else 8 << 30)
     core = SolverCore(
-        engine, clients.VerifierClient(channel), tracer=provider.get_tracer("rmesh.solver"), answer_style=answer_style
+        engine,
+        clients.VerifierClient(channel),
+        tracer=provider.get_tracer("rmesh.solver"),
+        answer_style=answer_style,
+        kv_ledger=KVLedger(capacity, kv_wait_seconds),
     )
     add = _Adder(solver_servicer.SolverServicer(core), solver_servicer.add_to_server)
     service = await _start("solver", address, settings, provider, add)
@@ -153,6 +163,8 @@ async def start_services(
                 solver_engine,
                 own,
                 solver_config.resolved_answer_style,
+                solver_config.kv_budget_bytes,
+                solver_config.kv_wait_seconds,
             )
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)

@@ -10,6 +10,7 @@ from rmesh.engine.base import (
     Engine,
     EngineStats,
     GenerationRequest,
+    KVGeometry,
     SamplingParams,
 )
 
@@ -28,7 +29,7 @@ def create_engine(config) -> Engine:
     if config.engine == "sglang":
         from rmesh.engine.sglang import SGLangEngine
 
-        return SGLangEngine(config.sglang_url)
+        return SGLangEngine(config.sglang_url, kv=config.sglang_kv)
     raise ValueError(f"RMESH_ENGINE: unknown engine {config.engine!r}; known: embedded, sglang")
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "Engine",
     "EngineStats",
     "GenerationRequest",
+    "KVGeometry",
     "SamplingParams",
     "create_engine",
 ]

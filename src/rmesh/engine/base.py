@@ -15,6 +15,20 @@ FINISH_ABORT = "abort"
 
 
 @dataclass(frozen=True)
+class KVGeometry:
+    """What one token costs in the KV cache: 2 (K and V) · layers · kv_heads · head_dim · bytes."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_element: int = 2  # f16 caches
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_element
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -34,6 +48,8 @@ class GenerationRequest:
     grammar: str | None = None
     # Absolute ``time.monotonic()`` after which the work is abandoned.
     deadline: float | None = None
+    # Sum the log-probability of each generated token (MCTS priors); costs a softmax per token.
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class BranchResult:
     completion_tokens: int
     cached_tokens: int
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
+    logprob: float = 0.0  # sum over generated tokens, when requested
 
 
 @dataclass
@@ -58,8 +75,17 @@ class Engine(Protocol):
     model_name: str
     stats: EngineStats
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """2 · layers · kv_heads · head_dim · bytes per element, read from the model."""
+
+    def count_tokens(self, text: str) -> int: ...
+
     async def generate(self, request: GenerationRequest) -> list[BranchResult]:
         """Generate ``request.n`` branches; raise ``rmesh.errors.DeadlineExceeded`` past the deadline."""
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
+        """Several prompts, each with its branches, in one batch that shares common prefixes."""
 
     async def healthy(self) -> bool: ...
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from rmesh.engine.base import (
     BranchResult,
     EngineStats,
     GenerationRequest,
+    KVGeometry,
     SamplingParams,
 )
 from rmesh.errors import Cancelled, DeadlineExceeded, InvalidRequest, ResourceExhausted
@@ -62,30 +64,29 @@ def _backend() -> ctypes.CFUNCTYPE:
     return callback
 
 
-@dataclass(frozen=True)
-class KVGeometry:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    bytes_per_element: int = 2  # f16 K and V caches
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_element
-
-
 @dataclass
 class _Job:
-    request: GenerationRequest
+    requests: list[GenerationRequest]
     cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self.requests if r.deadline is not None]
+        return min(deadlines) if deadlines else None
 
 
 class _Branch:
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, request_index: int, n_prompt: int, max_new: int, want_logprob: bool) -> None:
         self.seq = seq
+        self.want_logprob = want_logprob
+        self.request_index = request_index
+        self.n_prompt = n_prompt
+        self.max_new = max_new
         self.tokens: list[int] = []
         self.text = bytearray()
+        self.logprob = 0.0
         self.finish: str | None = None
+        self.cached = 0
         self.chain = None
         self.grammar = None
 
@@ -125,7 +126,8 @@ class LlamaEngine:
         cparams.n_ctx = n_ctx
         cparams.n_batch = max(_PREFILL_CHUNK, max_branches)
         cparams.n_ubatch = cparams.n_batch
-        cparams.n_seq_max = max_branches
+        # Sequence 0 holds the shared prefix; branches use sequences 1..max_branches.
+        cparams.n_seq_max = max_branches + 1
         cparams.kv_unified = True  # otherwise each sequence gets only n_ctx / n_seq_max cells
         if threads:
             cparams.n_threads = threads
@@ -153,6 +155,10 @@ class LlamaEngine:
         head_dim = int(key_length) if key_length else C.llama_model_n_embd(self._model) // C.llama_model_n_head(self._model)
         return KVGeometry(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv.bytes_per_token
+
     # -- tokens ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         data = text.encode()
@@ -162,6 +168,9 @@ class LlamaEngine:
         if n < 0:
             raise RuntimeError("tokenizer buffer too small")
         return list(out[:n])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
 
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -173,11 +182,17 @@ class LlamaEngine:
 
     # -- public API -----------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> list[BranchResult]:
-        if request.n < 1 or request.n > self.max_branches:
-            raise InvalidRequest("n", f"must be between 1 and {self.max_branches}, got {request.n}")
-        if request.deadline is not None and request.deadline <= time.monotonic():
+        (results,) = await self.generate_many([request])
+        return results
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
+        """Several prompts (tree nodes), each with its own branches, decoded in one batch."""
+        total = sum(r.n for r in requests)
+        if not requests or any(r.n < 1 for r in requests) or total > self.max_branches:
+            raise InvalidRequest("n", f"branches per call must total 1 to {self.max_branches}, got {total}")
+        job = _Job(list(requests))
+        if job.deadline is not None and job.deadline <= time.monotonic():
             raise DeadlineExceeded("deadline passed before the engine call started")
-        job = _Job(request)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._run, job)
         try:
@@ -204,10 +219,10 @@ class LlamaEngine:
     def _check(self, job: _Job) -> None:
         if job.cancel.is_set():
             raise Cancelled("caller cancelled")
-        if job.request.deadline is not None and time.monotonic() > job.request.deadline:
+        if job.deadline is not None and time.monotonic() > job.deadline:
             raise Cancelled("deadline exceeded")
 
-    def _run(self, job: _Job) -> list[BranchResult]:
+    def _run(self, job: _Job) -> list[list[BranchResult]]:
         self.stats.jobs_started += 1
         self.stats.busy = True
         try:
@@ -218,81 +233,146 @@ class LlamaEngine:
         finally:
             self.stats.busy = False
         self.stats.jobs_finished += 1
-        self.stats.tokens_generated += sum(r.completion_tokens for r in results)
+        self.stats.tokens_generated += sum(r.completion_tokens for group in results for r in group)
         return results
 
-    def _generate(self, job: _Job) -> list[BranchResult]:
-        request = job.request
+    def _generate(self, job: _Job) -> list[list[BranchResult]]:
         self._check(job)
-        prompt = self.tokenize(request.prompt)
-        n = request.n
-        max_new = request.sampling.max_new_tokens
-        if len(prompt) + n * max_new > self.n_ctx:
+        prompts = [self.tokenize(r.prompt) for r in job.requests]
+        # Every prompt keeps at least its last token outside the shared part, for its logits.
+        common = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        cells = common + sum(len(p) - common + r.n * r.sampling.max_new_tokens for p, r in zip(prompts, job.requests))
+        if cells > self.n_ctx:
             raise ResourceExhausted(
-                f"{len(prompt)} prompt tokens + {n} branches x {max_new} new tokens exceed the "
-                f"engine context of {self.n_ctx} tokens"
+                f"{cells} KV cells needed (shared prefix {common} tokens, "
+                f"{sum(r.n for r in job.requests)} branches) exceed the engine context of {self.n_ctx}"
             )
-        reused = self._prefill(job, prompt)
         mem = C.llama_get_memory(self._ctx)
-        branches = [_Branch(seq) for seq in range(n)]
-        for branch in branches[1:]:
-            C.llama_memory_seq_cp(mem, 0, branch.seq, -1, -1)
+        reused = self._prefill(job, prompts[0][:common])
+        branches: list[_Branch] = []
+        seq = 1
+        for index, (prompt, request) in enumerate(zip(prompts, job.requests)):
+            for _ in range(request.n):
+                branches.append(
+                    _Branch(seq, index, len(prompt), request.sampling.max_new_tokens, request.logprobs)
+                )
+                seq += 1
         try:
             for i, branch in enumerate(branches):
+                request = job.requests[branch.request_index]
                 branch.chain = _make_chain(request.sampling, i)
                 if request.grammar:
                     branch.grammar = C.llama_sampler_init_grammar(self._vocab, request.grammar.encode(), b"root")
                     if not branch.grammar:
                         raise InvalidRequest("grammar", "llama.cpp rejected the grammar")
-            self._decode_branches(job, branches, len(prompt), max_new)
+            self._fork(job, prompts, common, reused, branches)
+            self._decode_branches(job, branches)
         finally:
             for branch in branches:
                 for sampler in (branch.chain, branch.grammar):
                     if sampler:
                         C.llama_sampler_free(sampler)
-            for branch in branches[1:]:
                 C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
-            # Sequence 0 keeps the prompt only, so the next request can reuse its prefix.
-            C.llama_memory_seq_rm(mem, 0, len(prompt), -1)
-        return [
-            BranchResult(
-                text=bytes(b.text).decode("utf-8", errors="replace"),
-                prompt_tokens=len(prompt),
-                # Branch 0 reuses what the previous request left; the others get the whole
-                # prompt from the shared copy.
-                cached_tokens=reused if b.seq == 0 else len(prompt),
-                completion_tokens=len(b.tokens),
-                finish_reason=b.finish or FINISH_LENGTH,
+        results: list[list[BranchResult]] = [[] for _ in job.requests]
+        for b in branches:
+            results[b.request_index].append(
+                BranchResult(
+                    text=bytes(b.text).decode("utf-8", errors="replace"),
+                    prompt_tokens=b.n_prompt,
+                    cached_tokens=b.cached,
+                    completion_tokens=len(b.tokens),
+                    finish_reason=b.finish or FINISH_LENGTH,
+                    logprob=b.logprob,
+                )
             )
-            for b in branches
-        ]
+        return results
 
-    def _prefill(self, job: _Job, prompt: list[int]) -> int:
-        """Make sequence 0 hold ``prompt``; return how many tokens were already there."""
+    def _prefill(self, job: _Job, prefix: list[int]) -> int:
+        """Make sequence 0 hold ``prefix``; return how many tokens were already there."""
         mem = C.llama_get_memory(self._ctx)
-        for seq in range(1, self.max_branches):
+        for seq in range(1, self.max_branches + 1):
             C.llama_memory_seq_rm(mem, seq, -1, -1)
-        common = 0
-        for a, b in zip(self._prefix, prompt):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)  # the last token is decoded again for its logits
+        common = _common_prefix([self._prefix, prefix])
         if common == 0 or not C.llama_memory_seq_rm(mem, 0, common, -1):
             C.llama_memory_clear(mem, True)
             common = 0
-        self._prefix = prompt[:common]
-        for start in range(common, len(prompt), _PREFILL_CHUNK):
+        self._prefix = prefix[:common]
+        for start in range(common, len(prefix), _PREFILL_CHUNK):
             self._check(job)
-            chunk = prompt[start : start + _PREFILL_CHUNK]
-            last = start + len(chunk) == len(prompt)
-            self._fill_batch([(tok, start + j, 0, last and j == len(chunk) - 1) for j, tok in enumerate(chunk)])
-            if C.llama_decode(self._ctx, self._batch) != 0:
-                self._prefix = []
-                C.llama_memory_clear(mem, True)
-                raise ResourceExhausted("llama.cpp could not decode the prompt (KV cache full)")
-            self._prefix = prompt[: start + len(chunk)]
+            chunk = prefix[start : start + _PREFILL_CHUNK]
+            self._fill_batch([(tok, start + j, 0, False) for j, tok in enumerate(chunk)])
+            self._decode_or_reset("the shared prefix")
+            self._prefix = prefix[: start + len(chunk)]
         return common
+
+    def _fork(
+        self, job: _Job, prompts: list[list[int]], common: int, reused: int, branches: list[_Branch]
+    ) -> None:
+        """Give every branch its prompt: copy the shared prefix, decode each prompt's own tail
+        once (on its first branch), then copy that to the prompt's other branches."""
+        mem = C.llama_get_memory(self._ctx)
+        first: dict[int, _Branch] = {}
+        for branch in branches:
+            first.setdefault(branch.request_index, branch)
+        for branch in first.values():
+            C.llama_memory_seq_cp(mem, 0, branch.seq, -1, -1)
+        tails = [(first[i], prompts[i][common:]) for i in sorted(first)]
+        logit_row: dict[int, int] = {}
+        pending = [(b, pos, tok) for b, tail in tails for pos, tok in enumerate(tail, start=common)]
+        for start in range(0, len(pending), self._batch_capacity):
+            self._check(job)
+            chunk = pending[start : start + self._batch_capacity]
+            entries = []
+            for row, (branch, pos, tok) in enumerate(chunk):
+                last = pos == branch.n_prompt - 1
+                entries.append((tok, pos, branch.seq, last))
+                if last:
+                    logit_row[branch.seq] = row
+            self._fill_batch(entries)
+            self._decode_or_reset("the prompts")
+            # Logits rows are only valid for the latest decode: sample the first tokens of
+            # branches whose prompt ended in this chunk right away.
+            for lead_seq, row in list(logit_row.items()):
+                self._first_token(next(b for b in branches if b.seq == lead_seq), row, branches)
+                del logit_row[lead_seq]
+        for i, lead in first.items():
+            for branch in branches:
+                if branch.request_index == i and branch is not lead:
+                    C.llama_memory_seq_cp(mem, lead.seq, branch.seq, -1, -1)
+                    branch.cached = branch.n_prompt
+            lead.cached = reused if i == 0 else common
+
+    @property
+    def _batch_capacity(self) -> int:
+        return max(_PREFILL_CHUNK, self.max_branches)
+
+    def _first_token(self, lead: _Branch, row: int, branches: list[_Branch]) -> None:
+        """Sample the first token of every branch of ``lead``'s prompt from its logits row."""
+        for branch in branches:
+            if branch.request_index == lead.request_index:
+                self._take(branch, self._sample(branch, row), row)
+
+    def _take(self, branch: _Branch, token: int, row: int) -> None:
+        if C.llama_vocab_is_eog(self._vocab, token):
+            branch.finish = FINISH_STOP
+            return
+        if branch.want_logprob:
+            branch.logprob += self._token_logprob(row, token)
+        branch.tokens.append(token)
+        branch.text.extend(self._piece(token))
+        if len(branch.tokens) >= branch.max_new:
+            branch.finish = FINISH_LENGTH
+
+    def _token_logprob(self, row: int, token: int) -> float:
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        top = float(logits.max())
+        return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
+
+    def _decode_or_reset(self, what: str) -> None:
+        if C.llama_decode(self._ctx, self._batch) != 0:
+            self._prefix = []
+            C.llama_memory_clear(C.llama_get_memory(self._ctx), True)
+            raise ResourceExhausted(f"llama.cpp could not decode {what} (KV cache full)")
 
     def _fill_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
@@ -304,28 +384,16 @@ class LlamaEngine:
             batch.seq_id[i][0] = seq
             batch.logits[i] = 1 if want_logits else 0
 
-    def _decode_branches(self, job: _Job, branches: list[_Branch], n_prompt: int, max_new: int) -> None:
-        # Every branch samples its first token from the prompt's last logits.
-        logit_index = {b.seq: -1 for b in branches}
-        for step in range(max_new):
+    def _decode_branches(self, job: _Job, branches: list[_Branch]) -> None:
+        while True:
             self._check(job)
-            live = [b for b in branches if b.finish is None]
-            for branch in live:
-                token = self._sample(branch, logit_index[branch.seq])
-                if C.llama_vocab_is_eog(self._vocab, token):
-                    branch.finish = FINISH_STOP
-                    continue
-                branch.tokens.append(token)
-                branch.text.extend(self._piece(token))
-                if len(branch.tokens) >= max_new:
-                    branch.finish = FINISH_LENGTH
             live = [b for b in branches if b.finish is None]
             if not live:
                 return
-            self._fill_batch([(b.tokens[-1], n_prompt + len(b.tokens) - 1, b.seq, True) for b in live])
-            if C.llama_decode(self._ctx, self._batch) != 0:
-                raise ResourceExhausted("llama.cpp ran out of KV cells while decoding branches")
-            logit_index = {b.seq: i for i, b in enumerate(live)}
+            self._fill_batch([(b.tokens[-1], b.n_prompt + len(b.tokens) - 1, b.seq, True) for b in live])
+            self._decode_or_reset("the branches")
+            for row, branch in enumerate(live):
+                self._take(branch, self._sample(branch, row), row)
 
     def _sample(self, branch: _Branch, index: int) -> int:
         token = C.llama_sampler_sample(branch.chain, self._ctx, index)
@@ -370,6 +438,17 @@ class LlamaEngine:
                 token = self._apply(branch.chain, allowed)
                 return token if token >= 0 else int(allowed["id"][np.argmax(allowed["logit"])])
         raise InvalidRequest("grammar", "no token satisfies the grammar")
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    if not sequences:
+        return 0
+    length = min(len(s) for s in sequences)
+    for i in range(length):
+        token = sequences[0][i]
+        if any(s[i] != token for s in sequences[1:]):
+            return i
+    return length
 
 
 def _make_chain(params: SamplingParams, branch_index: int):

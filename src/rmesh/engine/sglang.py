@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from rmesh.engine.base import (
+    KVGeometry,
     FINISH_ABORT,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -47,8 +48,12 @@ def _finish_reason(meta: dict[str, Any]) -> str:
 
 
 class SGLangEngine:
-    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, base_url: str, client: httpx.AsyncClient | None = None, kv: KVGeometry | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        # SGLang does not report the served model's layout; the configuration gives it.
+        self.kv = kv or KVGeometry(layers=18, kv_heads=1, head_dim=256)
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=None)
         self.model_name = "sglang"
         self.stats = EngineStats()
@@ -70,45 +75,69 @@ class SGLangEngine:
         except ValueError:
             raise Unavailable(f"SGLang {path} returned malformed JSON") from None
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv.bytes_per_token
+
+    def count_tokens(self, text: str) -> int:
+        # No tokenizer on this side of the HTTP API: a conservative estimate (about 3 bytes a
+        # token for English under SentencePiece vocabularies) that errs towards more tokens.
+        return len(text.encode()) // 3 + 1
+
     async def generate(self, request: GenerationRequest) -> list[BranchResult]:
+        (results,) = await self.generate_many([request])
+        return results
+
+    async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
         self.stats.jobs_started += 1
+        deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
+        prompts = list(dict.fromkeys(r.prompt for r in requests))
         try:
-            # Warm the radix tree with the shared prefix, then fan the branches out.
+            # Warm the radix tree with every distinct prompt, then fan the branches out with
+            # byte-identical prompts so each branch hits its prompt's cached prefix.
             await self._post(
                 "/generate",
-                {"text": request.prompt, "sampling_params": sampling_to_sglang(request.sampling, None, 0)},
-                request.deadline,
+                {"text": prompts, "sampling_params": [sampling_to_sglang(requests[0].sampling, None, 0)] * len(prompts)},
+                deadline,
             )
-            params = sampling_to_sglang(request.sampling, request.grammar)
-            body = {
-                "text": [request.prompt] * request.n,
-                "sampling_params": [params] * request.n,
-            }
-            payload = await self._post("/generate", body, request.deadline)
+            texts, params = [], []
+            for r in requests:
+                texts += [r.prompt] * r.n
+                params += [sampling_to_sglang(r.sampling, r.grammar)] * r.n
+            body: dict[str, Any] = {"text": texts, "sampling_params": params}
+            if any(r.logprobs for r in requests):
+                body["return_logprob"] = True
+            payload = await self._post("/generate", body, deadline)
         except DeadlineExceeded:
             self.stats.jobs_cancelled += 1
             raise
         items = payload if isinstance(payload, list) else [payload]
-        if len(items) != request.n:
-            raise Unavailable(f"SGLang returned {len(items)} results for {request.n} branches")
-        results = []
-        for item in items:
-            try:
-                meta = item["meta_info"]
-                results.append(
-                    BranchResult(
-                        text=str(item["text"]),
-                        prompt_tokens=int(meta["prompt_tokens"]),
-                        completion_tokens=int(meta["completion_tokens"]),
-                        cached_tokens=int(meta.get("cached_tokens", 0)),
-                        finish_reason=_finish_reason(meta),
-                    )
-                )
-            except (KeyError, TypeError, ValueError):
-                raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None
+        if len(items) != len(texts):
+            raise Unavailable(f"SGLang returned {len(items)} results for {len(texts)} branches")
+        flat = [self._branch(item) for item in items]
         self.stats.jobs_finished += 1
-        self.stats.tokens_generated += sum(r.completion_tokens for r in results)
-        return results
+        self.stats.tokens_generated += sum(r.completion_tokens for r in flat)
+        grouped, start = [], 0
+        for r in requests:
+            grouped.append(flat[start : start + r.n])
+            start += r.n
+        return grouped
+
+    @staticmethod
+    def _branch(item: Any) -> BranchResult:
+        try:
+            meta = item["meta_info"]
+            logprobs = meta.get("output_token_logprobs") or []
+            return BranchResult(
+                text=str(item["text"]),
+                prompt_tokens=int(meta["prompt_tokens"]),
+                completion_tokens=int(meta["completion_tokens"]),
+                cached_tokens=int(meta.get("cached_tokens", 0)),
+                finish_reason=_finish_reason(meta),
+                logprob=float(sum(entry[0] for entry in logprobs if entry and entry[0] is not None)),
+            )
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None
 
     async def healthy(self) -> bool:
         try:

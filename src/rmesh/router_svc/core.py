@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rmesh.domain import Budget, Checkpoint, CheckResult, TaskSpec, Usage
+from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
 from rmesh.errors import InvalidRequest
 from rmesh.router_svc.tenants import Tenant
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
@@ -47,6 +47,7 @@ class Config:
     required_evidence: tuple[str, ...]
     reason: str
     policy_revision: str
+    search: SearchParams = SearchParams()
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Outcome:
     stop_reason: str = ""
     reason: str = ""
     policy_revision: str = ""
+    vote_share: float = 0.0
 
     @property
     def released(self) -> bool:
@@ -124,7 +126,7 @@ class RouterCore:
             if kind in tenant.strategy_by_kind
             else f"tenant {tenant.name}: default strategy"
         )
-        yield Config(strategy, tenant.budget, tenant.name, required, reason, tenant.revision)
+        yield Config(strategy, tenant.budget, tenant.name, required, reason, tenant.revision, tenant.search)
         if precheck.missing_evidence:
             yield Outcome(
                 kind=OUTCOME_MISSING_EVIDENCE,
@@ -143,6 +145,7 @@ class RouterCore:
             budget=tenant.budget,
             required_evidence=required,
             tenant=tenant.name,
+            search=tenant.search,
         )
         result: SolveResult | None = None
         async for item in self.solver.solve(solve_request):
@@ -167,6 +170,7 @@ class RouterCore:
             usage=result.usage,
             stop_reason=result.stop_reason,
             policy_revision=tenant.revision,
+            vote_share=result.vote_share,
         )
         if result.best is None:
             return Outcome(kind=OUTCOME_NO_ELIGIBLE_ANSWER, reason="the engine produced no candidate", **common)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from rmesh.domain import Budget
+from rmesh.domain import Budget, SearchParams
 from rmesh.errors import FailedPrecondition, Unauthenticated
 
 
@@ -27,6 +27,7 @@ class Tenant:
     budget: Budget
     strategy_by_kind: Mapping[str, str] = field(default_factory=dict)
     required_evidence_by_kind: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    search: SearchParams = SearchParams()
     revision: str = ""
     source: str = ""
 
@@ -47,6 +48,16 @@ _BUDGET_FIELDS = {
     "max_depth": int,
     "wall_clock_seconds": float,
     "max_tokens_per_branch": int,
+    "max_kv_bytes": int,
+}
+_SEARCH_FIELDS = {
+    "samples": int,
+    "beam_width": int,
+    "branching_factor": int,
+    "prune_below": float,
+    "exploration": float,
+    "no_improvement_rounds": int,
+    "temperature": float,
 }
 
 
@@ -74,6 +85,14 @@ def _parse(path: pathlib.Path, text: str) -> Tenant:
         budget = Budget(**{k: _BUDGET_FIELDS[k](v) for k, v in raw_budget.items()})
     except (TypeError, ValueError) as exc:
         raise bad(f"budget: {exc}") from None
+    raw_search: dict[str, Any] = doc.get("search", {}) or {}
+    unknown = set(raw_search) - set(_SEARCH_FIELDS)
+    if unknown:
+        raise bad(f"unknown search fields: {', '.join(sorted(unknown))}")
+    try:
+        search = SearchParams(**{k: _SEARCH_FIELDS[k](v) for k, v in raw_search.items()})
+    except (TypeError, ValueError) as exc:
+        raise bad(f"search: {exc}") from None
     required = doc.get("required_evidence", {}) or {}
     if not isinstance(required, dict) or not all(isinstance(v, list) for v in required.values()):
         raise bad("'required_evidence' must map task kinds to lists of keys")
@@ -84,6 +103,7 @@ def _parse(path: pathlib.Path, text: str) -> Tenant:
         budget=budget,
         strategy_by_kind=dict(doc.get("strategy_by_kind", {}) or {}),
         required_evidence_by_kind={k: tuple(str(x) for x in v) for k, v in required.items()},
+        search=search,
         revision=hashlib.sha256(text.encode()).hexdigest()[:12],
         source=str(path),
     )

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from rmesh.domain import Budget, Candidate, Precheck, TaskSpec, Usage, Verdict
+from rmesh.domain import Budget, Candidate, Precheck, SearchParams, TaskSpec, Usage, Verdict
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class SolveRequest:
     required_evidence: tuple[str, ...] = ()
     tenant: str = ""
     seed: int = 0
+    search: SearchParams = field(default_factory=SearchParams)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Progress:
     usage: Usage
     checks_passed: int
     checks_total: int
+    round: int = 0
+    best_score: float = 0.0
+    branches_pruned: int = 0
+    stop_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class SolveResult:
     candidates_evaluated: int
     eligible: bool
     strategy: str
+    vote_share: float = 0.0
+    peak_live_branches: int = 0
+    peak_kv_bytes: int = 0
 
 
 class VerifierPort(Protocol):
@@ -56,6 +64,12 @@ class VerifierPort(Protocol):
 
 Emit = Callable[[Progress], Awaitable[None]]
 
+# Why a search stops; each names the rule that fired.
 STOP_EXACT_CHECK_PASSED = "exact_check_passed"
-STOP_BUDGET_EXHAUSTED = "budget_exhausted"
+STOP_TOKEN_CAP = "token_cap"
+STOP_WALL_CLOCK = "wall_clock"
+STOP_BRANCH_CAP = "branch_cap"
+STOP_DEPTH_CAP = "depth_cap"
+STOP_REPEATED_STATE = "repeated_state"
+STOP_NO_IMPROVEMENT = "no_improvement"
 STOP_COMPLETED = "completed"

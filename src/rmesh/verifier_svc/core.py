@@ -24,6 +24,7 @@ from rmesh.domain import (
 )
 from rmesh.errors import InvalidRequest
 from rmesh.verifier_svc.checkers import REGISTRY, ExactChecker
+from rmesh.verifier_svc.checkers.arithmetic import ExpressionError, evaluate
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class VerifierCore:
         if not candidate.final_answer.strip():
             results.append(CheckResult("final_answer", False, "candidate has no final answer"))
         results.extend(c.checker.check(candidate.final_answer, c.prepared) for c in checks)
+        steps = step_scores(candidate, evidence)
         exact_ok = all(r.passed for r in results)
         grounded = not missing and not unknown and not uncited and not ungrounded and candidate.well_formed
         release = exact_ok and grounded
@@ -107,9 +109,10 @@ class VerifierCore:
             unknown_citations=unknown,
             uncited_required=uncited,
             ungrounded_claims=ungrounded,
+            step_scores=steps,
             checks=tuple(results),
             next_step=next_step,
-            score=_rank_score(candidate, results, required, cited, unknown + ungrounded),
+            score=_rank_score(candidate, results, steps, required, cited, unknown + ungrounded),
         )
 
 
@@ -134,16 +137,49 @@ def ungrounded_claims(candidate: Candidate, evidence: Mapping[str, str]) -> tupl
     return tuple(dict.fromkeys(claims))
 
 
+def step_scores(candidate: Candidate, evidence: Mapping[str, str]) -> tuple[float, ...]:
+    """An exact process score per checkpoint: 1 valid, 0 invalid, 0.5 where nothing can judge it.
+
+    A step that states an equation ("6 * 7 = 42") is recomputed; a step that cites evidence
+    must cite keys the request carries and state only numbers those values contain.
+    """
+    scores = []
+    for cp in candidate.checkpoints:
+        if cp.cites:
+            known = all(k in evidence for k in cp.cites)
+            grounded = all(
+                any(t in _NUMBER_OR_DATE.findall(evidence.get(k, "")) for k in cp.cites)
+                for t in _NUMBER_OR_DATE.findall(cp.text)
+            )
+            scores.append(1.0 if known and grounded else 0.0)
+        else:
+            scores.append(equation_score(cp.text))
+    return tuple(scores)
+
+
+def equation_score(text: str) -> float:
+    sides = [side.strip().rstrip(".") for side in text.split("=")]
+    if len(sides) < 2 or not all(sides):
+        return 0.5
+    try:
+        values = [evaluate(side) for side in sides]
+    except ExpressionError:
+        return 0.5
+    return 1.0 if all(v == values[0] for v in values) else 0.0
+
+
 def _rank_score(
     candidate: Candidate,
     results: list[CheckResult],
+    steps: tuple[float, ...],
     required: Sequence[str],
     cited: set[str],
     problems: tuple[str, ...],
 ) -> float:
-    """Order candidates: exact checks first, then citation coverage, then form."""
+    """Order candidates: exact checks first, then valid steps and citation coverage, then form."""
     check_share = sum(r.passed for r in results) / len(results) if results else 1.0
+    step_share = sum(steps) / len(steps) if steps else 0.5
     coverage = sum(1 for k in required if k in cited) / len(required) if required else 1.0
     citation_penalty = 0.5 if problems else 1.0
     form = 1.0 if candidate.well_formed else 0.0
-    return round(0.6 * check_share + 0.3 * coverage * citation_penalty + 0.1 * form, 6)
+    return round(0.5 * check_share + 0.2 * step_share + 0.2 * coverage * citation_penalty + 0.1 * form, 6)

@@ -1,17 +1,12 @@
-"""``best_of_n``: N branches from one shared prefix, the verifier picks the best eligible one.
+"""``best_of_n``: N whole answers from one shared prefix; the verifier picks the best eligible.
 
-The first branch is greedy so Best-of-N never does worse than a single path; the rest sample.
-When a round's best already passes every check the search stops (over-thinking costs tokens).
+The first branch is greedy so Best-of-N never does worse than a single pass; the other N-1
+sample in one batch. The search stops as soon as an answer passes every check.
 """
 
 from __future__ import annotations
 
-from rmesh.solver_svc.model import (
-    STOP_BUDGET_EXHAUSTED,
-    STOP_COMPLETED,
-    STOP_EXACT_CHECK_PASSED,
-    SolveResult,
-)
+from rmesh.solver_svc.model import STOP_COMPLETED, STOP_EXACT_CHECK_PASSED, SolveResult
 from rmesh.solver_svc.search import SearchState
 
 NAME = "best_of_n"
@@ -19,16 +14,17 @@ TEMPERATURE = 0.9
 
 
 async def run(*, state: SearchState) -> SolveResult:
-    budget = state.request.budget
-    n = max(1, budget.max_branches)
-    greedy = await state.round(n=1, temperature=0.0, stage="greedy")
-    if greedy[0].verdict.release:
+    n = state.request.search.samples or state.request.budget.max_branches
+    greedy = await state.expand([None], n=1, temperature=0.0, stage="greedy", step=False)
+    if any(node.verdict.release for node in greedy):
         return state.result(NAME, STOP_EXACT_CHECK_PASSED)
-    if n == 1:
-        return state.result(NAME, STOP_COMPLETED)
-    if state.tokens_left < n - 1:
-        return state.result(NAME, STOP_BUDGET_EXHAUSTED)
-    sampled = await state.round(n=n - 1, temperature=TEMPERATURE, stage="sampled")
-    if any(s.verdict.release for s in sampled):
-        return state.result(NAME, STOP_EXACT_CHECK_PASSED)
+    remaining = n - 1
+    while remaining > 0:
+        batch = min(remaining, state.live_cap)
+        if stop := state.stop_before_round(batch):
+            return state.result(NAME, stop)
+        sampled = await state.expand([None], n=batch, temperature=state.temperature(TEMPERATURE), stage="sampled", step=False)
+        remaining -= batch
+        if any(node.verdict.release for node in sampled):
+            return state.result(NAME, STOP_EXACT_CHECK_PASSED)
     return state.result(NAME, STOP_COMPLETED)

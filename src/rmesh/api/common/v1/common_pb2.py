@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/common/v1/common.proto\x12\x13rmesh.api.common.v1\x1a\x1cgoogle/protobuf/struct.proto\">\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"@\n\x04Task\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x1a.rmesh.api.common.v1.Check\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"\x80\x01\n\x06\x42udget\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_branches\x18\x02 \x01(\x05\x12\x11\n\tmax_depth\x18\x03 \x01(\x05\x12\x1a\n\x12wall_clock_seconds\x18\x04 \x01(\x01\x12\x1d\n\x15max_tokens_per_branch\x18\x05 \x01(\x05\")\n\nCheckpoint\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x63ites\x18\x02 \x03(\t\"\x96\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x1c\n\x14verification_summary\x18\x03 \x01(\t\x12\x14\n\x0c\x66inal_answer\x18\x04 \x01(\t\x12\x13\n\x0bwell_formed\x18\x05 \x01(\x08\";\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xd8\x01\n\x07Verdict\x12\x0f\n\x07release\x18\x01 \x01(\x08\x12\x18\n\x10missing_evidence\x18\x02 \x03(\t\x12\x19\n\x11unknown_citations\x18\x03 \x03(\t\x12\x30\n\x06\x63hecks\x18\x04 \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x11\n\tnext_step\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x18\n\x10uncited_required\x18\x07 \x03(\t\x12\x19\n\x11ungrounded_claims\x18\x08 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/common/v1/common.proto\x12\x13rmesh.api.common.v1\x1a\x1cgoogle/protobuf/struct.proto\">\n\x05\x43heck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"@\n\x04Task\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12*\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x1a.rmesh.api.common.v1.Check\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x03\"\x96\x01\n\x06\x42udget\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_branches\x18\x02 \x01(\x05\x12\x11\n\tmax_depth\x18\x03 \x01(\x05\x12\x1a\n\x12wall_clock_seconds\x18\x04 \x01(\x01\x12\x1d\n\x15max_tokens_per_branch\x18\x05 \x01(\x05\x12\x14\n\x0cmax_kv_bytes\x18\x06 \x01(\x03\"\xc0\x01\n\x0cSearchParams\x12\x0f\n\x07samples\x18\x01 \x01(\x05\x12\x12\n\nbeam_width\x18\x02 \x01(\x05\x12\x18\n\x10\x62ranching_factor\x18\x03 \x01(\x05\x12\x13\n\x0bprune_below\x18\x04 \x01(\x01\x12\x13\n\x0b\x65xploration\x18\x05 \x01(\x01\x12\x1d\n\x15no_improvement_rounds\x18\x06 \x01(\x05\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\")\n\nCheckpoint\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x63ites\x18\x02 \x03(\t\"\x96\x01\n\tCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x1c\n\x14verification_summary\x18\x03 \x01(\t\x12\x14\n\x0c\x66inal_answer\x18\x04 \x01(\t\x12\x13\n\x0bwell_formed\x18\x05 \x01(\x08\";\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\xed\x01\n\x07Verdict\x12\x0f\n\x07release\x18\x01 \x01(\x08\x12\x18\n\x10missing_evidence\x18\x02 \x03(\t\x12\x19\n\x11unknown_citations\x18\x03 \x03(\t\x12\x30\n\x06\x63hecks\x18\x04 \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x11\n\tnext_step\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x01\x12\x18\n\x10uncited_required\x18\x07 \x03(\t\x12\x19\n\x11ungrounded_claims\x18\x08 \x03(\t\x12\x13\n\x0bstep_scores\x18\t \x03(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=217
   _globals['_USAGE']._serialized_end=297
   _globals['_BUDGET']._serialized_start=300
-  _globals['_BUDGET']._serialized_end=428
-  _globals['_CHECKPOINT']._serialized_start=430
-  _globals['_CHECKPOINT']._serialized_end=471
-  _globals['_CANDIDATE']._serialized_start=474
-  _globals['_CANDIDATE']._serialized_end=624
-  _globals['_CHECKRESULT']._serialized_start=626
-  _globals['_CHECKRESULT']._serialized_end=685
-  _globals['_VERDICT']._serialized_start=688
-  _globals['_VERDICT']._serialized_end=904
+  _globals['_BUDGET']._serialized_end=450
+  _globals['_SEARCHPARAMS']._serialized_start=453
+  _globals['_SEARCHPARAMS']._serialized_end=645
+  _globals['_CHECKPOINT']._serialized_start=647
+  _globals['_CHECKPOINT']._serialized_end=688
+  _globals['_CANDIDATE']._serialized_start=691
+  _globals['_CANDIDATE']._serialized_end=841
+  _globals['_CHECKRESULT']._serialized_start=843
+  _globals['_CHECKRESULT']._serialized_end=902
+  _globals['_VERDICT']._serialized_start=905
+  _globals['_VERDICT']._serialized_end=1142
 # @@protoc_insertion_point(module_scope)

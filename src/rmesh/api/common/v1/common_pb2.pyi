@@ -35,18 +35,38 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("max_tokens", "max_branches", "max_depth", "wall_clock_seconds", "max_tokens_per_branch")
+    __slots__ = ("max_tokens", "max_branches", "max_depth", "wall_clock_seconds", "max_tokens_per_branch", "max_kv_bytes")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     WALL_CLOCK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_BRANCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     max_branches: int
     max_depth: int
     wall_clock_seconds: float
     max_tokens_per_branch: int
-    def __init__(self, max_tokens: _Optional[int] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., wall_clock_seconds: _Optional[float] = ..., max_tokens_per_branch: _Optional[int] = ...) -> None: ...
+    max_kv_bytes: int
+    def __init__(self, max_tokens: _Optional[int] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., wall_clock_seconds: _Optional[float] = ..., max_tokens_per_branch: _Optional[int] = ..., max_kv_bytes: _Optional[int] = ...) -> None: ...
+
+class SearchParams(_message.Message):
+    __slots__ = ("samples", "beam_width", "branching_factor", "prune_below", "exploration", "no_improvement_rounds", "temperature")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BRANCHING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_BELOW_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATION_FIELD_NUMBER: _ClassVar[int]
+    NO_IMPROVEMENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    beam_width: int
+    branching_factor: int
+    prune_below: float
+    exploration: float
+    no_improvement_rounds: int
+    temperature: float
+    def __init__(self, samples: _Optional[int] = ..., beam_width: _Optional[int] = ..., branching_factor: _Optional[int] = ..., prune_below: _Optional[float] = ..., exploration: _Optional[float] = ..., no_improvement_rounds: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("text", "cites")
@@ -81,7 +101,7 @@ class CheckResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("release", "missing_evidence", "unknown_citations", "checks", "next_step", "score", "uncited_required", "ungrounded_claims")
+    __slots__ = ("release", "missing_evidence", "unknown_citations", "checks", "next_step", "score", "uncited_required", "ungrounded_claims", "step_scores")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     MISSING_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CITATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +110,7 @@ class Verdict(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     UNCITED_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     UNGROUNDED_CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
     release: bool
     missing_evidence: _containers.RepeatedScalarFieldContainer[str]
     unknown_citations: _containers.RepeatedScalarFieldContainer[str]
@@ -98,4 +119,5 @@ class Verdict(_message.Message):
     score: float
     uncited_required: _containers.RepeatedScalarFieldContainer[str]
     ungrounded_claims: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, release: _Optional[bool] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., unknown_citations: _Optional[_Iterable[str]] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., next_step: _Optional[str] = ..., score: _Optional[float] = ..., uncited_required: _Optional[_Iterable[str]] = ..., ungrounded_claims: _Optional[_Iterable[str]] = ...) -> None: ...
+    step_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, release: _Optional[bool] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., unknown_citations: _Optional[_Iterable[str]] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., next_step: _Optional[str] = ..., score: _Optional[float] = ..., uncited_required: _Optional[_Iterable[str]] = ..., ungrounded_claims: _Optional[_Iterable[str]] = ..., step_scores: _Optional[_Iterable[float]] = ...) -> None: ...

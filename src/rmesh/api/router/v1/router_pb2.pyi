@@ -42,39 +42,47 @@ class StatusEvent(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class ConfigEvent(_message.Message):
-    __slots__ = ("strategy", "budget", "tenant", "required_evidence", "reason", "policy_revision")
+    __slots__ = ("strategy", "budget", "tenant", "required_evidence", "reason", "policy_revision", "search")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     budget: _common_pb2.Budget
     tenant: str
     required_evidence: _containers.RepeatedScalarFieldContainer[str]
     reason: str
     policy_revision: str
-    def __init__(self, strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., tenant: _Optional[str] = ..., required_evidence: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ...) -> None: ...
+    search: _common_pb2.SearchParams
+    def __init__(self, strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., tenant: _Optional[str] = ..., required_evidence: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., search: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
-    __slots__ = ("stage", "branches_started", "branches_done", "usage", "checks_passed", "checks_total")
+    __slots__ = ("stage", "branches_started", "branches_done", "usage", "checks_passed", "checks_total", "round", "branches_pruned", "stop_reason")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_STARTED_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
     CHECKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_PRUNED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     stage: str
     branches_started: int
     branches_done: int
     usage: _common_pb2.Usage
     checks_passed: int
     checks_total: int
-    def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ...) -> None: ...
+    round: int
+    branches_pruned: int
+    stop_reason: str
+    def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ..., round: _Optional[int] = ..., branches_pruned: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision")
+    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision", "vote_share")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +95,7 @@ class Outcome(_message.Message):
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VOTE_SHARE_FIELD_NUMBER: _ClassVar[int]
     kind: OutcomeKind
     released: bool
     answer: str
@@ -99,7 +108,8 @@ class Outcome(_message.Message):
     stop_reason: str
     reason: str
     policy_revision: str
-    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ...) -> None: ...
+    vote_share: float
+    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., vote_share: _Optional[float] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
     __slots__ = ("status", "config", "progress", "outcome")

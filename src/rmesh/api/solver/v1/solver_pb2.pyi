@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SolveRequest(_message.Message):
-    __slots__ = ("problem", "task", "evidence", "strategy", "budget", "required_evidence", "tenant", "seed")
+    __slots__ = ("problem", "task", "evidence", "strategy", "budget", "required_evidence", "tenant", "seed", "search")
     class EvidenceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class SolveRequest(_message.Message):
     REQUIRED_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
     problem: str
     task: _common_pb2.Task
     evidence: _containers.ScalarMap[str, str]
@@ -33,26 +34,35 @@ class SolveRequest(_message.Message):
     required_evidence: _containers.RepeatedScalarFieldContainer[str]
     tenant: str
     seed: int
-    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., required_evidence: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    search: _common_pb2.SearchParams
+    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., required_evidence: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., seed: _Optional[int] = ..., search: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ...) -> None: ...
 
 class SolveProgress(_message.Message):
-    __slots__ = ("stage", "branches_started", "branches_done", "usage", "checks_passed", "checks_total")
+    __slots__ = ("stage", "branches_started", "branches_done", "usage", "checks_passed", "checks_total", "round", "best_score", "branches_pruned", "stop_reason")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_STARTED_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
     CHECKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BEST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_PRUNED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     stage: str
     branches_started: int
     branches_done: int
     usage: _common_pb2.Usage
     checks_passed: int
     checks_total: int
-    def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ...) -> None: ...
+    round: int
+    best_score: float
+    branches_pruned: int
+    stop_reason: str
+    def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ..., round: _Optional[int] = ..., best_score: _Optional[float] = ..., branches_pruned: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class SolveResult(_message.Message):
-    __slots__ = ("best", "verdict", "usage", "stop_reason", "candidates_evaluated", "eligible", "strategy")
+    __slots__ = ("best", "verdict", "usage", "stop_reason", "candidates_evaluated", "eligible", "strategy", "vote_share", "peak_live_branches", "peak_kv_bytes")
     BEST_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +70,9 @@ class SolveResult(_message.Message):
     CANDIDATES_EVALUATED_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    VOTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_LIVE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     best: _common_pb2.Candidate
     verdict: _common_pb2.Verdict
     usage: _common_pb2.Usage
@@ -67,7 +80,10 @@ class SolveResult(_message.Message):
     candidates_evaluated: int
     eligible: bool
     strategy: str
-    def __init__(self, best: _Optional[_Union[_common_pb2.Candidate, _Mapping]] = ..., verdict: _Optional[_Union[_common_pb2.Verdict, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., stop_reason: _Optional[str] = ..., candidates_evaluated: _Optional[int] = ..., eligible: _Optional[bool] = ..., strategy: _Optional[str] = ...) -> None: ...
+    vote_share: float
+    peak_live_branches: int
+    peak_kv_bytes: int
+    def __init__(self, best: _Optional[_Union[_common_pb2.Candidate, _Mapping]] = ..., verdict: _Optional[_Union[_common_pb2.Verdict, _Mapping]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., stop_reason: _Optional[str] = ..., candidates_evaluated: _Optional[int] = ..., eligible: _Optional[bool] = ..., strategy: _Optional[str] = ..., vote_share: _Optional[float] = ..., peak_live_branches: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
     __slots__ = ("progress", "result")

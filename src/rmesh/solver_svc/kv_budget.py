@@ -1,0 +1,49 @@
+"""The solver process's KV budget across concurrent requests.
+
+A request reserves its estimated peak KV bytes before its first round and returns them when
+it ends. One that does not fit waits a bounded time, then fails with RESOURCE_EXHAUSTED and a
+quota detail: the process never runs itself out of KV memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from rmesh.errors import QuotaViolation, ResourceExhausted
+
+SUBJECT = "solver:kv_bytes"
+
+
+class KVLedger:
+    def __init__(self, capacity_bytes: int, wait_seconds: float) -> None:
+        self.capacity = capacity_bytes
+        self.wait_seconds = wait_seconds
+        self.in_use = 0
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, nbytes: int, max_wait: float | None = None) -> AsyncIterator[None]:
+        if nbytes > self.capacity:
+            raise ResourceExhausted(
+                f"request needs {nbytes} KV bytes; the solver's whole budget is {self.capacity}",
+                [QuotaViolation(SUBJECT, f"needs {nbytes} of {self.capacity} bytes")],
+            )
+        wait = self.wait_seconds if max_wait is None else max(0.0, min(self.wait_seconds, max_wait))
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity), wait)
+            except TimeoutError:
+                raise ResourceExhausted(
+                    f"KV budget busy: {nbytes} bytes needed, {self.capacity - self.in_use} of "
+                    f"{self.capacity} free after waiting {wait:.1f}s",
+                    [QuotaViolation(SUBJECT, f"needs {nbytes}, {self.capacity - self.in_use} free")],
+                ) from None
+            self.in_use += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_use -= nbytes
+                self._changed.notify_all()
