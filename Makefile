@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test proto lint clean
+.PHONY: setup run test proto lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ run: $(STAMP)
 ## Run the whole test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Benchmarks on the embedded engine; figures go to bench/out/*.json (about 15 minutes).
+bench: $(STAMP)
+	$(BIN)/python -m bench.solver
+	$(BIN)/python -m bench.quality
 
 ## buf lint with the STANDARD rules (also part of the test suite).
 lint: $(STAMP)

@@ -132,3 +132,31 @@ def test_malformed_candidate_is_not_released():
     candidate = Candidate("b4", candidate.checkpoints, "", candidate.final_answer, well_formed=False)
     (verdict,) = VerifierCore().verify(TaskSpec("support"), EVIDENCE, REQUIRED, [candidate])
     assert not verdict.release
+
+
+@pytest.mark.parametrize(
+    ("answer", "passed"),
+    [("9*2 + 3", True), ("(9 - 2) * 3", True), ("9*2 + 3 + 3", False), ("9 * 3", False), ("21", False), ("nine", False)],
+)
+def test_expression_target_uses_only_the_given_numbers(answer, passed):
+    task = TaskSpec("countdown", (CheckSpec("expression_target", {"numbers": [9, 2, 3], "target": 21}),))
+    candidate = Candidate("c", (Checkpoint("9 * 2 = 18"),), "ok", answer, True)
+    (verdict,) = VerifierCore().verify(task, {}, (), [candidate])
+    assert verdict.release is passed
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"target": 3}, "numbers"), ({"numbers": [1, "2"], "target": 3}, "numbers"), ({"numbers": [1, 2]}, "target")],
+)
+def test_expression_target_params_are_validated(params, field):
+    with pytest.raises(InvalidRequest) as info:
+        VerifierCore().precheck(TaskSpec("x", (CheckSpec("expression_target", params),)), {}, ())
+    assert info.value.field == f"task.checks[0].params.{field}"
+
+
+def test_step_scores_recompute_equations():
+    candidate = Candidate("s", (Checkpoint("6 * 7 = 42"), Checkpoint("42 - 5 = 36"), Checkpoint("subtract")), "", "37", True)
+    task = TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "6 * 7 - 5"}),))
+    (verdict,) = VerifierCore().verify(task, {}, (), [candidate])
+    assert verdict.step_scores == (1.0, 0.0, 0.5)

@@ -29,7 +29,7 @@ class VerifierClient:
             reply = await self._stub.Precheck(request, timeout=remaining_timeout())
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, "verifier") from None
-        return Precheck(tuple(reply.missing_evidence), reply.next_step, reply.numeric_answer)
+        return Precheck(tuple(reply.missing_evidence), reply.next_step, reply.numeric_answer, reply.expression_answer)
 
     async def verify(
         self,

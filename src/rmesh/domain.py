@@ -101,6 +101,7 @@ class Precheck:
     missing_evidence: tuple[str, ...]
     next_step: str
     numeric_answer: bool
+    expression_answer: bool = False
 
 
 NEXT_STEP_REQUEST_TOOL_DATA = "request_tool_data"

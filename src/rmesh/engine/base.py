@@ -35,6 +35,8 @@ class SamplingParams:
     top_p: float = 0.95
     top_k: int = 40
     seed: int = 0
+    # Never stop at end-of-sequence: every branch generates exactly max_new_tokens (benchmarks).
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

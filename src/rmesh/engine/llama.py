@@ -105,6 +105,7 @@ class LlamaEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._prefix: list[int] = []  # tokens whose KV sequence 0 holds now
         self._batch = C.llama_batch_init(max(_PREFILL_CHUNK, max_branches), 0, 1)
+        self._eog_tokens = [t for t in range(self._n_vocab) if C.llama_vocab_is_eog(vocab, t)]
         self._closed = False
 
     @classmethod
@@ -203,6 +204,15 @@ class LlamaEngine:
         except Cancelled as exc:
             raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
 
+    async def reset_cache(self) -> None:
+        """Forget the prefix kept from the last request (benchmarks measure cold prompts with it)."""
+
+        def clear() -> None:
+            C.llama_memory_clear(C.llama_get_memory(self._ctx), True)
+            self._prefix = []
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, clear)
+
     async def healthy(self) -> bool:
         return not self._closed
 
@@ -260,7 +270,7 @@ class LlamaEngine:
         try:
             for i, branch in enumerate(branches):
                 request = job.requests[branch.request_index]
-                branch.chain = _make_chain(request.sampling, i)
+                branch.chain = _make_chain(request.sampling, i, self._n_vocab, self._eog_tokens)
                 if request.grammar:
                     branch.grammar = C.llama_sampler_init_grammar(self._vocab, request.grammar.encode(), b"root")
                     if not branch.grammar:
@@ -451,9 +461,12 @@ def _common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
-def _make_chain(params: SamplingParams, branch_index: int):
+def _make_chain(params: SamplingParams, branch_index: int, n_vocab: int, eog_tokens: list[int]):
     """The one place SamplingParams become a llama.cpp sampler chain."""
     chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+    if params.ignore_eos and eog_tokens:
+        biases = (C.llama_logit_bias * len(eog_tokens))(*(C.llama_logit_bias(t, float("-inf")) for t in eog_tokens))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_logit_bias(n_vocab, len(eog_tokens), biases))
     if params.temperature <= 0:
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
         return chain

@@ -36,6 +36,8 @@ def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_toke
     }
     if params.seed:
         out["sampling_seed"] = params.seed
+    if params.ignore_eos:
+        out["ignore_eos"] = True
     if grammar:
         out["ebnf"] = grammar
     return out

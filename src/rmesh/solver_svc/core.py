@@ -116,7 +116,9 @@ class SolverCore:
         wall = time.monotonic() + budget.wall_clock_seconds if budget.wall_clock_seconds > 0 else limit
         precheck = await self.verifier.precheck(request.task, request.evidence, request.required_evidence)
         extractive = self.answer_style == "extractive"
-        prompt = build_prompt(request.problem, request.evidence, precheck.numeric_answer, extractive)
+        prompt = build_prompt(
+            request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer
+        )
         prompt_tokens = self.engine.count_tokens(prompt)
         live_cap = self.live_branch_cap(request, prompt_tokens)
         state = SearchState(
@@ -131,6 +133,7 @@ class SolverCore:
             live_cap=live_cap,
             prompt_tokens=prompt_tokens,
             extractive_answer=extractive,
+            expression_answer=precheck.expression_answer,
         )
         span = trace.get_current_span()
         span.set_attributes({"rmesh.strategy": request.strategy, "rmesh.live_cap": live_cap})

@@ -48,6 +48,7 @@ class SolveResult:
     vote_share: float = 0.0
     peak_live_branches: int = 0
     peak_kv_bytes: int = 0
+    engine_seconds: float = 0.0  # wall time spent inside engine calls
 
 
 class VerifierPort(Protocol):

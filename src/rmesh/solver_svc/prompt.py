@@ -59,6 +59,12 @@ _NUMERIC_EXAMPLES = (
 )
 
 
+_EXPRESSION_EXAMPLES = (
+    ("Make 10 from the numbers 2, 3, 4.", ["2 * 3 = 6", "6 + 4 = 10"], "2 * 3 + 4"),
+    ("Make 14 from the numbers 9, 7, 2.", ["9 - 7 = 2", "2 * 7 = 14"], "(9 - 2) * 2"),
+)
+
+
 def _numeric_reply(steps: list[str], answer: str) -> str:
     checkpoints = "".join(f"<checkpoint>{step}</checkpoint>\n" for step in steps)
     return (
@@ -85,13 +91,24 @@ def _turns(exchanges: list[tuple[str, str]], request: str) -> str:
 
 
 def build_prompt(
-    problem: str, evidence: Mapping[str, str], numeric_answer: bool, extractive_answer: bool = False
+    problem: str,
+    evidence: Mapping[str, str],
+    numeric_answer: bool,
+    extractive_answer: bool = False,
+    expression_answer: bool = False,
 ) -> str:
     """Gemma chat-format prompt: instructions, worked examples, then the request.
 
     Evidence is presented as data; the grammar, not the text, decides what may be cited.
     """
-    if numeric_answer and not evidence:
+    if expression_answer and not evidence:
+        rules = (
+            "Build an arithmetic expression from the given numbers that equals the target. Reply in "
+            "XML: one <checkpoint> per step, a <verification_summary>, and a <final_answer> that is "
+            "only the expression."
+        )
+        exchanges = [(q, _numeric_reply(steps, a)) for q, steps, a in _EXPRESSION_EXAMPLES]
+    elif numeric_answer and not evidence:
         rules = (
             "Solve the arithmetic step by step. Reply in XML: one <checkpoint> per step, a "
             "<verification_summary>, and a <final_answer> that is a single number."
@@ -127,6 +144,7 @@ class _Rules:
         quote_evidence: bool,
         extractive_answer: bool,
         max_line_chars: int,
+        expression_answer: bool = False,
     ) -> None:
         self.evidence = evidence
         self.quote_evidence = quote_evidence
@@ -136,6 +154,8 @@ class _Rules:
         quotable_values = [v for v in evidence.values() if quotable(v)]
         if numeric_answer:
             answer = '"-"? [0-9]{1,12} ("." [0-9]{1,6})?'
+        elif expression_answer:
+            answer = '[-+*/() 0-9]{1,48}'
         elif extractive_answer and quotable_values:
             answer = 'quote (" " quote){0,2}'
             self.rules.append("quote ::= " + " | ".join(_literal(v) for v in dict.fromkeys(quotable_values)))
@@ -170,6 +190,7 @@ def build_grammar(
     required: Sequence[str] = (),
     quote_evidence: bool = True,
     extractive_answer: bool = False,
+    expression_answer: bool = False,
     max_line_chars: int = 160,
 ) -> str:
     """A whole response, as GBNF (llama.cpp) that SGLang's ``ebnf`` parameter also accepts.
@@ -186,6 +207,7 @@ def build_grammar(
         quote_evidence=quote_evidence,
         extractive_answer=extractive_answer,
         max_line_chars=max_line_chars,
+        expression_answer=expression_answer,
     )
     parts = [f"cite{i}" for i in range(len(r.required))]
     r.rules[:0] = [f"cite{i} ::= {r.cite(key)}" for i, key in enumerate(r.required)]
@@ -205,6 +227,7 @@ def build_step_grammar(
     must_finish: bool,
     quote_evidence: bool = True,
     extractive_answer: bool = False,
+    expression_answer: bool = False,
     max_line_chars: int = 160,
 ) -> str:
     """One step after ``depth`` checkpoints: the next required citation, another checkpoint,
@@ -216,6 +239,7 @@ def build_step_grammar(
         quote_evidence=quote_evidence,
         extractive_answer=extractive_answer,
         max_line_chars=max_line_chars,
+        expression_answer=expression_answer,
     )
     finish = 'summary answer "</response>"'
     if must_finish:

@@ -90,6 +90,7 @@ class SearchState:
     live_cap: int  # branches alive at once, after the engine's limit and the KV budget
     prompt_tokens: int
     extractive_answer: bool = False
+    expression_answer: bool = False
     usage: Usage = Usage()
     branches_started: int = 0
     branches_pruned: int = 0
@@ -176,7 +177,9 @@ class SearchState:
         request = self.request
         total = n * len(parents)
         per_branch = max(1, min(request.budget.max_tokens_per_branch, self.tokens_left // total))
-        base = build_prompt(request.problem, request.evidence, self.numeric_answer, self.extractive_answer)
+        base = build_prompt(
+            request.problem, request.evidence, self.numeric_answer, self.extractive_answer, self.expression_answer
+        )
         generations = []
         for index, parent in enumerate(parents):
             if step:
@@ -188,6 +191,7 @@ class SearchState:
                     depth=depth,
                     must_finish=depth + 1 >= request.budget.max_depth,
                     extractive_answer=self.extractive_answer,
+                    expression_answer=self.expression_answer,
                 )
                 prompt = base + RESPONSE_OPEN + (parent.text if parent else "")
             else:
@@ -197,6 +201,7 @@ class SearchState:
                     max_checkpoints=max(1, min(request.budget.max_depth, len(request.evidence) or 3)),
                     required=request.required_evidence,
                     extractive_answer=self.extractive_answer,
+                    expression_answer=self.expression_answer,
                 )
                 prompt = base
             generations.append(
@@ -335,5 +340,6 @@ class SearchState:
             vote_share=vote_share,
             peak_live_branches=self.peak_live,
             peak_kv_bytes=self.peak_kv_bytes,
+            engine_seconds=self.engine_seconds,
         )
 

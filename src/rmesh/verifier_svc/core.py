@@ -33,6 +33,26 @@ class PreparedCheck:
     prepared: Any
 
 
+MAX_CANDIDATES = 256
+MAX_CHECKPOINTS = 64
+MAX_TEXT_CHARS = 100_000
+
+
+def check_candidate_sizes(candidates: Sequence[Candidate]) -> None:
+    """Refuse oversized batches and fields by name, before any checker runs."""
+    if len(candidates) > MAX_CANDIDATES:
+        raise InvalidRequest("candidates", f"{len(candidates)} candidates; at most {MAX_CANDIDATES} per call")
+    for i, c in enumerate(candidates):
+        if len(c.checkpoints) > MAX_CHECKPOINTS:
+            raise InvalidRequest(f"candidates[{i}].checkpoints", f"more than {MAX_CHECKPOINTS}")
+        for name, text in (("final_answer", c.final_answer), ("verification_summary", c.verification_summary)):
+            if len(text) > MAX_TEXT_CHARS:
+                raise InvalidRequest(f"candidates[{i}].{name}", f"longer than {MAX_TEXT_CHARS} characters")
+        for j, cp in enumerate(c.checkpoints):
+            if len(cp.text) > MAX_TEXT_CHARS:
+                raise InvalidRequest(f"candidates[{i}].checkpoints[{j}].text", f"longer than {MAX_TEXT_CHARS} characters")
+
+
 class VerifierCore:
     def __init__(self, registry: Mapping[str, ExactChecker] | None = None) -> None:
         self._registry = dict(REGISTRY if registry is None else registry)
@@ -63,6 +83,7 @@ class VerifierCore:
             missing_evidence=missing,
             next_step=NEXT_STEP_REQUEST_TOOL_DATA if missing else "",
             numeric_answer=any(c.checker.numeric_answer for c in checks),
+            expression_answer=any(c.checker.expression_answer for c in checks),
         )
 
     def verify(
@@ -72,6 +93,7 @@ class VerifierCore:
         required: Sequence[str],
         candidates: Sequence[Candidate],
     ) -> list[Verdict]:
+        check_candidate_sizes(candidates)
         checks = self.prepare(task)
         return [self._judge(c, checks, evidence, required) for c in candidates]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from rmesh import convert
@@ -19,8 +21,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     async def Precheck(self, request, context: grpc.aio.ServicerContext):
         try:
-            result = self.core.precheck(
-                convert.task_from_proto(request.task), dict(request.evidence), list(request.required_evidence)
+            result = await asyncio.to_thread(
+                self.core.precheck,
+                convert.task_from_proto(request.task),
+                dict(request.evidence),
+                list(request.required_evidence),
             )
         except MeshError as exc:
             await abort(context, exc)
@@ -30,11 +35,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             missing_evidence=list(result.missing_evidence),
             next_step=result.next_step,
             numeric_answer=result.numeric_answer,
+            expression_answer=result.expression_answer,
         )
 
     async def Verify(self, request, context: grpc.aio.ServicerContext):
         try:
-            verdicts = self.core.verify(
+            # Checkers may run sandboxed code for seconds: off the event loop, so the
+            # verifier keeps answering health checks and other calls meanwhile.
+            verdicts = await asyncio.to_thread(
+                self.core.verify,
                 convert.task_from_proto(request.task),
                 dict(request.evidence),
                 list(request.required_evidence),

@@ -91,6 +91,7 @@ def format_number(value: Fraction) -> str:
 class ArithmeticChecker:
     name: str = "arithmetic"
     numeric_answer: bool = True
+    expression_answer: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Fraction:
         expression = params.get("expression")

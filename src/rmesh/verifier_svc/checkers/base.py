@@ -11,6 +11,8 @@ class ExactChecker(Protocol):
     name: str
     # True when the answer must be a number, so the solver can constrain decoding to one.
     numeric_answer: bool
+    # True when the answer must be an arithmetic expression.
+    expression_answer: bool
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Any:
         """Validate params once; raise InvalidRequest naming ``field_path`` + key on bad input."""

@@ -26,14 +26,16 @@ class PrecheckRequest(_message.Message):
     def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., required_evidence: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrecheckResponse(_message.Message):
-    __slots__ = ("missing_evidence", "next_step", "numeric_answer")
+    __slots__ = ("missing_evidence", "next_step", "numeric_answer", "expression_answer")
     MISSING_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NUMERIC_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_ANSWER_FIELD_NUMBER: _ClassVar[int]
     missing_evidence: _containers.RepeatedScalarFieldContainer[str]
     next_step: str
     numeric_answer: bool
-    def __init__(self, missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., numeric_answer: _Optional[bool] = ...) -> None: ...
+    expression_answer: bool
+    def __init__(self, missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., numeric_answer: _Optional[bool] = ..., expression_answer: _Optional[bool] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("task", "evidence", "required_evidence", "candidates")

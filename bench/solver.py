@@ -1,0 +1,137 @@
+"""Solver benchmark: prefix reuse, batched branching and controller overhead, in one run on the
+embedded engine, with a shared prompt prefix of at least 500 tokens. Writes bench/out/solver.json.
+
+- prefix_reuse_ratio: cached prompt tokens ÷ shareable prefix tokens. A branch's prompt is
+  shareable except for the very first evaluation of the request's prompt: every other branch
+  could take it, and each tree node's path, from KV that an earlier branch already computed.
+- batched_speedup_bon8: 8 independent generations (cold cache each) ÷ one best-of-8 call with
+  a shared prefix and batched decoding; every branch generates the same number of tokens.
+- controller_overhead: share of a beam search's wall time spent outside engine calls
+  (prompt building, parsing, verification, bookkeeping) over at least 32 expansions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.common import LocalVerifier, machine, no_progress, write
+from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
+from rmesh.engine import GenerationRequest, SamplingParams
+from rmesh.engine.llama import LlamaEngine
+from rmesh.solver_svc.core import SolverCore
+from rmesh.solver_svc.model import SolveRequest
+from rmesh.solver_svc.prompt import build_prompt
+
+# A warehouse ticket with long tool output: the shared prefix is the point.
+EVIDENCE = {
+    "order": "Order 5531 placed on 2 March: 12 boxes of A4 paper, 4 toner cartridges, 3 desk lamps, "
+    "2 office chairs and 1 filing cabinet, shipped in three parcels from the north warehouse.",
+    "parcel_1": "Parcel 1 holds the 12 boxes of paper; it was delivered on 4 March and signed for "
+    "at the reception desk by a member of staff.",
+    "parcel_2": "Parcel 2 holds the 4 toner cartridges and the 3 desk lamps; the carrier scanned it "
+    "at the regional hub on 5 March and lists delivery for 7 March.",
+    "parcel_3": "Parcel 3 holds the 2 office chairs and the filing cabinet; it is on hold at the "
+    "north warehouse because the cabinet failed a quality inspection.",
+    "returns": "Unopened consumables may be returned within 30 days; furniture may be returned within "
+    "14 days if it is unassembled; returns are collected free of charge on weekdays.",
+    "billing": "The customer was charged 418 in total: 96 for paper, 212 for toner, 45 for lamps, "
+    "and the chairs and cabinet are billed only when they ship.",
+    "inspection": "The replacement filing cabinet passed inspection on 6 March and will join parcel 3, "
+    "which is expected to leave the warehouse on 8 March.",
+    "contact": "The customer asked to be told before any parcel arrives and prefers e-mail over phone "
+    "calls for updates about deliveries and refunds.",
+}
+PROBLEM = (
+    "The customer asks how many of the items they ordered have already been delivered, counting "
+    "each box, cartridge, lamp, chair and cabinet as one item. Answer with the number."
+)
+TASK = TaskSpec("support", (CheckSpec("arithmetic", {"expression": "12"}),))
+
+
+def request(strategy: str, budget: Budget, search: SearchParams) -> SolveRequest:
+    return SolveRequest(problem=PROBLEM, task=TASK, evidence=EVIDENCE, strategy=strategy, budget=budget, search=search, seed=7)
+
+
+def reuse(result, first_prompt_tokens: int) -> dict:
+    shareable = result.usage.prompt_tokens - first_prompt_tokens
+    return {
+        "ratio": round(result.usage.cached_tokens / shareable, 4),
+        "cached_tokens": result.usage.cached_tokens,
+        "shareable_prefix_tokens": shareable,
+        "prompt_tokens_all_branches": result.usage.prompt_tokens,
+        "branches": result.candidates_evaluated,
+        "stop_reason": result.stop_reason,
+    }
+
+
+async def main() -> None:
+    engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
+    core = SolverCore(engine, LocalVerifier(), answer_style="extractive")
+    prompt = build_prompt(PROBLEM, EVIDENCE, numeric_answer=True, extractive_answer=True)
+    prefix_tokens = engine.count_tokens(prompt)
+    assert prefix_tokens >= 500, prefix_tokens
+
+    await engine.reset_cache()
+    bon = await core.solve(request("best_of_n", Budget(4000, 8, 4, 600, 160), SearchParams(samples=8)), no_progress)
+    await engine.reset_cache()
+    beam_started = time.monotonic()
+    beam = await core.solve(
+        request("beam", Budget(20000, 64, 5, 600, 48), SearchParams(beam_width=4, branching_factor=4, no_improvement_rounds=0)),
+        no_progress,
+    )
+    beam_wall = time.monotonic() - beam_started
+
+    tokens_each = 48
+    sampling = SamplingParams(max_new_tokens=tokens_each, temperature=0.9, seed=11, ignore_eos=True)
+    independent = 0.0
+    for i in range(8):
+        await engine.reset_cache()
+        started = time.monotonic()
+        (one,) = await engine.generate(GenerationRequest(prompt, n=1, sampling=SamplingParams(**{**sampling.__dict__, "seed": 11 + i})))
+        independent += time.monotonic() - started
+        assert one.completion_tokens == tokens_each
+    await engine.reset_cache()
+    started = time.monotonic()
+    batched_results = await engine.generate(GenerationRequest(prompt, n=8, sampling=sampling))
+    batched = time.monotonic() - started
+    assert all(r.completion_tokens == tokens_each for r in batched_results)
+
+    payload = {
+        "machine": machine(),
+        "engine": engine.model_name,
+        "shared_prefix_tokens": prefix_tokens,
+        "prefix_reuse_ratio": {
+            "best_of_n_8": reuse(bon, prefix_tokens),
+            "beam": reuse(beam, prefix_tokens),
+            "goal": ">= 0.97",
+        },
+        "batched_speedup_bon8": {
+            "value": round(independent / batched, 3),
+            "independent_seconds": round(independent, 3),
+            "batched_seconds": round(batched, 3),
+            "branches": 8,
+            "tokens_per_branch": tokens_each,
+            "goal": ">= 4",
+        },
+        "controller_overhead": {
+            "value": round(1 - beam.engine_seconds / beam_wall, 4),
+            "wall_seconds": round(beam_wall, 3),
+            "engine_seconds": round(beam.engine_seconds, 3),
+            "expansions": beam.candidates_evaluated,
+            "rounds_stop_reason": beam.stop_reason,
+            "goal": "<= 0.02",
+        },
+    }
+    await engine.aclose()
+    write("solver.json", payload)
+    print(
+        f"prefix_reuse_ratio bon8={payload['prefix_reuse_ratio']['best_of_n_8']['ratio']} "
+        f"beam={payload['prefix_reuse_ratio']['beam']['ratio']}; "
+        f"batched_speedup_bon8={payload['batched_speedup_bon8']['value']}; "
+        f"controller_overhead={payload['controller_overhead']['value']} over {beam.candidates_evaluated} expansions"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
