@@ -35,6 +35,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.solver
 	$(BIN)/python -m bench.quality
+	$(BIN)/rmesh verifier calibrate
 
 ## buf lint with the STANDARD rules (also part of the test suite).
 lint: $(STAMP)

@@ -155,6 +155,33 @@ def _solve(args: argparse.Namespace) -> int:
     return asyncio.run(_solve_async(args, request))
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from rmesh.engine.llama import LlamaEngine
+    from rmesh.verifier_svc.calibrate import calibrate
+
+    if args.size < 4 or args.k < 2:
+        print("rmesh verifier calibrate: --size must be at least 4 and --k at least 2", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> dict:
+        engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
+        try:
+            return await calibrate(
+                engine, size=args.size, k=args.k, seed=args.seed, calibration_path=args.calibration, report_path=args.report
+            )
+        finally:
+            await engine.aclose()
+
+    report = asyncio.run(run())
+    judge = report["judge"]
+    print(
+        f"judge {judge['scorer']}: threshold {judge['threshold']}, AUROC {judge['auroc']}, ECE {judge['ece']}, "
+        f"max N {judge['max_n']}; sandbox {report['sandbox_checks_per_second']} checks/s"
+    )
+    print(f"wrote {args.calibration} and {args.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmesh", description="Reasoning Mesh: adaptive test-time compute over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
     solve.add_argument("--json", action="store_true", help="print one JSON object per event")
     solve.set_defaults(func=_solve)
+
+    verifier = sub.add_parser("verifier", help="verifier tools")
+    verifier_sub = verifier.add_subparsers(dest="verifier_command", required=True)
+    cal = verifier_sub.add_parser("calibrate", help="fit the learned judge's release threshold on labelled candidates")
+    cal.add_argument("--size", type=int, default=48, help="reasoning-gym tasks (half fit, half held out)")
+    cal.add_argument("--k", type=int, default=4, help="candidates per task")
+    cal.add_argument("--seed", type=int, default=2026)
+    cal.add_argument("--calibration", default="calibration/judge.json", help="calibration file the verifier reads")
+    cal.add_argument("--report", default="bench/out/verifier.json")
+    cal.set_defaults(func=_calibrate)
     return parser
 
 

@@ -100,6 +100,28 @@ class SolverConfig:
 
 
 @dataclass(frozen=True)
+class VerifierConfig:
+    """The verifier's learned scorer: off, the generative judge on the embedded engine, or an
+    SGLang reward model; and where its calibration file lives."""
+
+    judge: str = "off"  # "off", "embedded" or "sglang"
+    reward_url: str = "http://127.0.0.1:30001"
+    calibration_path: str = "calibration/judge.json"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "VerifierConfig":
+        e = _env(env)
+        judge = e.get("RMESH_JUDGE", "off")
+        if judge not in ("off", "embedded", "sglang"):
+            raise ValueError(f"RMESH_JUDGE: {judge!r} is not one of off, embedded, sglang")
+        return cls(
+            judge=judge,
+            reward_url=e.get("RMESH_REWARD_URL", "http://127.0.0.1:30001"),
+            calibration_path=e.get("RMESH_JUDGE_CALIBRATION", "calibration/judge.json"),
+        )
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     tenants_dir: str = "policy/tenants"
 

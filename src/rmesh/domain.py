@@ -87,6 +87,8 @@ class Verdict:
     uncited_required: tuple[str, ...] = ()
     ungrounded_claims: tuple[str, ...] = ()
     step_scores: tuple[float, ...] = ()
+    learned_score: float | None = None  # a proxy: ranks candidates, never overrides exact checks
+    learned_step_scores: tuple[float, ...] = ()
     checks: tuple[CheckResult, ...] = ()
     next_step: str = ""
     score: float = 0.0

@@ -13,7 +13,7 @@ import grpc
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from rmesh import clients, grpc_edge
-from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig
+from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig, VerifierConfig
 from rmesh.engine import Engine, create_engine
 from rmesh.router_svc import servicer as router_servicer
 from rmesh.router_svc.core import RouterCore
@@ -24,6 +24,7 @@ from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.telemetry import tracer_provider
 from rmesh.verifier_svc import servicer as verifier_servicer
 from rmesh.verifier_svc.core import VerifierCore
+from rmesh.verifier_svc.scorers import GenerativeJudge, SGLangRewardModel, load_calibration
 
 log = logging.getLogger("rmesh.serve")
 SERVICES = ("verifier", "solver", "router")
@@ -70,8 +71,24 @@ class _Adder:
         return self.service_names
 
 
-async def start_verifier(address: str, settings: ServerSettings, provider: TracerProvider) -> RunningService:
-    add = _Adder(verifier_servicer.VerifierServicer(VerifierCore()), verifier_servicer.add_to_server)
+def build_scorer(config: VerifierConfig, engine: Engine | None):
+    """The learned scorer the configuration names, with its calibration if one exists."""
+    if config.judge == "off":
+        return None, None
+    if config.judge == "embedded":
+        if engine is None:
+            engine = create_engine(SolverConfig(engine="embedded"))
+        scorer = GenerativeJudge(engine)
+    else:
+        scorer = SGLangRewardModel(config.reward_url)
+    return scorer, load_calibration(config.calibration_path, scorer.name)
+
+
+async def start_verifier(
+    address: str, settings: ServerSettings, provider: TracerProvider, scorer=None, calibration=None
+) -> RunningService:
+    core = VerifierCore(scorer=scorer, calibration=calibration)
+    add = _Adder(verifier_servicer.VerifierServicer(core), verifier_servicer.add_to_server)
     return await _start("verifier", address, settings, provider, add)
 
 
@@ -146,15 +163,21 @@ async def start_services(
         return tracer_provider(f"rmesh-{name}", env, extra_processors)
 
     verifier_addr, solver_addr = addresses.verifier, addresses.solver
+    solver_config = SolverConfig.load(env)
+    own = engine is None
+    if "solver" in names and engine is None:
+        engine = create_engine(solver_config)
     try:
         if "verifier" in names:
-            service = await start_verifier(verifier_addr, settings, provider("verifier"))
+            # In one process the judge shares the solver's engine (its queue serialises them).
+            verifier_config = VerifierConfig.load(env)
+            shared = engine if solver_config.engine == "embedded" else None
+            scorer, calibration = build_scorer(verifier_config, shared)
+            service = await start_verifier(verifier_addr, settings, provider("verifier"), scorer, calibration)
             verifier_addr = bound_address(verifier_addr, service.port)
             started.append(service)
         if "solver" in names:
-            own = engine is None
-            solver_config = SolverConfig.load(env)
-            solver_engine = engine or create_engine(solver_config)
+            solver_engine = engine
             service = await start_solver(
                 solver_addr,
                 settings,

@@ -204,6 +204,59 @@ class LlamaEngine:
         except Cancelled as exc:
             raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
 
+    async def option_probabilities(
+        self, prompts: list[str], options: tuple[str, ...] = ("Yes", "No"), deadline: float | None = None
+    ) -> list[list[float]]:
+        """For each prompt, the probability of each option as the next token, renormalised over
+        the options: a generative judge reads P(yes) this way. Prompts share their prefix."""
+        option_ids = [self.tokenize_plain(o) for o in options]
+        if any(len(ids) != 1 for ids in option_ids):
+            raise InvalidRequest("options", "each option must be a single token")
+        results: list[list[float]] = []
+        for start in range(0, len(prompts), self.max_branches):
+            chunk = prompts[start : start + self.max_branches]
+            job = _Job([GenerationRequest(p, n=1, deadline=deadline) for p in chunk])
+            loop = asyncio.get_running_loop()
+            probe = functools.partial(self._probe, option_ids=[ids[0] for ids in option_ids])
+            future = loop.run_in_executor(self._executor, self._run, job, probe)
+            try:
+                results += [[float(x) for x in row] for row in await asyncio.shield(future)]
+            except asyncio.CancelledError:
+                job.cancel.set()
+                raise
+            except Cancelled as exc:
+                raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
+        return results
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of ``text`` alone: no BOS, no special-token parsing."""
+        data = text.encode()
+        out = (C.llama_token * (len(data) + 4))()
+        n = C.llama_tokenize(self._vocab, data, len(data), out, len(out), False, False)
+        return list(out[: max(n, 0)])
+
+    def _probe(self, job: _Job, option_ids: list[int]) -> list[list[float]]:
+        self._check(job)
+        prompts = [self.tokenize(r.prompt) for r in job.requests]
+        common = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        mem = C.llama_get_memory(self._ctx)
+        reused = self._prefill(job, prompts[0][:common])
+        branches = [_Branch(i + 1, i, len(p), 0, False) for i, p in enumerate(prompts)]
+        found: dict[int, list[float]] = {}
+
+        def read(lead: _Branch, row: int, _branches) -> None:
+            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+            chosen = np.array([logits[i] for i in option_ids], dtype=np.float64)
+            weights = np.exp(chosen - chosen.max())
+            found[lead.request_index] = list(weights / weights.sum())
+
+        try:
+            self._fork(job, prompts, common, reused, branches, on_logits=read)
+        finally:
+            for branch in branches:
+                C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
+        return [found[i] for i in range(len(prompts))]
+
     async def reset_cache(self) -> None:
         """Forget the prefix kept from the last request (benchmarks measure cold prompts with it)."""
 
@@ -232,18 +285,20 @@ class LlamaEngine:
         if job.deadline is not None and time.monotonic() > job.deadline:
             raise Cancelled("deadline exceeded")
 
-    def _run(self, job: _Job) -> list[list[BranchResult]]:
+    def _run(self, job: _Job, work=None):
+        """One job on the worker thread, counted in the engine's stats."""
         self.stats.jobs_started += 1
         self.stats.busy = True
         try:
-            results = self._generate(job)
+            results = (work or self._generate)(job)
         except Cancelled:
             self.stats.jobs_cancelled += 1
             raise
         finally:
             self.stats.busy = False
         self.stats.jobs_finished += 1
-        self.stats.tokens_generated += sum(r.completion_tokens for group in results for r in group)
+        if work is None:
+            self.stats.tokens_generated += sum(r.completion_tokens for group in results for r in group)
         return results
 
     def _generate(self, job: _Job) -> list[list[BranchResult]]:
@@ -316,7 +371,13 @@ class LlamaEngine:
         return common
 
     def _fork(
-        self, job: _Job, prompts: list[list[int]], common: int, reused: int, branches: list[_Branch]
+        self,
+        job: _Job,
+        prompts: list[list[int]],
+        common: int,
+        reused: int,
+        branches: list[_Branch],
+        on_logits=None,
     ) -> None:
         """Give every branch its prompt: copy the shared prefix, decode each prompt's own tail
         once (on its first branch), then copy that to the prompt's other branches."""
@@ -343,7 +404,8 @@ class LlamaEngine:
             # Logits rows are only valid for the latest decode: sample the first tokens of
             # branches whose prompt ended in this chunk right away.
             for lead_seq, row in list(logit_row.items()):
-                self._first_token(next(b for b in branches if b.seq == lead_seq), row, branches)
+                lead = next(b for b in branches if b.seq == lead_seq)
+                (on_logits or self._first_token)(lead, row, branches)
                 del logit_row[lead_seq]
         for i, lead in first.items():
             for branch in branches:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
+import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rmesh.domain import (
@@ -22,9 +23,10 @@ from rmesh.domain import (
     TaskSpec,
     Verdict,
 )
-from rmesh.errors import InvalidRequest
+from rmesh.errors import FailedPrecondition, InvalidRequest
 from rmesh.verifier_svc.checkers import REGISTRY, ExactChecker
 from rmesh.verifier_svc.checkers.arithmetic import ExpressionError, evaluate
+from rmesh.verifier_svc.scorers import AGGREGATIONS, Calibration, Scorer, aggregate
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,80 @@ def check_candidate_sizes(candidates: Sequence[Candidate]) -> None:
                 raise InvalidRequest(f"candidates[{i}].checkpoints[{j}].text", f"longer than {MAX_TEXT_CHARS} characters")
 
 
+LEARNED_NONE = ""
+LEARNED_OUTCOME = "outcome"
+LEARNED_PROCESS = "process"
+
+
+@dataclass(frozen=True)
+class ScoringInfo:
+    scorer: str = ""
+    calibrated: bool = False
+    release_threshold: float = 0.0
+    max_n: int = 0
+
+
 class VerifierCore:
-    def __init__(self, registry: Mapping[str, ExactChecker] | None = None) -> None:
+    def __init__(
+        self,
+        registry: Mapping[str, ExactChecker] | None = None,
+        scorer: Scorer | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
         self._registry = dict(REGISTRY if registry is None else registry)
+        self.scorer = scorer
+        self.calibration = calibration if scorer is not None else None
+
+    async def verify_scored(
+        self,
+        task: TaskSpec,
+        evidence: Mapping[str, str],
+        required: Sequence[str],
+        candidates: Sequence[Candidate],
+        *,
+        problem: str = "",
+        learned: str = LEARNED_NONE,
+        aggregation: str = "min",
+    ) -> tuple[list[Verdict], ScoringInfo]:
+        """Exact verdicts (in a worker thread: checkers may run sandboxed code), then, when asked,
+        a learned score per candidate in one batched scorer call.
+
+        A calibrated threshold gates release only for tasks with no exact check; with exact checks
+        the learned score only ranks."""
+        if learned and aggregation not in AGGREGATIONS:
+            aggregate([], aggregation)  # raises InvalidRequest naming the field
+        verdicts = await asyncio.to_thread(self.verify, task, evidence, required, candidates)
+        if not learned:
+            return verdicts, ScoringInfo()
+        if self.scorer is None:
+            raise FailedPrecondition("learned_score: this verifier has no learned scorer configured (RMESH_JUDGE)")
+        if learned == LEARNED_OUTCOME:
+            scores = await self.scorer.outcome(problem, candidates)
+            steps: list[list[float]] = [[] for _ in candidates]
+        else:
+            steps = await self.scorer.process(problem, candidates)
+            scores = [aggregate(s, aggregation) for s in steps]
+        calibration = self.calibration
+        gate = calibration is not None and not task.checks
+        scored = []
+        for verdict, score, step in zip(verdicts, scores, steps, strict=True):
+            release = verdict.release and (not gate or score >= calibration.threshold)
+            scored.append(
+                replace(
+                    verdict,
+                    release=release,
+                    learned_score=round(float(score), 6),
+                    learned_step_scores=tuple(round(float(x), 6) for x in step),
+                    next_step=verdict.next_step or ("" if release else NEXT_STEP_MORE_COMPUTE),
+                )
+            )
+        info = ScoringInfo(
+            scorer=self.scorer.name,
+            calibrated=calibration is not None,
+            release_threshold=calibration.threshold if calibration else 0.0,
+            max_n=calibration.max_n if calibration else 0,
+        )
+        return scored, info
 
     @property
     def checker_names(self) -> list[str]:

@@ -8,11 +8,22 @@ import grpc
 
 from rmesh import convert
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
-from rmesh.errors import MeshError
+from rmesh.errors import InvalidRequest, MeshError
 from rmesh.grpc_edge import abort, abort_internal
-from rmesh.verifier_svc.core import VerifierCore
+from rmesh.verifier_svc.core import LEARNED_NONE, LEARNED_OUTCOME, LEARNED_PROCESS, VerifierCore
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
+_LEARNED_MODES = {
+    verifier_pb2.LEARNED_SCORE_MODE_UNSPECIFIED: LEARNED_NONE,
+    verifier_pb2.LEARNED_SCORE_MODE_OUTCOME: LEARNED_OUTCOME,
+    verifier_pb2.LEARNED_SCORE_MODE_PROCESS: LEARNED_PROCESS,
+}
+
+
+def _learned_mode(value: int) -> str:
+    if value not in _LEARNED_MODES:
+        raise InvalidRequest("learned_score", f"unknown mode {value}; known: {sorted(_LEARNED_MODES)}")
+    return _LEARNED_MODES[value]
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -40,20 +51,26 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     async def Verify(self, request, context: grpc.aio.ServicerContext):
         try:
-            # Checkers may run sandboxed code for seconds: off the event loop, so the
-            # verifier keeps answering health checks and other calls meanwhile.
-            verdicts = await asyncio.to_thread(
-                self.core.verify,
+            verdicts, info = await self.core.verify_scored(
                 convert.task_from_proto(request.task),
                 dict(request.evidence),
                 list(request.required_evidence),
                 [convert.candidate_from_proto(c) for c in request.candidates],
+                problem=request.problem,
+                learned=_learned_mode(request.learned_score),
+                aggregation=request.aggregation or "min",
             )
         except MeshError as exc:
             await abort(context, exc)
         except Exception as exc:
             await abort_internal(context, exc)
-        return verifier_pb2.VerifyResponse(verdicts=[convert.verdict_to_proto(v) for v in verdicts])
+        return verifier_pb2.VerifyResponse(
+            verdicts=[convert.verdict_to_proto(v) for v in verdicts],
+            scorer=info.scorer,
+            calibrated=info.calibrated,
+            release_threshold=info.release_threshold,
+            max_n=info.max_n,
+        )
 
     async def ListCheckers(self, request, context):
         return verifier_pb2.ListCheckersResponse(names=self.core.checker_names)

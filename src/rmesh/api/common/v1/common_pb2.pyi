@@ -101,7 +101,7 @@ class CheckResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("release", "missing_evidence", "unknown_citations", "checks", "next_step", "score", "uncited_required", "ungrounded_claims", "step_scores")
+    __slots__ = ("release", "missing_evidence", "unknown_citations", "checks", "next_step", "score", "uncited_required", "ungrounded_claims", "step_scores", "learned_scored", "learned_score", "learned_step_scores")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     MISSING_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CITATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,9 @@ class Verdict(_message.Message):
     UNCITED_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     UNGROUNDED_CLAIMS_FIELD_NUMBER: _ClassVar[int]
     STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_SCORED_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_STEP_SCORES_FIELD_NUMBER: _ClassVar[int]
     release: bool
     missing_evidence: _containers.RepeatedScalarFieldContainer[str]
     unknown_citations: _containers.RepeatedScalarFieldContainer[str]
@@ -120,4 +123,7 @@ class Verdict(_message.Message):
     uncited_required: _containers.RepeatedScalarFieldContainer[str]
     ungrounded_claims: _containers.RepeatedScalarFieldContainer[str]
     step_scores: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, release: _Optional[bool] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., unknown_citations: _Optional[_Iterable[str]] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., next_step: _Optional[str] = ..., score: _Optional[float] = ..., uncited_required: _Optional[_Iterable[str]] = ..., ungrounded_claims: _Optional[_Iterable[str]] = ..., step_scores: _Optional[_Iterable[float]] = ...) -> None: ...
+    learned_scored: bool
+    learned_score: float
+    learned_step_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, release: _Optional[bool] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., unknown_citations: _Optional[_Iterable[str]] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., next_step: _Optional[str] = ..., score: _Optional[float] = ..., uncited_required: _Optional[_Iterable[str]] = ..., ungrounded_claims: _Optional[_Iterable[str]] = ..., step_scores: _Optional[_Iterable[float]] = ..., learned_scored: _Optional[bool] = ..., learned_score: _Optional[float] = ..., learned_step_scores: _Optional[_Iterable[float]] = ...) -> None: ...
