@@ -25,9 +25,15 @@ class LocalVerifier:
         return self.core.precheck(task, evidence, required)
 
     async def verify(
-        self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str], candidates: Sequence[Candidate]
+        self,
+        task: TaskSpec,
+        evidence: Mapping[str, str],
+        required: Sequence[str],
+        candidates: Sequence[Candidate],
+        **learned,
     ) -> list[Verdict]:
-        return self.core.verify(task, evidence, required, candidates)
+        verdicts, _ = await self.core.verify_scored(task, evidence, required, candidates, **learned)
+        return verdicts
 
 
 async def no_progress(_progress) -> None:

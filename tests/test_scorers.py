@@ -177,3 +177,37 @@ async def test_calibrate_command_records_where_the_threshold_came_from(tmp_path)
     bench = json.loads(report.read_text())
     assert set(bench["checkers"]) >= {"arithmetic", "python_tests", "regex"}
     assert bench["sandbox_checks_per_second"] > 0
+
+
+async def test_solver_caps_n_at_what_the_calibration_supports(engine, tmp_path):
+    """Ranking by a learned score, best_of_n samples no more than the calibration's max N."""
+    from rmesh import convert
+    from rmesh.api.solver.v1 import solver_pb2_grpc
+    from rmesh.domain import Budget, SearchParams
+    from rmesh.serve import start_solver
+    from rmesh.solver_svc.model import SolveRequest
+
+    judge = GenerativeJudge(engine)
+    verifier = await start_verifier(
+        "127.0.0.1:0", ServerSettings(), tracer_provider("v", {}), judge, Calibration(judge.name, 0.5, 2, 0.6, 0.1, {})
+    )
+    solver = await start_solver(
+        "127.0.0.1:0", ServerSettings(), tracer_provider("s", {}), f"127.0.0.1:{verifier.port}", engine, own_engine=False
+    )
+    try:
+        request = SolveRequest(
+            problem="What is 9 + 8 + 2?",
+            task=TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "9 + 8 + 2"}),)),
+            strategy="self_consistency",
+            budget=Budget(1200, 6, 4, 60, 120),
+            search=SearchParams(samples=6, learned_score="outcome"),
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{solver.port}") as channel:
+            stub = solver_pb2_grpc.SolverServiceStub(channel)
+            messages = [m async for m in stub.Solve(convert.solve_request_to_proto(request), timeout=120)]
+        result = messages[-1].result
+        assert result.candidates_evaluated == 2
+        assert result.verdict.learned_scored
+    finally:
+        await solver.stop(1)
+        await verifier.stop(1)

@@ -15,6 +15,11 @@ from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
 
 VERIFIER_SERVICE = "rmesh.api.verifier.v1.VerifierService"
 SOLVER_SERVICE = "rmesh.api.solver.v1.SolverService"
+_LEARNED = {
+    "": verifier_pb2.LEARNED_SCORE_MODE_UNSPECIFIED,
+    "outcome": verifier_pb2.LEARNED_SCORE_MODE_OUTCOME,
+    "process": verifier_pb2.LEARNED_SCORE_MODE_PROCESS,
+}
 
 
 class VerifierClient:
@@ -29,7 +34,14 @@ class VerifierClient:
             reply = await self._stub.Precheck(request, timeout=remaining_timeout())
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, "verifier") from None
-        return Precheck(tuple(reply.missing_evidence), reply.next_step, reply.numeric_answer, reply.expression_answer)
+        return Precheck(
+            tuple(reply.missing_evidence),
+            reply.next_step,
+            reply.numeric_answer,
+            reply.expression_answer,
+            reply.learned_scorer,
+            reply.learned_max_n,
+        )
 
     async def verify(
         self,
@@ -37,12 +49,19 @@ class VerifierClient:
         evidence: Mapping[str, str],
         required: Sequence[str],
         candidates: Sequence[Candidate],
+        *,
+        problem: str = "",
+        learned: str = "",
+        aggregation: str = "min",
     ) -> list[Verdict]:
         request = verifier_pb2.VerifyRequest(
             task=convert.task_to_proto(task),
             evidence=dict(evidence),
             required_evidence=list(required),
             candidates=[convert.candidate_to_proto(c) for c in candidates],
+            problem=problem,
+            learned_score=_LEARNED[learned],
+            aggregation=aggregation,
         )
         try:
             reply = await self._stub.Verify(request, timeout=remaining_timeout())

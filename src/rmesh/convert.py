@@ -56,6 +56,8 @@ def budget_to_proto(budget: Budget) -> common_pb2.Budget:
 def search_to_proto(search: SearchParams) -> common_pb2.SearchParams:
     return common_pb2.SearchParams(
         temperature=search.temperature,
+        learned_score=search.learned_score,
+        aggregation=search.aggregation,
         samples=search.samples,
         beam_width=search.beam_width,
         branching_factor=search.branching_factor,
@@ -74,6 +76,8 @@ def search_from_proto(search: common_pb2.SearchParams) -> SearchParams:
         exploration=search.exploration,
         no_improvement_rounds=search.no_improvement_rounds,
         temperature=search.temperature if search.HasField("temperature") else None,
+        learned_score=search.learned_score,
+        aggregation=search.aggregation or "min",
     )
 
 

@@ -51,6 +51,8 @@ class SearchParams:
     exploration: float = 1.5
     no_improvement_rounds: int = 2
     temperature: float | None = None  # None: each strategy's own default
+    learned_score: str = ""  # "", "outcome" or "process": rank by a learned score after exact checks
+    aggregation: str = "min"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class Precheck:
     next_step: str
     numeric_answer: bool
     expression_answer: bool = False
+    learned_scorer: str = ""
+    learned_max_n: int = 0
 
 
 NEXT_STEP_REQUEST_TOOL_DATA = "request_tool_data"

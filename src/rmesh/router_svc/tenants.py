@@ -58,6 +58,8 @@ _SEARCH_FIELDS = {
     "exploration": float,
     "no_improvement_rounds": int,
     "temperature": float,
+    "learned_score": str,
+    "aggregation": str,
 }
 
 

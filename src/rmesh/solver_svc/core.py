@@ -49,6 +49,10 @@ def validate(request: SolveRequest, strategy_names: list[str]) -> None:
             raise InvalidRequest(path, f"must be between {low} and {high}, got {value}")
     if request.search.samples > request.budget.max_branches:
         raise InvalidRequest("search.samples", f"{request.search.samples} exceeds budget.max_branches {request.budget.max_branches}")
+    if request.search.learned_score not in ("", "outcome", "process"):
+        raise InvalidRequest("search.learned_score", f"{request.search.learned_score!r} is not one of outcome, process")
+    if request.search.aggregation not in ("min", "last", "prod"):
+        raise InvalidRequest("search.aggregation", f"unknown aggregation {request.search.aggregation!r}; known: last, min, prod")
     if request.strategy == "beam" and request.search.beam_width > request.budget.max_branches:
         raise InvalidRequest(
             "search.beam_width",
@@ -134,6 +138,7 @@ class SolverCore:
             prompt_tokens=prompt_tokens,
             extractive_answer=extractive,
             expression_answer=precheck.expression_answer,
+            learned_max_n=precheck.learned_max_n,
         )
         span = trace.get_current_span()
         span.set_attributes({"rmesh.strategy": request.strategy, "rmesh.live_cap": live_cap})

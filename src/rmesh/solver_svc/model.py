@@ -60,6 +60,10 @@ class VerifierPort(Protocol):
         evidence: Mapping[str, str],
         required: Sequence[str],
         candidates: Sequence[Candidate],
+        *,
+        problem: str = "",
+        learned: str = "",
+        aggregation: str = "min",
     ) -> list[Verdict]: ...
 
 

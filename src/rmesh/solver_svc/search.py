@@ -69,9 +69,11 @@ class Node:
         return self.verdict.score
 
     @property
-    def rank(self) -> tuple[bool, int, float]:
-        # Exact checks outrank every score: an eligible candidate always beats an ineligible one.
-        return (self.verdict.release, self.verdict.checks_passed, self.verdict.score)
+    def rank(self) -> tuple[bool, int, float, float]:
+        # Exact checks outrank every score: an eligible candidate always beats an ineligible one;
+        # a learned score only breaks ties left by the exact and evidence checks.
+        learned = self.verdict.learned_score if self.verdict.learned_score is not None else 0.0
+        return (self.verdict.release, self.verdict.checks_passed, self.verdict.score, learned)
 
 
 Pruner = Callable[[list[Node]], dict[str, str]]
@@ -89,6 +91,7 @@ class SearchState:
     tracer: trace.Tracer
     live_cap: int  # branches alive at once, after the engine's limit and the KV budget
     prompt_tokens: int
+    learned_max_n: int = 0  # cap on samples when ranking by a calibrated learned score
     extractive_answer: bool = False
     expression_answer: bool = False
     usage: Usage = Usage()
@@ -126,6 +129,14 @@ class SearchState:
         if self.tokens_left < MIN_TOKENS_PER_BRANCH * new_branches:
             return STOP_TOKEN_CAP
         return None
+
+    def samples(self) -> int:
+        """Samples for best_of_n / self_consistency: the request's N, capped by the largest N the
+        learned scorer's calibration supports when ranking leans on it (reward over-optimisation)."""
+        n = self.request.search.samples or self.request.budget.max_branches
+        if self.request.search.learned_score and self.learned_max_n:
+            n = min(n, self.learned_max_n)
+        return n
 
     def temperature(self, default: float) -> float:
         chosen = self.request.search.temperature
@@ -246,7 +257,13 @@ class SearchState:
                     self.seen.add(key)
                     children.append((node, result))
             verdicts = await self.verifier.verify(
-                request.task, request.evidence, request.required_evidence, [c.candidate for c, _ in children]
+                request.task,
+                request.evidence,
+                request.required_evidence,
+                [c.candidate for c, _ in children],
+                problem=request.problem,
+                learned=request.search.learned_score,
+                aggregation=request.search.aggregation,
             )
             for (node, _), verdict in zip(children, verdicts, strict=True):
                 node.verdict = verdict

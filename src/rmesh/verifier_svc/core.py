@@ -157,6 +157,8 @@ class VerifierCore:
             next_step=NEXT_STEP_REQUEST_TOOL_DATA if missing else "",
             numeric_answer=any(c.checker.numeric_answer for c in checks),
             expression_answer=any(c.checker.expression_answer for c in checks),
+            learned_scorer=self.scorer.name if self.scorer else "",
+            learned_max_n=self.calibration.max_n if self.calibration else 0,
         )
 
     def verify(

@@ -47,6 +47,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             next_step=result.next_step,
             numeric_answer=result.numeric_answer,
             expression_answer=result.expression_answer,
+            learned_scorer=result.learned_scorer,
+            learned_max_n=result.learned_max_n,
         )
 
     async def Verify(self, request, context: grpc.aio.ServicerContext):

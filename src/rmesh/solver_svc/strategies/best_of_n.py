@@ -14,7 +14,7 @@ TEMPERATURE = 0.9
 
 
 async def run(*, state: SearchState) -> SolveResult:
-    n = state.request.search.samples or state.request.budget.max_branches
+    n = state.samples()
     greedy = await state.expand([None], n=1, temperature=0.0, stage="greedy", step=False)
     if any(node.verdict.release for node in greedy):
         return state.result(NAME, STOP_EXACT_CHECK_PASSED)

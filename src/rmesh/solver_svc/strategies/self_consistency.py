@@ -39,7 +39,7 @@ def vote(nodes: list[Node]) -> tuple[Node | None, float]:
 
 
 async def run(*, state: SearchState) -> SolveResult:
-    n = state.request.search.samples or state.request.budget.max_branches
+    n = state.samples()
     stop = STOP_COMPLETED
     remaining = n
     while remaining > 0:

@@ -51,7 +51,7 @@ class Budget(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., wall_clock_seconds: _Optional[float] = ..., max_tokens_per_branch: _Optional[int] = ..., max_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("samples", "beam_width", "branching_factor", "prune_below", "exploration", "no_improvement_rounds", "temperature")
+    __slots__ = ("samples", "beam_width", "branching_factor", "prune_below", "exploration", "no_improvement_rounds", "temperature", "learned_score", "aggregation")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHING_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class SearchParams(_message.Message):
     EXPLORATION_FIELD_NUMBER: _ClassVar[int]
     NO_IMPROVEMENT_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     samples: int
     beam_width: int
     branching_factor: int
@@ -66,7 +68,9 @@ class SearchParams(_message.Message):
     exploration: float
     no_improvement_rounds: int
     temperature: float
-    def __init__(self, samples: _Optional[int] = ..., beam_width: _Optional[int] = ..., branching_factor: _Optional[int] = ..., prune_below: _Optional[float] = ..., exploration: _Optional[float] = ..., no_improvement_rounds: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    learned_score: str
+    aggregation: str
+    def __init__(self, samples: _Optional[int] = ..., beam_width: _Optional[int] = ..., branching_factor: _Optional[int] = ..., prune_below: _Optional[float] = ..., exploration: _Optional[float] = ..., no_improvement_rounds: _Optional[int] = ..., temperature: _Optional[float] = ..., learned_score: _Optional[str] = ..., aggregation: _Optional[str] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("text", "cites")

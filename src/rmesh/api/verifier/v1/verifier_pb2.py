@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from rmesh.api.common.v1 import common_pb2 as rmesh_dot_api_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rmesh/api/verifier/v1/verifier.proto\x12\x15rmesh.api.verifier.v1\x1a rmesh/api/common/v1/common.proto\"\xce\x01\n\x0fPrecheckRequest\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x46\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x34.rmesh.api.verifier.v1.PrecheckRequest.EvidenceEntry\x12\x19\n\x11required_evidence\x18\x03 \x03(\t\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"r\n\x10PrecheckResponse\x12\x18\n\x10missing_evidence\x18\x01 \x03(\t\x12\x11\n\tnext_step\x18\x02 \x01(\t\x12\x16\n\x0enumeric_answer\x18\x03 \x01(\x08\x12\x19\n\x11\x65xpression_answer\x18\x04 \x01(\x08\"\xe4\x02\n\rVerifyRequest\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x44\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x32.rmesh.api.verifier.v1.VerifyRequest.EvidenceEntry\x12\x19\n\x11required_evidence\x18\x03 \x03(\t\x12\x32\n\ncandidates\x18\x04 \x03(\x0b\x32\x1e.rmesh.api.common.v1.Candidate\x12>\n\rlearned_score\x18\x05 \x01(\x0e\x32\'.rmesh.api.verifier.v1.LearnedScoreMode\x12\x13\n\x0b\x61ggregation\x18\x06 \x01(\t\x12\x0f\n\x07problem\x18\x07 \x01(\t\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x0eVerifyResponse\x12.\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1c.rmesh.api.common.v1.Verdict\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x12\n\ncalibrated\x18\x03 \x01(\x08\x12\x19\n\x11release_threshold\x18\x04 \x01(\x01\x12\r\n\x05max_n\x18\x05 \x01(\x05\"\x15\n\x13ListCheckersRequest\"%\n\x14ListCheckersResponse\x12\r\n\x05names\x18\x01 \x03(\t*v\n\x10LearnedScoreMode\x12\"\n\x1eLEARNED_SCORE_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLEARNED_SCORE_MODE_OUTCOME\x10\x01\x12\x1e\n\x1aLEARNED_SCORE_MODE_PROCESS\x10\x02\x32\xae\x02\n\x0fVerifierService\x12[\n\x08Precheck\x12&.rmesh.api.verifier.v1.PrecheckRequest\x1a\'.rmesh.api.verifier.v1.PrecheckResponse\x12U\n\x06Verify\x12$.rmesh.api.verifier.v1.VerifyRequest\x1a%.rmesh.api.verifier.v1.VerifyResponse\x12g\n\x0cListCheckers\x12*.rmesh.api.verifier.v1.ListCheckersRequest\x1a+.rmesh.api.verifier.v1.ListCheckersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rmesh/api/verifier/v1/verifier.proto\x12\x15rmesh.api.verifier.v1\x1a rmesh/api/common/v1/common.proto\"\xce\x01\n\x0fPrecheckRequest\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x46\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x34.rmesh.api.verifier.v1.PrecheckRequest.EvidenceEntry\x12\x19\n\x11required_evidence\x18\x03 \x03(\t\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\x10PrecheckResponse\x12\x18\n\x10missing_evidence\x18\x01 \x03(\t\x12\x11\n\tnext_step\x18\x02 \x01(\t\x12\x16\n\x0enumeric_answer\x18\x03 \x01(\x08\x12\x19\n\x11\x65xpression_answer\x18\x04 \x01(\x08\x12\x16\n\x0elearned_scorer\x18\x05 \x01(\t\x12\x15\n\rlearned_max_n\x18\x06 \x01(\x05\"\xe4\x02\n\rVerifyRequest\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x44\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x32.rmesh.api.verifier.v1.VerifyRequest.EvidenceEntry\x12\x19\n\x11required_evidence\x18\x03 \x03(\t\x12\x32\n\ncandidates\x18\x04 \x03(\x0b\x32\x1e.rmesh.api.common.v1.Candidate\x12>\n\rlearned_score\x18\x05 \x01(\x0e\x32\'.rmesh.api.verifier.v1.LearnedScoreMode\x12\x13\n\x0b\x61ggregation\x18\x06 \x01(\t\x12\x0f\n\x07problem\x18\x07 \x01(\t\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x0eVerifyResponse\x12.\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1c.rmesh.api.common.v1.Verdict\x12\x0e\n\x06scorer\x18\x02 \x01(\t\x12\x12\n\ncalibrated\x18\x03 \x01(\x08\x12\x19\n\x11release_threshold\x18\x04 \x01(\x01\x12\r\n\x05max_n\x18\x05 \x01(\x05\"\x15\n\x13ListCheckersRequest\"%\n\x14ListCheckersResponse\x12\r\n\x05names\x18\x01 \x03(\t*v\n\x10LearnedScoreMode\x12\"\n\x1eLEARNED_SCORE_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLEARNED_SCORE_MODE_OUTCOME\x10\x01\x12\x1e\n\x1aLEARNED_SCORE_MODE_PROCESS\x10\x02\x32\xae\x02\n\x0fVerifierService\x12[\n\x08Precheck\x12&.rmesh.api.verifier.v1.PrecheckRequest\x1a\'.rmesh.api.verifier.v1.PrecheckResponse\x12U\n\x06Verify\x12$.rmesh.api.verifier.v1.VerifyRequest\x1a%.rmesh.api.verifier.v1.VerifyResponse\x12g\n\x0cListCheckers\x12*.rmesh.api.verifier.v1.ListCheckersRequest\x1a+.rmesh.api.verifier.v1.ListCheckersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRECHECKREQUEST_EVIDENCEENTRY']._serialized_options = b'8\001'
   _globals['_VERIFYREQUEST_EVIDENCEENTRY']._loaded_options = None
   _globals['_VERIFYREQUEST_EVIDENCEENTRY']._serialized_options = b'8\001'
-  _globals['_LEARNEDSCOREMODE']._serialized_start=988
-  _globals['_LEARNEDSCOREMODE']._serialized_end=1106
+  _globals['_LEARNEDSCOREMODE']._serialized_start=1036
+  _globals['_LEARNEDSCOREMODE']._serialized_end=1154
   _globals['_PRECHECKREQUEST']._serialized_start=98
   _globals['_PRECHECKREQUEST']._serialized_end=304
   _globals['_PRECHECKREQUEST_EVIDENCEENTRY']._serialized_start=257
   _globals['_PRECHECKREQUEST_EVIDENCEENTRY']._serialized_end=304
-  _globals['_PRECHECKRESPONSE']._serialized_start=306
-  _globals['_PRECHECKRESPONSE']._serialized_end=420
-  _globals['_VERIFYREQUEST']._serialized_start=423
-  _globals['_VERIFYREQUEST']._serialized_end=779
+  _globals['_PRECHECKRESPONSE']._serialized_start=307
+  _globals['_PRECHECKRESPONSE']._serialized_end=468
+  _globals['_VERIFYREQUEST']._serialized_start=471
+  _globals['_VERIFYREQUEST']._serialized_end=827
   _globals['_VERIFYREQUEST_EVIDENCEENTRY']._serialized_start=257
   _globals['_VERIFYREQUEST_EVIDENCEENTRY']._serialized_end=304
-  _globals['_VERIFYRESPONSE']._serialized_start=782
-  _globals['_VERIFYRESPONSE']._serialized_end=924
-  _globals['_LISTCHECKERSREQUEST']._serialized_start=926
-  _globals['_LISTCHECKERSREQUEST']._serialized_end=947
-  _globals['_LISTCHECKERSRESPONSE']._serialized_start=949
-  _globals['_LISTCHECKERSRESPONSE']._serialized_end=986
-  _globals['_VERIFIERSERVICE']._serialized_start=1109
-  _globals['_VERIFIERSERVICE']._serialized_end=1411
+  _globals['_VERIFYRESPONSE']._serialized_start=830
+  _globals['_VERIFYRESPONSE']._serialized_end=972
+  _globals['_LISTCHECKERSREQUEST']._serialized_start=974
+  _globals['_LISTCHECKERSREQUEST']._serialized_end=995
+  _globals['_LISTCHECKERSRESPONSE']._serialized_start=997
+  _globals['_LISTCHECKERSRESPONSE']._serialized_end=1034
+  _globals['_VERIFIERSERVICE']._serialized_start=1157
+  _globals['_VERIFIERSERVICE']._serialized_end=1459
 # @@protoc_insertion_point(module_scope)

@@ -36,16 +36,20 @@ class PrecheckRequest(_message.Message):
     def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., required_evidence: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrecheckResponse(_message.Message):
-    __slots__ = ("missing_evidence", "next_step", "numeric_answer", "expression_answer")
+    __slots__ = ("missing_evidence", "next_step", "numeric_answer", "expression_answer", "learned_scorer", "learned_max_n")
     MISSING_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     NUMERIC_ANSWER_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_SCORER_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_MAX_N_FIELD_NUMBER: _ClassVar[int]
     missing_evidence: _containers.RepeatedScalarFieldContainer[str]
     next_step: str
     numeric_answer: bool
     expression_answer: bool
-    def __init__(self, missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., numeric_answer: _Optional[bool] = ..., expression_answer: _Optional[bool] = ...) -> None: ...
+    learned_scorer: str
+    learned_max_n: int
+    def __init__(self, missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., numeric_answer: _Optional[bool] = ..., expression_answer: _Optional[bool] = ..., learned_scorer: _Optional[str] = ..., learned_max_n: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("task", "evidence", "required_evidence", "candidates", "learned_score", "aggregation", "problem")
