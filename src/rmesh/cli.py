@@ -182,6 +182,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from rmesh.policy import cli as policy_cli
+
+    return policy_cli.lint(args.directory) if args.policy_command == "lint" else policy_cli.test(args.directory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmesh", description="Reasoning Mesh: adaptive test-time compute over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
     solve.add_argument("--json", action="store_true", help="print one JSON object per event")
     solve.set_defaults(func=_solve)
+
+    policy = sub.add_parser("policy", help="check tenant policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    for name, text in (("lint", "schema, CEL compilation, identifiers, types, route reachability"), ("test", "run each file's sample requests and report rule coverage")):
+        command = policy_sub.add_parser(name, help=text)
+        command.add_argument("directory", nargs="?", default="policy/tenants")
+        command.set_defaults(func=_policy)
 
     verifier = sub.add_parser("verifier", help="verifier tools")
     verifier_sub = verifier.add_subparsers(dest="verifier_command", required=True)

@@ -53,6 +53,14 @@ class Unavailable(MeshError):
     """A dependency (engine, solver, verifier) cannot be reached."""
 
 
+class PermissionDenied(MeshError):
+    """The caller is known but may not do this."""
+
+
+class NotFound(MeshError):
+    """No such object, or not one the caller may see."""
+
+
 class FailedPrecondition(MeshError):
     """The system is not in a state to serve the request (for example, a broken config)."""
 

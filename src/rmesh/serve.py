@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from rmesh import clients, grpc_edge
@@ -17,7 +18,7 @@ from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig, 
 from rmesh.engine import Engine, create_engine
 from rmesh.router_svc import servicer as router_servicer
 from rmesh.router_svc.core import RouterCore
-from rmesh.router_svc.tenants import TenantRegistry
+from rmesh.policy.store import PolicyStore
 from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
 from rmesh.solver_svc.kv_budget import KVLedger
@@ -27,6 +28,8 @@ from rmesh.verifier_svc.core import VerifierCore
 from rmesh.verifier_svc.scorers import GenerativeJudge, SGLangRewardModel, load_calibration
 
 log = logging.getLogger("rmesh.serve")
+# Health entry that reports whether the last policy reload succeeded.
+POLICY_HEALTH = "rmesh.policy"
 SERVICES = ("verifier", "solver", "router")
 
 
@@ -40,8 +43,12 @@ class RunningService:
     provider: TracerProvider
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     engine: Engine | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    policies: PolicyStore | None = None
 
     async def stop(self, grace: float) -> None:
+        for task in self.tasks:
+            task.cancel()
         await grpc_edge.graceful_stop(self.server, self.health, self.service_names, grace)
         for channel in self.channels:
             await channel.close()
@@ -129,16 +136,28 @@ async def start_router(
     provider: TracerProvider,
     solver_address: str,
     verifier_address: str,
-    tenants: TenantRegistry,
+    policies: PolicyStore,
+    reload_interval: float = 1.0,
 ) -> RunningService:
     verifier_channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
     core = RouterCore(clients.VerifierClient(verifier_channel), clients.SolverClient(solver_channel))
-    add = _Adder(router_servicer.RouterServicer(core, tenants), router_servicer.add_to_server)
+    add = _Adder(router_servicer.RouterServicer(core, policies), router_servicer.add_to_server)
     service = await _start("router", address, settings, provider, add)
     service.channels += [verifier_channel, solver_channel]
+
+    async def reported(status) -> None:
+        # The router keeps serving on the last good policy; this health entry shows the reload.
+        await service.health.set(
+            POLICY_HEALTH, health_pb2.HealthCheckResponse.SERVING if status.ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    await reported(policies.status)
+    if reload_interval > 0:
+        service.tasks.append(asyncio.create_task(policies.watch(reload_interval, reported)))
+    service.policies = policies
     return service
 
 
@@ -192,9 +211,9 @@ async def start_services(
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)
         if "router" in names:
-            tenants = TenantRegistry.load_dir(RouterConfig.load(env).tenants_dir)
+            policies = PolicyStore(RouterConfig.load(env).tenants_dir)
             started.append(
-                await start_router(addresses.router, settings, provider("router"), solver_addr, verifier_addr, tenants)
+                await start_router(addresses.router, settings, provider("router"), solver_addr, verifier_addr, policies)
             )
     except BaseException:
         for service in reversed(started):

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
 from rmesh.errors import InvalidRequest
-from rmesh.router_svc.tenants import Tenant
+from rmesh.policy.engine import decide, request_view
+from rmesh.policy.model import TenantPolicy
+from rmesh.router_svc.quotas import Admission
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
 
 MAX_PROBLEM_CHARS = 8000
@@ -23,6 +25,8 @@ _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 OUTCOME_RELEASED = "released"
 OUTCOME_MISSING_EVIDENCE = "missing_evidence"
 OUTCOME_NO_ELIGIBLE_ANSWER = "no_eligible_answer"
+OUTCOME_ESCALATED = "escalated"
+NEXT_STEP_HUMAN_REVIEW = "await_human_review"
 
 
 @dataclass(frozen=True)
@@ -110,56 +114,77 @@ def _kind(value: Any) -> str:
 
 
 class RouterCore:
-    def __init__(self, verifier: VerifierPort, solver: SolverPort) -> None:
+    def __init__(self, verifier: VerifierPort, solver: SolverPort, admission: Admission | None = None) -> None:
         self.verifier = verifier
         self.solver = solver
+        self.admission = admission or Admission()
 
-    async def solve(self, tenant: Tenant, request: RouterRequest) -> AsyncIterator[Event]:
+    async def solve(self, policy: TenantPolicy, request: RouterRequest) -> AsyncIterator[Event]:
         evidence = validate(request)
         yield Status("accepted")
-        kind = request.task.kind
-        strategy = tenant.strategy_for(kind)
-        required = tenant.required_evidence_for(kind)
-        precheck = await self.verifier.precheck(request.task, evidence, required)
-        reason = (
-            f"tenant {tenant.name}: strategy for task kind {kind!r}"
-            if kind in tenant.strategy_by_kind
-            else f"tenant {tenant.name}: default strategy"
+        view = request_view(
+            problem=request.problem,
+            kind=request.task.kind,
+            checks=[{"name": c.name, "params": c.params} for c in request.task.checks],
+            evidence=evidence,
+            high_impact=request.high_impact,
+            tenant=policy.tenant,
         )
-        yield Config(strategy, tenant.budget, tenant.name, required, reason, tenant.revision, tenant.search)
+        decision = decide(policy, view)
+        precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
+        yield Config(
+            decision.strategy,
+            decision.budget,
+            policy.tenant,
+            decision.required_evidence,
+            decision.why,
+            decision.revision,
+            decision.search,
+        )
+        common = dict(strategy=decision.strategy, policy_revision=decision.revision)
+        if decision.escalate:
+            # Unverifiable and high-impact: a person decides, not a deeper search.
+            yield Outcome(
+                kind=OUTCOME_ESCALATED,
+                next_step=NEXT_STEP_HUMAN_REVIEW,
+                reason=f"escalated to human review: {decision.escalation_reason}",
+                **common,
+            )
+            return
         if precheck.missing_evidence:
             yield Outcome(
                 kind=OUTCOME_MISSING_EVIDENCE,
                 missing_evidence=precheck.missing_evidence,
                 next_step=precheck.next_step,
-                strategy=strategy,
                 reason="required evidence is missing; no model call was made",
-                policy_revision=tenant.revision,
+                **common,
             )
             return
         solve_request = SolveRequest(
             problem=request.problem,
             task=request.task,
             evidence=evidence,
-            strategy=strategy,
-            budget=tenant.budget,
-            required_evidence=required,
-            tenant=tenant.name,
-            search=tenant.search,
+            strategy=decision.strategy,
+            budget=decision.budget,
+            required_evidence=decision.required_evidence,
+            tenant=policy.tenant,
+            search=decision.search,
         )
-        result: SolveResult | None = None
-        async for item in self.solver.solve(solve_request):
-            if isinstance(item, SolveResult):
-                result = item
-            else:
-                yield item
-        if result is None:
-            raise RuntimeError("solver stream ended without a result")
-        yield await self._gate(tenant, request.task, evidence, required, result)
+        with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
+            result: SolveResult | None = None
+            async for item in self.solver.solve(solve_request):
+                if isinstance(item, SolveResult):
+                    result = item
+                else:
+                    yield item
+            if result is None:
+                raise RuntimeError("solver stream ended without a result")
+            record(result.usage.completion_tokens)
+        yield await self._gate(decision.revision, request.task, evidence, decision.required_evidence, result)
 
     async def _gate(
         self,
-        tenant: Tenant,
+        revision: str,
         task: TaskSpec,
         evidence: dict[str, str],
         required: tuple[str, ...],
@@ -169,7 +194,7 @@ class RouterCore:
             strategy=result.strategy,
             usage=result.usage,
             stop_reason=result.stop_reason,
-            policy_revision=tenant.revision,
+            policy_revision=revision,
             vote_share=result.vote_share,
         )
         if result.best is None:

@@ -9,22 +9,22 @@ from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.errors import MeshError
 from rmesh.grpc_edge import abort, abort_internal, begin_call
 from rmesh.router_svc.core import RouterCore
-from rmesh.router_svc.tenants import TenantRegistry
+from rmesh.policy.store import PolicyStore
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, core: RouterCore, tenants: TenantRegistry) -> None:
+    def __init__(self, core: RouterCore, policies: PolicyStore) -> None:
         self.core = core
-        self.tenants = tenants
+        self.policies = policies
 
     async def Solve(self, request, context: grpc.aio.ServicerContext):
         begin_call(context)
         metadata = dict(context.invocation_metadata() or ())
         try:
-            tenant = self.tenants.authenticate(metadata.get("authorization"))
-            async for event in self.core.solve(tenant, convert.router_request_from_proto(request)):
+            policy, _key = self.policies.authenticate(metadata.get("authorization"))
+            async for event in self.core.solve(policy, convert.router_request_from_proto(request)):
                 yield convert.router_event_to_proto(event)
         except MeshError as exc:
             await abort(context, exc)

@@ -1,0 +1,1 @@
+"""Per-tenant policy: YAML files with CEL expressions, compiled, tested and hot-reloaded."""

@@ -1,0 +1,369 @@
+"""Tenant policy: load-time checks that name file, line and rule; decisions; CLI; hot reload;
+quotas with reservation; escalation."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.config import ServerSettings
+from rmesh.errors import ResourceExhausted
+from rmesh.policy.engine import decide
+from rmesh.policy.loader import PolicyError, parse_policy, sample_view
+from rmesh.policy.model import Quotas
+from rmesh.policy.store import PolicyStore
+from rmesh.router_svc.quotas import Admission
+from rmesh.serve import POLICY_HEALTH, start_router
+from rmesh.telemetry import tracer_provider
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KEY = hashlib.sha256(b"k").hexdigest()
+
+
+DEFAULT_ROUTES = """
+- name: maths
+  when: request.task.kind == "arithmetic"
+  difficulty: medium
+  strategies: [best_of_n]
+  budget: {max_tokens: 500, max_branches: 4}
+- name: default
+  difficulty: easy
+  strategies: [single_pass]
+  budget: {max_tokens: 200, max_branches: 1}
+"""
+
+
+def policy_text(routes: str = DEFAULT_ROUTES, extra: str = "", variables: str = "") -> str:
+    """A tenant file: header on lines 1-3, then variables, then routes (first route on line 5
+    when there are no variables), then anything extra."""
+    header = f"tenant: t\napi_keys:\n  - {{name: caller, sha256: {KEY}}}\n"
+    blocks = [textwrap.dedent(variables).strip("\n"), "routes:", textwrap.dedent(routes).strip("\n"), textwrap.dedent(extra).strip("\n")]
+    return header + "\n".join(b for b in blocks if b) + "\n"
+
+
+def refused(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        parse_policy(text, "t.yaml")
+    return info.value
+
+
+def test_a_good_policy_decides_first_match_wins():
+    policy = parse_policy(policy_text(), "t.yaml")
+    decision = decide(policy, sample_view("t", {"problem": "2+2", "task": {"kind": "arithmetic"}}))
+    assert (decision.route, decision.strategy, decision.budget.max_tokens) == ("maths", "best_of_n", 500)
+    assert decision.revision == policy.revision and len(policy.revision) == 12
+    assert decide(policy, sample_view("t", {"problem": "hi"})).route == "default"
+
+
+def test_syntax_error_names_file_line_and_rule():
+    error = refused(policy_text(routes="""
+      - name: broken
+        when: request.high_impact &&
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+      - name: default
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """))
+    assert (error.file, error.rule) == ("t.yaml", "route broken")
+    assert error.line == 6 and "syntax error" in error.reason
+
+
+def test_type_error_is_caught_at_load():
+    error = refused(policy_text(routes="""
+      - name: typed
+        when: request.problem + 1 > 2
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+      - name: default
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """))
+    assert error.rule == "route typed" and "type error" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [("request.customer_tier == 'gold'", "unknown request field 'customer_tier'"), ("tier == 1", "unknown identifier 'tier'"),
+     ("variables.missing", "unknown variable 'missing'"), ("request.problem.lowerAscii() == 'x'", "unknown function 'lowerAscii'")],
+)
+def test_unknown_identifiers_are_refused(expression, reason):
+    quoted = yaml.safe_dump(expression, default_style="'").strip()
+    error = refused(policy_text(routes=f"""
+- name: r
+  when: {quoted}
+  difficulty: easy
+  strategies: [single_pass]
+  budget: {{max_tokens: 1, max_branches: 1}}
+- name: default
+  difficulty: easy
+  strategies: [single_pass]
+  budget: {{max_tokens: 1, max_branches: 1}}
+"""))
+    assert reason in error.reason and error.rule == "route r"
+
+
+def test_missing_catch_all_route_is_refused():
+    error = refused(policy_text(routes="""
+      - name: only
+        when: request.high_impact
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """))
+    assert "catch-all" in error.reason and error.rule == "route only"
+
+
+def test_route_after_the_catch_all_is_unreachable():
+    error = refused(policy_text(routes="""
+      - name: default
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+      - name: never
+        when: request.high_impact
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """))
+    assert "unreachable" in error.reason and error.rule == "route never"
+
+
+def test_duplicate_route_names_are_refused():
+    error = refused(policy_text(routes="""
+      - name: same
+        when: request.high_impact
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+      - name: same
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """))
+    assert "duplicate route name" in error.reason
+
+
+def test_negative_budget_fails_the_schema_at_its_line():
+    error = refused(policy_text(routes="""
+      - name: default
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: -5, max_branches: 1}
+    """))
+    assert error.rule == "routes default" and "schema" in error.reason and error.line == 8
+
+
+def test_failing_file_test_refuses_the_file():
+    error = refused(policy_text(extra="""
+        tests:
+          - name: wrong expectation
+            request: {problem: "x", task: {kind: arithmetic}}
+            expect: {route: default}
+    """))
+    assert error.rule == "test wrong expectation" and "expected 'default', got 'maths'" in error.reason
+
+
+def test_runtime_errors_fail_closed_by_default():
+    """An escalation rule that errors counts as matched; a route that errors is skipped."""
+    policy = parse_policy(policy_text(extra="""
+        escalate:
+          - name: big-refund
+            when: double(request.evidence["amount"]) > 100.0
+            reason: big refunds need a person
+    """), "t.yaml")
+    decision = decide(policy, sample_view("t", {"problem": "refund", "evidence": {"amount": "lots"}}))
+    assert decision.escalate and decision.errors and "matched" in decision.errors[0]
+
+
+def test_variables_are_lazy_and_memoised():
+    policy = parse_policy(policy_text(variables="""
+        variables:
+          - name: slow
+            expression: size(request.problem) > 3
+    """, routes="""
+      - name: uses-it
+        when: variables.slow && variables.slow
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+      - name: default
+        difficulty: easy
+        strategies: [single_pass]
+        budget: {max_tokens: 1, max_branches: 1}
+    """), "t.yaml")
+    assert decide(policy, sample_view("t", {"problem": "long enough"})).route == "uses-it"
+    assert policy.routes[0].when.variables == ("slow",)
+
+
+def test_policy_cli_lint_and_test_pass_on_the_shipped_tenants():
+    rmesh = str(pathlib.Path(sys.executable).parent / "rmesh")
+    for command in ("lint", "test"):
+        result = subprocess.run([rmesh, "policy", command, "policy/tenants"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "coverage 7/7 rules" in result.stdout
+    assert sum(1 for line in result.stdout.splitlines() if line.startswith("policy/tenants/")) == 3
+
+
+def test_policy_cli_exits_non_zero_on_a_broken_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text(policy_text().replace("strategies: [best_of_n]", "strategies: [warp_drive]"))
+    rmesh = str(pathlib.Path(sys.executable).parent / "rmesh")
+    result = subprocess.run([rmesh, "policy", "lint", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "bad.yaml:" in result.stdout and "warp_drive" in result.stdout
+
+
+# -- quotas --------------------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_never_overspend_the_token_quota():
+    """Fifty concurrent requests against a quota of 1000 tokens: reservations hold the line."""
+    admission = Admission()
+    quotas = Quotas(max_concurrent=100, tokens_per_window=1000, window_seconds=60)
+    admitted, refused_count, spent = 0, 0, []
+
+    async def one() -> None:
+        nonlocal admitted, refused_count
+        try:
+            with admission.admit("t", quotas, 300) as record:
+                admitted += 1
+                await asyncio.sleep(0.01)
+                record(250)
+                spent.append(250)
+        except ResourceExhausted as exc:
+            refused_count += 1
+            assert exc.violations[0].subject == "tenant:t:tokens_per_window"
+
+    await asyncio.gather(*(one() for _ in range(50)))
+    assert admitted == 3 and refused_count == 47  # 3 x 300 reserved fits in 1000; a 4th would not
+    assert sum(spent) <= quotas.tokens_per_window
+    ledger = admission.ledger("t")
+    assert ledger.reserved == 0 and ledger.active == 0
+    assert ledger.used(0, 1e9) == 750  # reconciled to what was really used
+
+
+def test_concurrency_cap():
+    admission = Admission()
+    quotas = Quotas(max_concurrent=1, tokens_per_window=10_000)
+    with admission.admit("t", quotas, 10):
+        with pytest.raises(ResourceExhausted) as info:
+            with admission.admit("t", quotas, 10):
+                pass
+    assert info.value.violations[0].subject == "tenant:t:concurrent_solves"
+
+
+# -- the router with the policy --------------------------------------------------------------------
+
+
+def demo_request(**overrides) -> router_pb2.SolveRequest:
+    doc = yaml.safe_load((ROOT / "examples" / "fulfillment.yaml").read_text())
+    doc.update(overrides)
+    return json_format.ParseDict(doc, router_pb2.SolveRequest())
+
+
+async def stream(address: str, request, key: str = "demo-key"):
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        return [e async for e in stub.Solve(request, metadata=[("authorization", f"Bearer {key}")], timeout=120)]
+
+
+async def test_config_event_names_the_route_why_and_revision(mesh):
+    events = await stream(mesh.address("router"), demo_request())
+    config = events[1].config
+    assert config.reason.startswith("route 'support' (easy)") and "support-ticket" in config.reason
+    assert config.policy_revision == mesh.services["router"].policies.snapshot.policies["demo"].revision
+
+
+async def test_high_impact_unverifiable_request_is_escalated_without_search(mesh):
+    jobs = mesh.engine.stats.jobs_started
+    events = await stream(mesh.address("router"), router_pb2.SolveRequest(problem="Approve a refund of 900?", high_impact=True))
+    outcome = events[-1].outcome
+    assert outcome.kind == router_pb2.OUTCOME_KIND_ESCALATED and not outcome.released
+    assert outcome.next_step == "await_human_review" and "high impact" in outcome.reason
+    assert mesh.engine.stats.jobs_started == jobs
+
+
+async def test_reviewer_key_cannot_call_solve(mesh):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream(mesh.address("router"), demo_request(), key="demo-reviewer-key")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_broken_file_during_traffic_keeps_the_last_good_policy(mesh, tmp_path):
+    """Replace a tenant file with a broken one while requests flow: none fails, the old revision
+    keeps deciding, and the policy health entry turns NOT_SERVING until the file is fixed."""
+    tenants = tmp_path / "tenants"
+    shutil.copytree(ROOT / "policy" / "tenants", tenants)
+    policies = PolicyStore(tenants)
+    good = policies.snapshot.policies["demo"].revision
+    router = await start_router(
+        "127.0.0.1:0", ServerSettings(), tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
+        policies, reload_interval=0.1,
+    )
+    address = f"127.0.0.1:{router.port}"
+    missing = demo_request()
+    del missing.evidence.fields["carrier"]  # answered without a model call: quick traffic
+    try:
+        async def traffic() -> list:
+            return [await stream(address, missing) for _ in range(10)]
+
+        flowing = asyncio.create_task(traffic())
+        demo = tenants / "demo.yaml"
+        original = demo.read_text()
+        demo.write_text(original.replace("routes:", "routes: [broken"))
+        results = await flowing
+        assert all(r[-1].outcome.missing_evidence == ["carrier"] for r in results)
+        await asyncio.sleep(0.4)
+        assert not policies.status.ok and "demo.yaml" in policies.status.errors[0]
+        assert policies.snapshot.policies["demo"].revision == good
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=POLICY_HEALTH), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            main = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            assert main.status == health_pb2.HealthCheckResponse.SERVING
+            demo.write_text(original.replace("tokens_per_window: 200000", "tokens_per_window: 150000"))
+            await asyncio.sleep(0.4)
+            assert policies.status.ok and policies.snapshot.policies["demo"].revision != good
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=POLICY_HEALTH), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await router.stop(1)
+
+
+async def test_over_quota_is_resource_exhausted_with_a_quota_detail(mesh, tmp_path):
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    text = (ROOT / "policy" / "tenants" / "demo.yaml").read_text().replace("tokens_per_window: 200000", "tokens_per_window: 1000")
+    (tenants / "demo.yaml").write_text(text)
+    router = await start_router(
+        "127.0.0.1:0", ServerSettings(), tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
+        PolicyStore(tenants), reload_interval=0,
+    )
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream(f"127.0.0.1:{router.port}", demo_request())
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        detail = error_details_pb2.QuotaFailure()
+        assert rpc_status.from_call(info.value).details[0].Unpack(detail)
+        assert detail.violations[0].subject == "tenant:demo:tokens_per_window"
+    finally:
+        await router.stop(1)
