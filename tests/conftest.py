@@ -38,7 +38,7 @@ class Mesh:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def mesh(engine):
+async def mesh(engine, tmp_path_factory):
     """Router, solver and verifier as real grpc.aio servers on ports the OS picks."""
     spans = InMemorySpanExporter()
     env = {
@@ -47,6 +47,7 @@ async def mesh(engine):
         "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
         "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
         "RMESH_MAX_MESSAGE_BYTES": str(256 * 1024),
+        "RMESH_REVIEW_DB": str(tmp_path_factory.mktemp("reviews") / "reviews.sqlite3"),
     }
     services = await start_services(
         ("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)]

@@ -182,6 +182,57 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
+    from rmesh.config import Addresses, ServerSettings
+    from rmesh.grpc_edge import create_channel
+
+    key = args.key or os.environ.get("RMESH_API_KEY")
+    if not key:
+        print("rmesh review: give --key or set RMESH_API_KEY", file=sys.stderr)
+        return EXIT_USAGE
+    states = {name: value for name, value in review_pb2.ReviewState.items()}
+    actions = {"approve": review_pb2.REVIEW_ACTION_APPROVE, "edit": review_pb2.REVIEW_ACTION_EDIT, "reject": review_pb2.REVIEW_ACTION_REJECT}
+
+    def show(review) -> str:
+        if args.json:
+            return json.dumps(json_format.MessageToDict(review, preserving_proto_field_name=True))
+        state = review_pb2.ReviewState.Name(review.state).removeprefix("REVIEW_STATE_").lower()
+        line = f"{review.id}  {state:9s}  {review.reason}  | {review.problem[:60]}"
+        if review.reviewer:
+            line += f"  [{review.reviewer}: {review.comment or '-'}{'; answer: ' + review.answer if review.answer else ''}]"
+        return line
+
+    async def run() -> int:
+        metadata = [("authorization", f"Bearer {key}")]
+        async with create_channel(Addresses.load().router, ServerSettings.load()) as channel:
+            stub = review_pb2_grpc.ReviewServiceStub(channel)
+            try:
+                if args.review_command == "list":
+                    state = states[f"REVIEW_STATE_{args.state.upper()}"] if args.state else 0
+                    reply = await stub.ListReviews(review_pb2.ListReviewsRequest(state=state), metadata=metadata, timeout=30)
+                    for review in reply.reviews:
+                        print(show(review))
+                elif args.review_command == "show":
+                    reply = await stub.GetReview(review_pb2.GetReviewRequest(id=args.id), metadata=metadata, timeout=30)
+                    print(show(reply.review))
+                else:
+                    request = review_pb2.ResolveReviewRequest(
+                        id=args.id, action=actions[args.review_command], answer=getattr(args, "answer", "") or "", comment=args.comment
+                    )
+                    reply = await stub.ResolveReview(request, metadata=metadata, timeout=30)
+                    print(show(reply.review))
+            except grpc.aio.AioRpcError as exc:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return EXIT_RPC_ERROR
+        return 0
+
+    return asyncio.run(run())
+
+
 def _policy(args: argparse.Namespace) -> int:
     from rmesh.policy import cli as policy_cli
 
@@ -212,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
         command = policy_sub.add_parser(name, help=text)
         command.add_argument("directory", nargs="?", default="policy/tenants")
         command.set_defaults(func=_policy)
+
+    review = sub.add_parser("review", help="list and resolve escalated requests")
+    review.add_argument("--key", help="API key (default: $RMESH_API_KEY); resolving needs a reviewer key")
+    review.add_argument("--json", action="store_true", help="one JSON object per review")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    listing = review_sub.add_parser("list", help="the tenant's reviews, newest first")
+    listing.add_argument("--state", choices=["pending", "approved", "edited", "rejected", "expired"])
+    review_sub.add_parser("show", help="one review").add_argument("id")
+    for name in ("approve", "edit", "reject"):
+        command = review_sub.add_parser(name, help=f"{name} a pending review")
+        command.add_argument("id")
+        command.add_argument("--comment", default="")
+        if name == "edit":
+            command.add_argument("--answer", required=True, help="the replacement answer")
+    for command in (listing, *[review_sub.choices[n] for n in ("show", "approve", "edit", "reject")]):
+        command.set_defaults(func=_review)
 
     verifier = sub.add_parser("verifier", help="verifier tools")
     verifier_sub = verifier.add_subparsers(dest="verifier_command", required=True)

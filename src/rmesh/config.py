@@ -124,8 +124,16 @@ class VerifierConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     tenants_dir: str = "policy/tenants"
+    # "postgresql://…" (required with more than one router replica) or a SQLite file path.
+    review_db: str = ".rmesh/reviews.sqlite3"
+    # Seconds between checks of the tenant directory; 0 turns hot reload off.
+    reload_interval: float = 1.0
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
         e = _env(env)
-        return cls(tenants_dir=e.get("RMESH_TENANTS_DIR", "policy/tenants"))
+        return cls(
+            tenants_dir=e.get("RMESH_TENANTS_DIR", "policy/tenants"),
+            review_db=e.get("RMESH_REVIEW_DB", ".rmesh/reviews.sqlite3"),
+            reload_interval=float(e.get("RMESH_POLICY_RELOAD_SECONDS", 1.0)),
+        )

@@ -308,5 +308,6 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
             reason=event.reason,
             policy_revision=event.policy_revision,
             vote_share=event.vote_share,
+            review_id=event.review_id,
         )
     )

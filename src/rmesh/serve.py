@@ -18,6 +18,9 @@ from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig, 
 from rmesh.engine import Engine, create_engine
 from rmesh.router_svc import servicer as router_servicer
 from rmesh.router_svc.core import RouterCore
+from rmesh.router_svc.review_servicer import ReviewServicer
+from rmesh.router_svc.review_servicer import add_to_server as review_add
+from rmesh.router_svc.reviews import ReviewStore, open_store
 from rmesh.policy.store import PolicyStore
 from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
@@ -45,6 +48,7 @@ class RunningService:
     engine: Engine | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
     policies: PolicyStore | None = None
+    reviews: ReviewStore | None = None
 
     async def stop(self, grace: float) -> None:
         for task in self.tasks:
@@ -138,13 +142,21 @@ async def start_router(
     verifier_address: str,
     policies: PolicyStore,
     reload_interval: float = 1.0,
+    review_store: ReviewStore | None = None,
 ) -> RunningService:
     verifier_channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
-    core = RouterCore(clients.VerifierClient(verifier_channel), clients.SolverClient(solver_channel))
-    add = _Adder(router_servicer.RouterServicer(core, policies), router_servicer.add_to_server)
+    store = review_store or open_store(RouterConfig().review_db)
+    core = RouterCore(clients.VerifierClient(verifier_channel), clients.SolverClient(solver_channel), reviews=store)
+    router = router_servicer.RouterServicer(core, policies)
+    review = ReviewServicer(store, policies)
+
+    def add_both(server: grpc.aio.Server) -> list[str]:
+        return router_servicer.add_to_server(router, server) + review_add(review, server)
+
+    add = _Adder(None, lambda _servicer, server: add_both(server))
     service = await _start("router", address, settings, provider, add)
     service.channels += [verifier_channel, solver_channel]
 
@@ -158,6 +170,17 @@ async def start_router(
     if reload_interval > 0:
         service.tasks.append(asyncio.create_task(policies.watch(reload_interval, reported)))
     service.policies = policies
+    service.reviews = store
+
+    async def expire_reviews() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(store.expire_due)
+            except Exception:
+                log.exception("expiring reviews failed; retrying")
+
+    service.tasks.append(asyncio.create_task(expire_reviews()))
     return service
 
 
@@ -211,9 +234,19 @@ async def start_services(
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)
         if "router" in names:
-            policies = PolicyStore(RouterConfig.load(env).tenants_dir)
+            router_config = RouterConfig.load(env)
+            policies = PolicyStore(router_config.tenants_dir)
             started.append(
-                await start_router(addresses.router, settings, provider("router"), solver_addr, verifier_addr, policies)
+                await start_router(
+                    addresses.router,
+                    settings,
+                    provider("router"),
+                    solver_addr,
+                    verifier_addr,
+                    policies,
+                    router_config.reload_interval,
+                    open_store(router_config.review_db),
+                )
             )
     except BaseException:
         for service in reversed(started):

@@ -6,6 +6,7 @@ decision belongs to the verifier's exact checks and evidence contract, not to th
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Outcome:
     reason: str = ""
     policy_revision: str = ""
     vote_share: float = 0.0
+    review_id: str = ""
 
     @property
     def released(self) -> bool:
@@ -114,10 +116,13 @@ def _kind(value: Any) -> str:
 
 
 class RouterCore:
-    def __init__(self, verifier: VerifierPort, solver: SolverPort, admission: Admission | None = None) -> None:
+    def __init__(
+        self, verifier: VerifierPort, solver: SolverPort, admission: Admission | None = None, reviews=None
+    ) -> None:
         self.verifier = verifier
         self.solver = solver
         self.admission = admission or Admission()
+        self.reviews = reviews  # a ReviewStore; escalations become reviews there
 
     async def solve(self, policy: TenantPolicy, request: RouterRequest) -> AsyncIterator[Event]:
         evidence = validate(request)
@@ -144,10 +149,24 @@ class RouterCore:
         common = dict(strategy=decision.strategy, policy_revision=decision.revision)
         if decision.escalate:
             # Unverifiable and high-impact: a person decides, not a deeper search.
+            review_id = ""
+            if self.reviews is not None:
+                review = await asyncio.to_thread(
+                    self.reviews.create,
+                    policy.tenant,
+                    request.problem,
+                    decision.escalation_reason,
+                    evidence,
+                    decision.revision,
+                    policy.review.timeout_seconds,
+                    policy.review.on_timeout,
+                )
+                review_id = review.id
             yield Outcome(
                 kind=OUTCOME_ESCALATED,
                 next_step=NEXT_STEP_HUMAN_REVIEW,
                 reason=f"escalated to human review: {decision.escalation_reason}",
+                review_id=review_id,
                 **common,
             )
             return

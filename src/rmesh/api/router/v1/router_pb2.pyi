@@ -82,7 +82,7 @@ class ProgressEvent(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ..., round: _Optional[int] = ..., branches_pruned: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision", "vote_share")
+    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision", "vote_share", "review_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class Outcome(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     VOTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
     kind: OutcomeKind
     released: bool
     answer: str
@@ -109,7 +110,8 @@ class Outcome(_message.Message):
     reason: str
     policy_revision: str
     vote_share: float
-    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., vote_share: _Optional[float] = ...) -> None: ...
+    review_id: str
+    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., vote_share: _Optional[float] = ..., review_id: _Optional[str] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
     __slots__ = ("status", "config", "progress", "outcome")

@@ -1,0 +1,276 @@
+"""Durable human review: a store on SQLite (WAL, the default) or PostgreSQL.
+
+Every write is one transaction; resolving locks the row (``BEGIN IMMEDIATE`` on SQLite,
+``SELECT … FOR UPDATE`` on PostgreSQL), so two reviewers racing on one review produce one
+resolution. Nothing is held in memory: a router killed mid-review loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+from rmesh.errors import FailedPrecondition, InvalidRequest, NotFound
+
+PENDING, APPROVED, EDITED, REJECTED, EXPIRED = "pending", "approved", "edited", "rejected", "expired"
+ACTION_STATES = {"approve": APPROVED, "edit": EDITED, "reject": REJECTED}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviews (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL,
+    problem TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    policy_revision TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    on_timeout TEXT NOT NULL,
+    resolved_at DOUBLE PRECISION,
+    reviewer TEXT NOT NULL DEFAULT '',
+    comment TEXT NOT NULL DEFAULT '',
+    answer TEXT NOT NULL DEFAULT '',
+    resolution TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS reviews_by_tenant ON reviews (tenant, state, created_at);
+"""
+_COLUMNS = (
+    "id, tenant, state, problem, reason, evidence, policy_revision, created_at, expires_at, "
+    "on_timeout, resolved_at, reviewer, comment, answer, resolution"
+)
+
+
+@dataclass(frozen=True)
+class Review:
+    id: str
+    tenant: str
+    state: str
+    problem: str
+    reason: str
+    evidence: dict[str, str] = field(default_factory=dict)
+    policy_revision: str = ""
+    created_at: float = 0.0
+    expires_at: float = 0.0
+    on_timeout: str = "reject"
+    resolved_at: float | None = None
+    reviewer: str = ""
+    comment: str = ""
+    answer: str = ""
+    resolution: str = ""  # the action that resolved it, for idempotency
+
+    @classmethod
+    def from_row(cls, row) -> "Review":
+        values = list(row)
+        values[5] = json.loads(values[5])
+        return cls(*values)
+
+
+class ReviewStore:
+    """SQL shared by both backends; subclasses open connections and lock rows."""
+
+    placeholder = "?"
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder)
+
+    @contextmanager
+    def _transaction(self):  # pragma: no cover - each backend provides one
+        raise NotImplementedError
+        yield
+
+    def _lock_clause(self) -> str:
+        return ""
+
+    def create(
+        self,
+        tenant: str,
+        problem: str,
+        reason: str,
+        evidence: dict[str, str],
+        policy_revision: str,
+        timeout_seconds: float,
+        on_timeout: str,
+        now: float | None = None,
+    ) -> Review:
+        now = time.time() if now is None else now
+        review = Review(
+            id=uuid.uuid4().hex,
+            tenant=tenant,
+            state=PENDING,
+            problem=problem,
+            reason=reason,
+            evidence=dict(evidence),
+            policy_revision=policy_revision,
+            created_at=now,
+            expires_at=now + timeout_seconds,
+            on_timeout=on_timeout,
+        )
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(f"INSERT INTO reviews ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                (
+                    review.id, review.tenant, review.state, review.problem, review.reason, json.dumps(review.evidence),
+                    review.policy_revision, review.created_at, review.expires_at, review.on_timeout, None, "", "", "", "",
+                ),
+            )
+        return review
+
+    def get(self, tenant: str, review_id: str) -> Review:
+        with self._transaction() as cur:
+            cur.execute(self._sql(f"SELECT {_COLUMNS} FROM reviews WHERE id = ? AND tenant = ?"), (review_id, tenant))
+            row = cur.fetchone()
+        if row is None:
+            # Another tenant's review is indistinguishable from none at all.
+            raise NotFound(f"id: no review {review_id!r}")
+        return Review.from_row(row)
+
+    def list(self, tenant: str, state: str = "", limit: int = 100) -> list[Review]:
+        query = f"SELECT {_COLUMNS} FROM reviews WHERE tenant = ?"
+        args: list = [tenant]
+        if state:
+            query += " AND state = ?"
+            args.append(state)
+        query += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        with self._transaction() as cur:
+            cur.execute(self._sql(query), args)
+            return [Review.from_row(r) for r in cur.fetchall()]
+
+    def resolve(
+        self,
+        tenant: str,
+        review_id: str,
+        action: str,
+        reviewer: str,
+        answer: str = "",
+        comment: str = "",
+        now: float | None = None,
+    ) -> Review:
+        if action not in ACTION_STATES:
+            raise InvalidRequest("action", f"must be one of {', '.join(ACTION_STATES)}")
+        if action == "edit" and not answer.strip():
+            raise InvalidRequest("answer", "an edit needs the replacement answer")
+        answer = answer if action == "edit" else ""
+        now = time.time() if now is None else now
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(f"SELECT {_COLUMNS} FROM reviews WHERE id = ? AND tenant = ?{self._lock_clause()}"),
+                (review_id, tenant),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"id: no review {review_id!r}")
+            review = Review.from_row(row)
+            if review.state == PENDING and review.expires_at <= now:
+                review = self._expire(cur, review, now)
+            if review.state != PENDING:
+                if review.resolution == action and review.answer == answer and review.state != EXPIRED:
+                    return review  # the same resolution again is the same resolution
+                raise FailedPrecondition(
+                    f"id: review {review_id} is already {review.state}"
+                    + (f" ({review.resolution} by {review.reviewer})" if review.reviewer else "")
+                )
+            resolved = replace(
+                review, state=ACTION_STATES[action], resolved_at=now, reviewer=reviewer, comment=comment,
+                answer=answer, resolution=action,
+            )
+            cur.execute(
+                self._sql(
+                    "UPDATE reviews SET state = ?, resolved_at = ?, reviewer = ?, comment = ?, answer = ?, resolution = ? "
+                    "WHERE id = ?"
+                ),
+                (resolved.state, now, reviewer, comment, answer, action, review_id),
+            )
+        return resolved
+
+    def _expire(self, cur, review: Review, now: float) -> Review:
+        expired = replace(review, state=EXPIRED, resolved_at=now, reviewer="timeout", resolution=review.on_timeout)
+        cur.execute(
+            self._sql("UPDATE reviews SET state = ?, resolved_at = ?, reviewer = ?, resolution = ? WHERE id = ? AND state = ?"),
+            (EXPIRED, now, "timeout", review.on_timeout, review.id, PENDING),
+        )
+        return expired
+
+    def expire_due(self, now: float | None = None) -> int:
+        """Expire every pending review past its deadline with its tenant's chosen outcome."""
+        now = time.time() if now is None else now
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE reviews SET state = ?, resolved_at = ?, reviewer = 'timeout', resolution = on_timeout "
+                    "WHERE state = ? AND expires_at <= ?"
+                ),
+                (EXPIRED, now, PENDING, now),
+            )
+            return cur.rowcount
+
+    def pending_count(self) -> int:
+        with self._transaction() as cur:
+            cur.execute(self._sql("SELECT COUNT(*) FROM reviews WHERE state = ?"), (PENDING,))
+            return int(cur.fetchone()[0])
+
+
+class SQLiteReviewStore(ReviewStore):
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = str(path)
+        pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        connection.execute("PRAGMA busy_timeout = 10000")
+        connection.execute("PRAGMA synchronous = FULL")
+        return connection
+
+    @contextmanager
+    def _transaction(self):
+        connection = self._connect()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            cursor = connection.cursor()
+            try:
+                yield cursor
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+
+class PostgresReviewStore(ReviewStore):
+    placeholder = "%s"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as connection:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                connection.execute(statement)
+
+    def _lock_clause(self) -> str:
+        return " FOR UPDATE"
+
+    @contextmanager
+    def _transaction(self):
+        with self._psycopg.connect(self.url) as connection:
+            with connection.transaction():
+                with connection.cursor() as cursor:
+                    yield cursor
+
+
+def open_store(url: str) -> ReviewStore:
+    """``postgresql://…`` for PostgreSQL; ``sqlite:///path`` or a plain path for SQLite."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresReviewStore(url)
+    return SQLiteReviewStore(url.removeprefix("sqlite:///").removeprefix("sqlite://"))

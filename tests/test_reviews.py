@@ -1,0 +1,208 @@
+"""Human review: the store on SQLite and on a real PostgreSQL, the gRPC service with tenant
+isolation and the reviewer role, expiry, and a router killed mid-review losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.errors import FailedPrecondition, InvalidRequest, NotFound
+from rmesh.router_svc.reviews import PostgresReviewStore, SQLiteReviewStore
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+POSTGRES = os.environ.get("RMESH_TEST_POSTGRES_URL", "")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        return SQLiteReviewStore(tmp_path / "reviews.sqlite3")
+    if not POSTGRES:
+        pytest.skip("RMESH_TEST_POSTGRES_URL is not set (.ci/run starts a real PostgreSQL and sets it)")
+    return PostgresReviewStore(POSTGRES)
+
+
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"  # each test its own tenant: PostgreSQL keeps rows across tests
+
+
+def test_create_get_list(store):
+    t = tenant()
+    review = store.create(t, "Approve a refund of 900?", "high impact", {"order": "7"}, "rev1", 3600, "reject")
+    assert store.get(t, review.id) == review
+    assert [r.id for r in store.list(t, "pending")] == [review.id]
+    assert store.list(t, "approved") == []
+
+
+def test_other_tenants_reviews_are_not_found(store):
+    review = store.create(tenant(), "p", "r", {}, "rev", 3600, "reject")
+    with pytest.raises(NotFound):
+        store.get("someone-else", review.id)
+    with pytest.raises(NotFound):
+        store.resolve("someone-else", review.id, "approve", "mallory")
+
+
+def test_resolving_is_idempotent_and_final(store):
+    t = tenant()
+    review = store.create(t, "p", "r", {}, "rev", 3600, "reject")
+    first = store.resolve(t, review.id, "edit", "alice", answer="Refund 450 instead.", comment="partial")
+    again = store.resolve(t, review.id, "edit", "alice", answer="Refund 450 instead.", comment="partial")
+    assert first == again and first.state == "edited" and first.answer == "Refund 450 instead."
+    with pytest.raises(FailedPrecondition):
+        store.resolve(t, review.id, "reject", "bob")
+    assert store.get(t, review.id).reviewer == "alice"
+
+
+def test_edit_needs_an_answer(store):
+    t = tenant()
+    review = store.create(t, "p", "r", {}, "rev", 3600, "reject")
+    with pytest.raises(InvalidRequest) as info:
+        store.resolve(t, review.id, "edit", "alice")
+    assert info.value.field == "answer"
+
+
+def test_reviews_expire_with_the_tenants_outcome(store):
+    t = tenant()
+    now = time.time()
+    approve_later = store.create(t, "p", "r", {}, "rev", 10, "approve", now=now)
+    reject_later = store.create(t, "p", "r", {}, "rev", 10, "reject", now=now)
+    assert store.expire_due(now=now + 5) == 0
+    assert store.expire_due(now=now + 11) >= 2
+    for review, resolution in ((approve_later, "approve"), (reject_later, "reject")):
+        expired = store.get(t, review.id)
+        assert (expired.state, expired.resolution, expired.reviewer) == ("expired", resolution, "timeout")
+    with pytest.raises(FailedPrecondition):
+        store.resolve(t, approve_later.id, "approve", "alice")
+
+
+def test_racing_reviewers_make_one_resolution(store):
+    t = tenant()
+    review = store.create(t, "p", "r", {}, "rev", 3600, "reject")
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(action: str):
+        try:
+            return store.resolve(t, review.id, action, action + "-er")
+        except FailedPrecondition:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(attempt, ["approve", "reject", "approve", "reject"]))
+    winners = {r.resolution for r in results if r is not None}
+    assert len(winners) == 1
+    assert store.get(t, review.id).resolution in winners
+
+
+# -- over gRPC, through the router ----------------------------------------------------------------
+
+
+async def escalate(address: str, key: str = "demo-key") -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        request = router_pb2.SolveRequest(problem="Approve a refund of 900 for order 7?", high_impact=True)
+        request.evidence.update({"order": "Order 7: one desk."})
+        events = [e async for e in stub.Solve(request, metadata=[("authorization", f"Bearer {key}")], timeout=30)]
+    outcome = events[-1].outcome
+    assert outcome.kind == router_pb2.OUTCOME_KIND_ESCALATED and outcome.review_id
+    return outcome.review_id
+
+
+def auth(key: str):
+    return [("authorization", f"Bearer {key}")]
+
+
+async def test_review_service_flow(mesh):
+    review_id = await escalate(mesh.address("router"))
+    async with mesh.channel() as channel:
+        stub = review_pb2_grpc.ReviewServiceStub(channel)
+        listed = await stub.ListReviews(review_pb2.ListReviewsRequest(state=review_pb2.REVIEW_STATE_PENDING), metadata=auth("demo-key"), timeout=5)
+        assert review_id in [r.id for r in listed.reviews]
+        watch = stub.WatchReview(review_pb2.WatchReviewRequest(id=review_id), metadata=auth("demo-key"), timeout=30)
+        first = await watch.read()
+        assert first.review.state == review_pb2.REVIEW_STATE_PENDING and first.review.evidence["order"] == "Order 7: one desk."
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ResolveReview(
+                review_pb2.ResolveReviewRequest(id=review_id, action=review_pb2.REVIEW_ACTION_APPROVE), metadata=auth("demo-key"), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        resolve = review_pb2.ResolveReviewRequest(id=review_id, action=review_pb2.REVIEW_ACTION_REJECT, comment="too large")
+        done = await stub.ResolveReview(resolve, metadata=auth("demo-reviewer-key"), timeout=5)
+        assert done.review.state == review_pb2.REVIEW_STATE_REJECTED and done.review.reviewer == "demo-reviewer"
+        assert (await stub.ResolveReview(resolve, metadata=auth("demo-reviewer-key"), timeout=5)).review == done.review
+        last = await watch.read()
+        assert last.review.state == review_pb2.REVIEW_STATE_REJECTED
+        assert await watch.read() == grpc.aio.EOF
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ResolveReview(
+                review_pb2.ResolveReviewRequest(id=review_id, action=review_pb2.REVIEW_ACTION_APPROVE), metadata=auth("demo-reviewer-key"), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetReview(review_pb2.GetReviewRequest(id="does-not-exist"), metadata=auth("demo-key"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and info.value.details().startswith("id:")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_router_killed_mid_review_loses_nothing(mesh, tmp_path):
+    """Escalate through a router process, kill it with SIGKILL, start another on the same store:
+    the review is still pending and can be resolved with the CLI."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "RMESH_ROUTER_ADDR": f"127.0.0.1:{port}",
+        "RMESH_SOLVER_ADDR": mesh.address("solver"),
+        "RMESH_VERIFIER_ADDR": mesh.address("verifier"),
+        "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
+    }
+    rmesh = str(pathlib.Path(sys.executable).parent / "rmesh")
+
+    async def start() -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(rmesh, "serve", "router", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    await channel.channel_ready() if False else None
+                    await review_pb2_grpc.ReviewServiceStub(channel).ListReviews(review_pb2.ListReviewsRequest(), metadata=auth("demo-key"), timeout=0.5)
+                return process
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("router did not start")
+
+    first = await start()
+    review_id = await escalate(f"127.0.0.1:{port}")
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    second = await start()
+    try:
+        cli = await asyncio.create_subprocess_exec(
+            rmesh, "review", "--key", "demo-reviewer-key", "approve", review_id, "--comment", "ok",
+            env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await cli.communicate()
+        assert cli.returncode == 0, err.decode()
+        assert review_id in out.decode() and "approved" in out.decode()
+        cli = await asyncio.create_subprocess_exec(
+            rmesh, "review", "--key", "demo-key", "list", "--state", "approved", env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await cli.communicate()
+        assert review_id in out.decode()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
