@@ -31,9 +31,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## Benchmarks on the embedded engine; figures go to bench/out/*.json (about 15 minutes).
+## Benchmarks on the embedded engine; figures go to bench/out/*.json (about 25 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.solver
+	$(BIN)/python -m bench.policy
 	$(BIN)/python -m bench.quality
 	$(BIN)/rmesh verifier calibrate
 

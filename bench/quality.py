@@ -10,14 +10,16 @@ verifier. Every strategy gets the same generated-token budget.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import statistics
 import sys
 import time
 
 import reasoning_gym
 
-from bench.common import LocalVerifier, machine, no_progress, write
+from bench.common import OUT, LocalVerifier, machine, no_progress, write
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.llama import LlamaEngine
@@ -27,6 +29,7 @@ from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
 
 K = 8
 TOKEN_BUDGET = 960
+OUT_FILE = OUT / "quality.json"
 STRATEGIES = {
     "single_pass": SearchParams(),
     "single_path": SearchParams(),
@@ -54,8 +57,11 @@ def task_for(name: str, entry: dict) -> tuple[str, TaskSpec]:
         return f"What is {meta['expression']}?", TaskSpec(name, (CheckSpec("arithmetic", {"expression": meta["expression"]}),))
     numbers = ", ".join(str(n) for n in meta["numbers"])
     return (
-        f"Make {meta['target']} from the numbers {numbers}.",
-        TaskSpec(name, (CheckSpec("expression_target", {"numbers": meta["numbers"], "target": meta["target"]}),)),
+        f"Make {meta['target']} using each of the numbers {numbers} exactly once.",
+        TaskSpec(
+            name,
+            (CheckSpec("expression_target", {"numbers": meta["numbers"], "target": meta["target"], "use_all": True}),),
+        ),
     )
 
 
@@ -70,11 +76,16 @@ async def oracle(engine, problem: str, numeric: bool, seed: int) -> list[str]:
     return [parse_response("o", r.text).final_answer for r in greedy + sampled]
 
 
-async def main(size_arith: int, size_countdown: int) -> None:
+async def main(size_arith: int, size_countdown: int, only: str = "") -> None:
     engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
     core = SolverCore(engine, LocalVerifier())
     report: dict = {"machine": machine(), "engine": engine.model_name, "k": K, "token_budget": TOKEN_BUDGET, "datasets": {}}
+    previous = json.loads(OUT_FILE.read_text()) if only and OUT_FILE.exists() else None
+    if previous:
+        report["datasets"] = previous["datasets"]
     for name, dataset in datasets(size_arith, size_countdown).items():
+        if only and name != only:
+            continue
         entries = list(dataset)
         rows: dict = {}
         pass1 = passk = 0
@@ -129,4 +140,9 @@ async def main(size_arith: int, size_countdown: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 24, int(sys.argv[2]) if len(sys.argv) > 2 else 16))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arithmetic", type=int, default=24, help="basic_arithmetic tasks")
+    parser.add_argument("--countdown", type=int, default=16, help="countdown tasks")
+    parser.add_argument("--only", choices=["basic_arithmetic", "countdown"], help="rerun one data set, keep the other's figures")
+    args = parser.parse_args()
+    asyncio.run(main(args.arithmetic, args.countdown, args.only or ""))

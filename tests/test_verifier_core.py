@@ -160,3 +160,12 @@ def test_step_scores_recompute_equations():
     task = TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "6 * 7 - 5"}),))
     (verdict,) = VerifierCore().verify(task, {}, (), [candidate])
     assert verdict.step_scores == (1.0, 0.0, 0.5)
+
+
+def test_expression_target_use_all_needs_every_number():
+    task = TaskSpec("countdown", (CheckSpec("expression_target", {"numbers": [9, 2, 3, 1], "target": 21, "use_all": True}),))
+    every = Candidate("a", (Checkpoint("9 * 2 = 18"),), "ok", "9 * 2 + 3 * 1", True)
+    one_missing = Candidate("b", (Checkpoint("9 * 2 = 18"),), "ok", "9 * 2 + 3", True)
+    verdicts = VerifierCore().verify(task, {}, (), [every, one_missing])
+    assert [v.release for v in verdicts] == [True, False]
+    assert verdicts[1].checks[-1].detail == "does not use every given number"

@@ -125,10 +125,12 @@ class PolicyStore:
         return found
 
     async def watch(self, interval: float = 1.0, on_change=None) -> None:
-        """Poll the directory for changes until cancelled."""
+        """Poll the directory for changes until cancelled. Reloads run on the event loop, the
+        same thread that evaluates decisions (the CEL runner is not thread-safe); an unchanged
+        directory costs well under a millisecond."""
         while True:
             await asyncio.sleep(interval)
             before = self._snapshot
-            status = await asyncio.to_thread(self.reload)
+            status = self.reload()
             if on_change and (self._snapshot is not before):
                 await on_change(status)

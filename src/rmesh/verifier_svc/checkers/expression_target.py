@@ -1,6 +1,8 @@
 """``expression_target``: the answer is an arithmetic expression over the given numbers that
 equals the target — countdown and the Game of 24. Each number may be used at most as often
-as it is given (``params.numbers``), and the value must equal ``params.target`` exactly."""
+as it is given (``params.numbers``), and the value must equal ``params.target`` exactly. With
+``params.use_all`` every number must be used exactly as often as given (reasoning-gym's
+countdown asks for that)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ MAX_NUMBERS = 32
 class Prepared:
     numbers: Counter
     target: Fraction
+    use_all: bool = False
 
 
 def _literals(expression: str) -> list[Fraction]:
@@ -43,7 +46,10 @@ class ExpressionTargetChecker:
         target = params.get("target")
         if not isinstance(target, (int, float)) or isinstance(target, bool):
             raise InvalidRequest(f"{field_path}.target", "must be a number")
-        return Prepared(Counter(Fraction(str(n)) for n in numbers), Fraction(str(target)))
+        use_all = params.get("use_all", False)
+        if not isinstance(use_all, bool):
+            raise InvalidRequest(f"{field_path}.use_all", "must be true or false")
+        return Prepared(Counter(Fraction(str(n)) for n in numbers), Fraction(str(target)), use_all)
 
     def check(self, answer: str, prepared: Prepared) -> CheckResult:
         expression = answer.strip().rstrip(".")
@@ -57,6 +63,8 @@ class ExpressionTargetChecker:
         extra = used - prepared.numbers
         if extra:
             return CheckResult(self.name, False, "uses numbers not given, or more often than given")
+        if prepared.use_all and used != prepared.numbers:
+            return CheckResult(self.name, False, "does not use every given number")
         if value != prepared.target:
             return CheckResult(self.name, False, "expression does not equal the target")
         return CheckResult(self.name, True, "uses only the given numbers and equals the target")
