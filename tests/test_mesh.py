@@ -90,7 +90,7 @@ async def test_progress_never_carries_model_text(mesh):
         assert outcome.answer.strip() in ("42", "42.0")
     else:
         assert not outcome.answer and outcome.next_step == "retry_with_more_compute"
-        assert [c.name for c in outcome.checks if not c.passed] == ["arithmetic"]
+        assert "arithmetic" in [c.name for c in outcome.checks if not c.passed]
 
 
 # -- bad input: a precise status naming the field, and the services stay up --------------------

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
 from rmesh.errors import InvalidRequest
 from rmesh.policy.engine import decide, request_view
 from rmesh.policy.model import TenantPolicy
+from rmesh.router_svc.ladder import plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
 
 MAX_PROBLEM_CHARS = 8000
+# Climbing a rung with less than this left would only produce truncated answers.
+MIN_ESCALATION_TOKENS = 64
 MAX_EVIDENCE_ITEMS = 64
 _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 
@@ -137,12 +140,16 @@ class RouterCore:
         )
         decision = decide(policy, view)
         precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
+        history = []
+        if self.reviews is not None and not decision.escalate:
+            history = await asyncio.to_thread(self.reviews.rung_history, policy.tenant, request.task.kind or "default")
+        route_plan = plan(decision.strategies, history)
         yield Config(
-            decision.strategy,
+            decision.strategies[route_plan.start],
             decision.budget,
             policy.tenant,
             decision.required_evidence,
-            decision.why,
+            f"{decision.why}; ladder {' > '.join(decision.strategies)}: {route_plan.why}",
             decision.revision,
             decision.search,
         )
@@ -179,26 +186,50 @@ class RouterCore:
                 **common,
             )
             return
-        solve_request = SolveRequest(
-            problem=request.problem,
-            task=request.task,
-            evidence=evidence,
-            strategy=decision.strategy,
-            budget=decision.budget,
-            required_evidence=decision.required_evidence,
-            tenant=policy.tenant,
-            search=decision.search,
-        )
+        kind = request.task.kind or "default"
         with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
+            spent = Usage()
             result: SolveResult | None = None
-            async for item in self.solver.solve(solve_request):
-                if isinstance(item, SolveResult):
-                    result = item
-                else:
-                    yield item
-            if result is None:
-                raise RuntimeError("solver stream ended without a result")
-            record(result.usage.completion_tokens)
+            rung = route_plan.start
+            while True:
+                strategy = decision.strategies[rung]
+                budget = replace(decision.budget, max_tokens=decision.budget.max_tokens - spent.completion_tokens)
+                solve_request = SolveRequest(
+                    problem=request.problem,
+                    task=request.task,
+                    evidence=evidence,
+                    strategy=strategy,
+                    budget=budget,
+                    required_evidence=decision.required_evidence,
+                    tenant=policy.tenant,
+                    search=decision.search,
+                )
+                result = None
+                async for item in self.solver.solve(solve_request):
+                    if isinstance(item, SolveResult):
+                        result = item
+                    else:
+                        yield replace(item, usage=spent + item.usage)
+                if result is None:
+                    raise RuntimeError("solver stream ended without a result")
+                spent = spent + result.usage
+                if self.reviews is not None:
+                    await asyncio.to_thread(self.reviews.record_rung, policy.tenant, kind, strategy, result.eligible)
+                left = decision.budget.max_tokens - spent.completion_tokens
+                if result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies) or left < MIN_ESCALATION_TOKENS:
+                    break
+                rung += 1
+                # The verifier found nothing eligible: climb one rung with what the budget has left.
+                yield Progress(
+                    stage=f"escalate {strategy} -> {decision.strategies[rung]}",
+                    branches_started=0,
+                    branches_done=0,
+                    usage=spent,
+                    checks_passed=result.verdict.checks_passed if result.verdict else 0,
+                    checks_total=len(result.verdict.checks) if result.verdict else 0,
+                )
+            record(spent.completion_tokens)
+        result = replace(result, usage=spent, strategy=decision.strategies[rung])
         yield await self._gate(decision.revision, request.task, evidence, decision.required_evidence, result)
 
     async def _gate(

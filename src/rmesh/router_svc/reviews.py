@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS reviews (
     resolution TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS reviews_by_tenant ON reviews (tenant, state, created_at);
+CREATE TABLE IF NOT EXISTS rung_outcomes (
+    tenant TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    rung TEXT NOT NULL,
+    success INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rung_outcomes_by_kind ON rung_outcomes (tenant, kind, created_at);
 """
 _COLUMNS = (
     "id, tenant, state, problem, reason, evidence, policy_revision, created_at, expires_at, "
@@ -209,6 +217,25 @@ class ReviewStore:
                 (EXPIRED, now, PENDING, now),
             )
             return cur.rowcount
+
+    # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
+    def record_rung(self, tenant: str, kind: str, rung: str, success: bool, now: float | None = None) -> None:
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql("INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at) VALUES (?, ?, ?, ?, ?)"),
+                (tenant, kind, rung, 1 if success else 0, time.time() if now is None else now),
+            )
+
+    def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[tuple[str, bool]]:
+        """The most recent rung attempts for this tenant and kind, newest first."""
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT rung, success FROM rung_outcomes WHERE tenant = ? AND kind = ? ORDER BY created_at DESC LIMIT ?"
+                ),
+                (tenant, kind, limit),
+            )
+            return [(rung, bool(success)) for rung, success in cur.fetchall()]
 
     def pending_count(self) -> int:
         with self._transaction() as cur:

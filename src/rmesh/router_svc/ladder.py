@@ -1,0 +1,47 @@
+"""Compute-optimal escalation: where on a route's strategy ladder to start, and when to stop.
+
+The learned prior is the recent history of rung attempts for one tenant and task kind: a rung
+that has been tried enough and almost never succeeds is skipped; a kind on which nothing has
+succeeded for a while gets one cheap attempt and no escalation (knowing when to give up is
+part of spending compute only where it pays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# A rung is judged once it has this many attempts in the window.
+MIN_ATTEMPTS = 4
+# Below this success rate a judged rung is skipped.
+SKIP_BELOW = 0.15
+# With this many recent attempts and no success anywhere, stop after the first rung.
+HOPELESS_AFTER = 6
+WINDOW = 60
+
+
+@dataclass(frozen=True)
+class Plan:
+    start: int
+    escalate: bool
+    why: str
+
+
+def plan(ladder: Sequence[str], history: Sequence[tuple[str, bool]]) -> Plan:
+    """Where to start on ``ladder`` given recent ``(rung, success)`` attempts, newest first."""
+    recent = list(history[:WINDOW])
+    if not recent:
+        return Plan(0, True, f"no history for this task kind: start at {ladder[0]}")
+    if len(recent) >= HOPELESS_AFTER and not any(ok for _, ok in recent):
+        return Plan(0, False, f"nothing succeeded in the last {len(recent)} attempts: one {ladder[0]} attempt, no escalation")
+    notes = []
+    for index, rung in enumerate(ladder[:-1]):
+        attempts = [ok for name, ok in recent if name == rung]
+        if len(attempts) < MIN_ATTEMPTS:
+            return Plan(index, True, f"start at {rung}" + (f" ({'; '.join(notes)})" if notes else ""))
+        rate = sum(attempts) / len(attempts)
+        if rate >= SKIP_BELOW:
+            return Plan(index, True, f"start at {rung}: it succeeded in {sum(attempts)}/{len(attempts)} recent attempts"
+                        + (f" ({'; '.join(notes)})" if notes else ""))
+        notes.append(f"skip {rung}: {sum(attempts)}/{len(attempts)}")
+    return Plan(len(ladder) - 1, True, f"start at {ladder[-1]} ({'; '.join(notes)})")
