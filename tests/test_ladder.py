@@ -26,7 +26,7 @@ def test_a_rung_that_succeeds_often_enough_is_kept():
 
 
 def test_hopeless_kind_gets_one_cheap_attempt_and_no_escalation():
-    history = [("single_pass", False), ("best_of_n", False), ("beam", False)] * 2
+    history = [("single_pass", False), ("best_of_n", False)] * 2
     chosen = plan(LADDER, history)
     assert (chosen.start, chosen.escalate) == (0, False)
     assert "nothing succeeded" in chosen.why

@@ -233,6 +233,30 @@ def _review(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rmesh.evaluation import POLICIES, SPECS, EvalError, run
+
+    datasets = args.datasets.split(",") if args.datasets else list(SPECS)
+    policies = args.policies.split(",") if args.policies else list(POLICIES)
+    try:
+        payload = asyncio.run(
+            run(datasets, args.size, policies, args.router, args.seed, args.out, args.plot, args.timeout)
+        )
+    except EvalError as exc:
+        print(f"rmesh eval: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "unknown" in str(exc) or "--size" in str(exc) else EXIT_RPC_ERROR
+    print(f"{'policy':12s} {'accuracy':>8s} {'tokens':>8s} {'cached':>8s} {'p50 s':>6s} {'p95 s':>6s} {'escalated':>9s}")
+    for policy, data in payload["policies"].items():
+        o = data["overall"]
+        print(
+            f"{policy:12s} {o['accuracy']:8.3f} {o['generated_tokens_mean']:8.1f} {o['cached_tokens_mean']:8.1f} "
+            f"{o['wall_seconds_p50']:6.2f} {o['wall_seconds_p95']:6.2f} {o['escalated_share']:9.2f}"
+        )
+    print(json.dumps(payload["goals"]))
+    print(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
 def _policy(args: argparse.Namespace) -> int:
     from rmesh.policy import cli as policy_cli
 
@@ -263,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
         command = policy_sub.add_parser(name, help=text)
         command.add_argument("directory", nargs="?", default="policy/tenants")
         command.set_defaults(func=_policy)
+
+    evaluate = sub.add_parser("eval", help="compare fixed and adaptive policies on reasoning-gym tasks through the mesh")
+    evaluate.add_argument("--datasets", help="comma-separated (default: all): basic_arithmetic/1-digit, basic_arithmetic/2-digit, basic_arithmetic/3-digit, chain_sum/1-digit, countdown/3-numbers, countdown/5-numbers")
+    evaluate.add_argument("--size", type=int, default=8, help="tasks per dataset")
+    evaluate.add_argument("--policies", help="comma-separated (default: single_pass,best_of_8,beam,adaptive)")
+    evaluate.add_argument("--router", help="an already running mesh with the policy/eval tenants (default: start one)")
+    evaluate.add_argument("--seed", type=int, default=7)
+    evaluate.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
+    evaluate.add_argument("--out", default="bench/out/eval.json")
+    evaluate.add_argument("--plot", default="bench/out/eval.png")
+    evaluate.set_defaults(func=_eval)
 
     review = sub.add_parser("review", help="list and resolve escalated requests")
     review.add_argument("--key", help="API key (default: $RMESH_API_KEY); resolving needs a reviewer key")

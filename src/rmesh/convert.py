@@ -58,6 +58,7 @@ def search_to_proto(search: SearchParams) -> common_pb2.SearchParams:
         temperature=search.temperature,
         learned_score=search.learned_score,
         aggregation=search.aggregation,
+        skip_greedy=search.skip_greedy,
         samples=search.samples,
         beam_width=search.beam_width,
         branching_factor=search.branching_factor,
@@ -78,6 +79,7 @@ def search_from_proto(search: common_pb2.SearchParams) -> SearchParams:
         temperature=search.temperature if search.HasField("temperature") else None,
         learned_score=search.learned_score,
         aggregation=search.aggregation or "min",
+        skip_greedy=search.skip_greedy,
     )
 
 

@@ -53,6 +53,7 @@ class SearchParams:
     temperature: float | None = None  # None: each strategy's own default
     learned_score: str = ""  # "", "outcome" or "process": rank by a learned score after exact checks
     aggregation: str = "min"
+    skip_greedy: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, Verifier
 MAX_PROBLEM_CHARS = 8000
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
+# Strategies whose first (or only) branch is the greedy answer.
+GREEDY_FIRST = frozenset({"single_pass", "single_path", "best_of_n"})
 MAX_EVIDENCE_ITEMS = 64
 _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 
@@ -191,6 +193,7 @@ class RouterCore:
             spent = Usage()
             result: SolveResult | None = None
             rung = route_plan.start
+            greedy_tried = False
             while True:
                 strategy = decision.strategies[rung]
                 budget = replace(decision.budget, max_tokens=decision.budget.max_tokens - spent.completion_tokens)
@@ -202,8 +205,10 @@ class RouterCore:
                     budget=budget,
                     required_evidence=decision.required_evidence,
                     tenant=policy.tenant,
-                    search=decision.search,
+                    # A greedy answer was already judged on a cheaper rung: do not pay for it twice.
+                    search=replace(decision.search, skip_greedy=rung > route_plan.start and greedy_tried),
                 )
+                greedy_tried = greedy_tried or strategy in GREEDY_FIRST
                 result = None
                 async for item in self.solver.solve(solve_request):
                     if isinstance(item, SolveResult):

@@ -16,7 +16,7 @@ MIN_ATTEMPTS = 4
 # Below this success rate a judged rung is skipped.
 SKIP_BELOW = 0.15
 # With this many recent attempts and no success anywhere, stop after the first rung.
-HOPELESS_AFTER = 6
+HOPELESS_AFTER = 4
 WINDOW = 60
 
 

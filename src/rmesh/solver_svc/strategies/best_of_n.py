@@ -15,10 +15,12 @@ TEMPERATURE = 0.9
 
 async def run(*, state: SearchState) -> SolveResult:
     n = state.samples()
-    greedy = await state.expand([None], n=1, temperature=0.0, stage="greedy", step=False)
-    if any(node.verdict.release for node in greedy):
-        return state.result(NAME, STOP_EXACT_CHECK_PASSED)
-    remaining = n - 1
+    remaining = n
+    if not state.request.search.skip_greedy:
+        greedy = await state.expand([None], n=1, temperature=0.0, stage="greedy", step=False)
+        if any(node.verdict.release for node in greedy):
+            return state.result(NAME, STOP_EXACT_CHECK_PASSED)
+        remaining = n - 1
     while remaining > 0:
         batch = min(remaining, state.live_cap)
         if stop := state.stop_before_round(batch):

@@ -51,7 +51,7 @@ class Budget(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_branches: _Optional[int] = ..., max_depth: _Optional[int] = ..., wall_clock_seconds: _Optional[float] = ..., max_tokens_per_branch: _Optional[int] = ..., max_kv_bytes: _Optional[int] = ...) -> None: ...
 
 class SearchParams(_message.Message):
-    __slots__ = ("samples", "beam_width", "branching_factor", "prune_below", "exploration", "no_improvement_rounds", "temperature", "learned_score", "aggregation")
+    __slots__ = ("samples", "beam_width", "branching_factor", "prune_below", "exploration", "no_improvement_rounds", "temperature", "learned_score", "aggregation", "skip_greedy")
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BEAM_WIDTH_FIELD_NUMBER: _ClassVar[int]
     BRANCHING_FACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class SearchParams(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     LEARNED_SCORE_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_GREEDY_FIELD_NUMBER: _ClassVar[int]
     samples: int
     beam_width: int
     branching_factor: int
@@ -70,7 +71,8 @@ class SearchParams(_message.Message):
     temperature: float
     learned_score: str
     aggregation: str
-    def __init__(self, samples: _Optional[int] = ..., beam_width: _Optional[int] = ..., branching_factor: _Optional[int] = ..., prune_below: _Optional[float] = ..., exploration: _Optional[float] = ..., no_improvement_rounds: _Optional[int] = ..., temperature: _Optional[float] = ..., learned_score: _Optional[str] = ..., aggregation: _Optional[str] = ...) -> None: ...
+    skip_greedy: bool
+    def __init__(self, samples: _Optional[int] = ..., beam_width: _Optional[int] = ..., branching_factor: _Optional[int] = ..., prune_below: _Optional[float] = ..., exploration: _Optional[float] = ..., no_improvement_rounds: _Optional[int] = ..., temperature: _Optional[float] = ..., learned_score: _Optional[str] = ..., aggregation: _Optional[str] = ..., skip_greedy: _Optional[bool] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("text", "cites")
