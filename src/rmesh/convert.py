@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf import json_format, struct_pb2
 
 from rmesh.api.common.v1 import common_pb2
@@ -32,66 +34,39 @@ def task_to_proto(task: TaskSpec) -> common_pb2.Task:
     )
 
 
+def _flat(value, names) -> dict:
+    return {name: getattr(value, name) for name in names}
+
+
+_USAGE = [f.name for f in dataclasses.fields(Usage)]
+_BUDGET = [f.name for f in dataclasses.fields(Budget)]
+_SEARCH = [f.name for f in dataclasses.fields(SearchParams) if f.name != "temperature"]
+
+
 def usage_to_proto(usage: Usage) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens
-    )
+    return common_pb2.Usage(**_flat(usage, _USAGE))
 
 
 def usage_from_proto(usage: common_pb2.Usage) -> Usage:
-    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    return Usage(**_flat(usage, _USAGE))
 
 
 def budget_to_proto(budget: Budget) -> common_pb2.Budget:
-    return common_pb2.Budget(
-        max_tokens=budget.max_tokens,
-        max_branches=budget.max_branches,
-        max_depth=budget.max_depth,
-        wall_clock_seconds=budget.wall_clock_seconds,
-        max_tokens_per_branch=budget.max_tokens_per_branch,
-        max_kv_bytes=budget.max_kv_bytes,
-    )
-
-
-def search_to_proto(search: SearchParams) -> common_pb2.SearchParams:
-    return common_pb2.SearchParams(
-        temperature=search.temperature,
-        learned_score=search.learned_score,
-        aggregation=search.aggregation,
-        skip_greedy=search.skip_greedy,
-        samples=search.samples,
-        beam_width=search.beam_width,
-        branching_factor=search.branching_factor,
-        prune_below=search.prune_below,
-        exploration=search.exploration,
-        no_improvement_rounds=search.no_improvement_rounds,
-    )
-
-
-def search_from_proto(search: common_pb2.SearchParams) -> SearchParams:
-    return SearchParams(
-        samples=search.samples,
-        beam_width=search.beam_width,
-        branching_factor=search.branching_factor,
-        prune_below=search.prune_below,
-        exploration=search.exploration,
-        no_improvement_rounds=search.no_improvement_rounds,
-        temperature=search.temperature if search.HasField("temperature") else None,
-        learned_score=search.learned_score,
-        aggregation=search.aggregation or "min",
-        skip_greedy=search.skip_greedy,
-    )
+    return common_pb2.Budget(**_flat(budget, _BUDGET))
 
 
 def budget_from_proto(budget: common_pb2.Budget) -> Budget:
-    return Budget(
-        max_tokens=budget.max_tokens,
-        max_branches=budget.max_branches,
-        max_depth=budget.max_depth,
-        wall_clock_seconds=budget.wall_clock_seconds,
-        max_tokens_per_branch=budget.max_tokens_per_branch,
-        max_kv_bytes=budget.max_kv_bytes,
-    )
+    return Budget(**_flat(budget, _BUDGET))
+
+
+def search_to_proto(search: SearchParams) -> common_pb2.SearchParams:
+    return common_pb2.SearchParams(temperature=search.temperature, **_flat(search, _SEARCH))
+
+
+def search_from_proto(search: common_pb2.SearchParams) -> SearchParams:
+    values = _flat(search, _SEARCH)
+    values["aggregation"] = values["aggregation"] or "min"
+    return SearchParams(temperature=search.temperature if search.HasField("temperature") else None, **values)
 
 
 def checkpoint_to_proto(cp: Checkpoint) -> common_pb2.Checkpoint:
