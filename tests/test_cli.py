@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -82,7 +83,14 @@ def _free_port() -> int:
 def test_serve_starts_all_three_and_stops_gracefully_on_sigint(tmp_path):
     """``rmesh serve`` is what ``make run`` starts: all three SERVING, then Ctrl-C drains and exits 0."""
     ports = {name: _free_port() for name in ("ROUTER", "SOLVER", "VERIFIER")}
-    env = {**os.environ, **{f"RMESH_{n}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()}, "RMESH_GRACE_SECONDS": "2"}
+    metrics_port = _free_port()
+    env = {
+        **os.environ,
+        **{f"RMESH_{n}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()},
+        "RMESH_GRACE_SECONDS": "2",
+        "RMESH_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
+        "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
+    }
     process = subprocess.Popen([RMESH, "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -97,6 +105,9 @@ def test_serve_starts_all_three_and_stops_gracefully_on_sigint(tmp_path):
                         pass
             time.sleep(0.3)
         assert statuses == {name: health_pb2.HealthCheckResponse.SERVING for name in ports}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+        assert "rmesh_policy_last_reload_success 1.0" in exposition
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
     finally:

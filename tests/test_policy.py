@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.config import ServerSettings
@@ -338,6 +339,8 @@ async def test_broken_file_during_traffic_keeps_the_last_good_policy(mesh, tmp_p
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service=POLICY_HEALTH), timeout=2)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert REGISTRY.get_sample_value("rmesh_policy_last_reload_success") == 0
+            assert REGISTRY.get_sample_value("rmesh_policy_reloads_total", {"result": "error"}) >= 1
             main = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
             assert main.status == health_pb2.HealthCheckResponse.SERVING
             demo.write_text(original.replace("tokens_per_window: 200000", "tokens_per_window: 150000"))
@@ -345,6 +348,9 @@ async def test_broken_file_during_traffic_keeps_the_last_good_policy(mesh, tmp_p
             assert policies.status.ok and policies.snapshot.policies["demo"].revision != good
             reply = await health.Check(health_pb2.HealthCheckRequest(service=POLICY_HEALTH), timeout=2)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert REGISTRY.get_sample_value("rmesh_policy_last_reload_success") == 1
+            revision = policies.snapshot.policies["demo"].revision
+            assert REGISTRY.get_sample_value("rmesh_policy_revision_info", {"tenant": "demo", "revision": revision}) == 1
     finally:
         await router.stop(1)
 

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-from rmesh import clients, grpc_edge
+from rmesh import clients, grpc_edge, metrics
 from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig, VerifierConfig
 from rmesh.engine import Engine, create_engine
 from rmesh.router_svc import servicer as router_servicer
@@ -161,7 +161,8 @@ async def start_router(
     service.channels += [verifier_channel, solver_channel]
 
     async def reported(status) -> None:
-        # The router keeps serving on the last good policy; this health entry shows the reload.
+        # The router keeps serving on the last good policy; health and metrics show the reload.
+        metrics.record_reload(status, policies.snapshot)
         await service.health.set(
             POLICY_HEALTH, health_pb2.HealthCheckResponse.SERVING if status.ok else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -260,6 +261,9 @@ async def run_forever(names: tuple[str, ...], env: Mapping[str, str] | None = No
     env = dict(os.environ if env is None else env)
     settings = ServerSettings.load(env)
     services = await start_services(names, env)
+    if env.get("RMESH_METRICS_ADDR"):
+        port = metrics.serve_metrics(env["RMESH_METRICS_ADDR"])
+        log.info("metrics on http://%s:%d/metrics", env["RMESH_METRICS_ADDR"].rpartition(":")[0] or "127.0.0.1", port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
