@@ -27,3 +27,20 @@ def serve_metrics(address: str):
     host, _, port = address.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
     return server.server_port
+
+REQUESTS = Counter("rmesh_requests", "Solve calls by tenant and outcome", ["tenant", "outcome"])
+TOKENS_GENERATED = Counter("rmesh_tokens_generated", "Tokens generated for released or refused answers", ["tenant"])
+TOKENS_CACHED = Counter("rmesh_tokens_cached", "Prompt tokens served from a shared prefix", ["tenant"])
+STRATEGY_RUNS = Counter("rmesh_strategy_runs", "Searches the solver ran, by strategy and stop reason", ["strategy", "stop_reason"])
+ESCALATIONS = Counter("rmesh_escalations", "Escalations: up the strategy ladder, or to human review", ["kind"])
+REVIEW_QUEUE = Gauge("rmesh_review_queue_depth", "Reviews waiting for a person")
+KV_IN_USE = Gauge("rmesh_kv_budget_bytes_in_use", "KV bytes reserved by running requests in this solver")
+KV_CAPACITY = Gauge("rmesh_kv_budget_bytes", "The solver's KV budget")
+
+# Outcome kinds as the requests metric names them.
+OUTCOMES = {
+    "released": "released",
+    "missing_evidence": "not_released",
+    "no_eligible_answer": "no_answer",
+    "escalated": "escalated",
+}

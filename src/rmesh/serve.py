@@ -178,6 +178,7 @@ async def start_router(
             await asyncio.sleep(1.0)
             try:
                 await asyncio.to_thread(store.expire_due)
+                metrics.REVIEW_QUEUE.set(await asyncio.to_thread(store.pending_count))
             except Exception:
                 log.exception("expiring reviews failed; retrying")
 

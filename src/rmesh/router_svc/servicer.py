@@ -7,11 +7,24 @@ import grpc
 from rmesh import convert
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.errors import MeshError
-from rmesh.grpc_edge import abort, abort_internal, begin_call
-from rmesh.router_svc.core import RouterCore
+from rmesh import metrics
+from rmesh.grpc_edge import abort, abort_internal, begin_call, status_code
+from rmesh.router_svc.core import OUTCOME_ESCALATED, Outcome, RouterCore
+from rmesh.solver_svc.model import Progress
 from rmesh.policy.store import PolicyStore
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def _count(tenant: str, event) -> None:
+    if isinstance(event, Progress) and event.stage.startswith("escalate"):
+        metrics.ESCALATIONS.labels(kind="ladder").inc()
+    elif isinstance(event, Outcome):
+        metrics.REQUESTS.labels(tenant=tenant, outcome=metrics.OUTCOMES[event.kind]).inc()
+        metrics.TOKENS_GENERATED.labels(tenant=tenant).inc(event.usage.completion_tokens)
+        metrics.TOKENS_CACHED.labels(tenant=tenant).inc(event.usage.cached_tokens)
+        if event.kind == OUTCOME_ESCALATED:
+            metrics.ESCALATIONS.labels(kind="human_review").inc()
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -25,8 +38,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         try:
             policy, _key = self.policies.authenticate(metadata.get("authorization"))
             async for event in self.core.solve(policy, convert.router_request_from_proto(request)):
+                _count(policy.tenant, event)
                 yield convert.router_event_to_proto(event)
         except MeshError as exc:
+            metrics.REQUESTS.labels(tenant="-", outcome=f"error:{status_code(exc).name.lower()}").inc()
             await abort(context, exc)
         except Exception as exc:
             await abort_internal(context, exc)

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from rmesh import metrics
 from rmesh.errors import QuotaViolation, ResourceExhausted
 
 SUBJECT = "solver:kv_bytes"
@@ -22,6 +23,7 @@ class KVLedger:
         self.wait_seconds = wait_seconds
         self.in_use = 0
         self._changed = asyncio.Condition()
+        metrics.KV_CAPACITY.set(capacity_bytes)
 
     @asynccontextmanager
     async def reserve(self, nbytes: int, max_wait: float | None = None) -> AsyncIterator[None]:
@@ -41,9 +43,11 @@ class KVLedger:
                     [QuotaViolation(SUBJECT, f"needs {nbytes}, {self.capacity - self.in_use} free")],
                 ) from None
             self.in_use += nbytes
+            metrics.KV_IN_USE.set(self.in_use)
         try:
             yield
         finally:
             async with self._changed:
                 self.in_use -= nbytes
+                metrics.KV_IN_USE.set(self.in_use)
                 self._changed.notify_all()

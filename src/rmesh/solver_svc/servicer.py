@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from rmesh import convert
+from rmesh import convert, metrics
 from rmesh.api.solver.v1 import solver_pb2, solver_pb2_grpc
 from rmesh.errors import MeshError
 from rmesh.grpc_edge import abort, abort_internal, begin_call
@@ -45,6 +45,7 @@ class SolverServicer(solver_pb2_grpc.SolverServiceServicer):
             await abort_internal(context, exc)
         finally:
             task.cancel()
+        metrics.STRATEGY_RUNS.labels(strategy=result.strategy, stop_reason=result.stop_reason).inc()
         yield solver_pb2.SolveResponse(result=convert.result_to_proto(result))
 
 
