@@ -97,8 +97,9 @@ def _describe(event: dict[str, Any]) -> str:
         )
     if kind == "progress":
         u = event["usage"]
+        stage = event["stage"] + (f" ({event['stop_reason']})" if event.get("stop_reason") else "")
         return (
-            f"progress  {event['stage']}: branches {event['branches_done']}/{event['branches_started']}, "
+            f"progress  {stage}: branches {event['branches_done']}/{event['branches_started']}, "
             f"tokens {u['completion_tokens']} generated, {u['cached_tokens']} cached, "
             f"checks {event['checks_passed']}/{event['checks_total']}"
         )
