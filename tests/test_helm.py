@@ -103,3 +103,10 @@ def test_optional_features_are_off_by_default():
 def test_bad_values_fail_the_schema(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(values)
+
+
+def test_tracing_values_reach_the_services():
+    docs = render({"tracing": {"enabled": True, "endpoint": "http://collector:4317", "serviceNamePrefix": "mesh"}})
+    env = env_of(deployments(docs)["rm-reasoning-mesh-solver"])
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
+    assert env["RMESH_SERVICE_NAME_PREFIX"] == "mesh"

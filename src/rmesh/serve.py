@@ -203,8 +203,10 @@ async def start_services(
     settings = ServerSettings.load(env)
     started: list[RunningService] = []
 
+    prefix = env.get("RMESH_SERVICE_NAME_PREFIX", "rmesh")
+
     def provider(name: str) -> TracerProvider:
-        return tracer_provider(f"rmesh-{name}", env, extra_processors)
+        return tracer_provider(f"{prefix}-{name}", env, extra_processors)
 
     verifier_addr, solver_addr = addresses.verifier, addresses.solver
     solver_config = SolverConfig.load(env)
