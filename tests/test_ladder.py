@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.router_svc.ladder import plan

@@ -8,7 +8,6 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -178,7 +177,6 @@ async def test_router_killed_mid_review_loses_nothing(mesh, tmp_path):
         for _ in range(100):
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    await channel.channel_ready() if False else None
                     await review_pb2_grpc.ReviewServiceStub(channel).ListReviews(review_pb2.ListReviewsRequest(), metadata=auth("demo-key"), timeout=0.5)
                 return process
             except grpc.aio.AioRpcError:

@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from rmesh import convert
-from rmesh.api.solver.v1 import solver_pb2, solver_pb2_grpc
+from rmesh.api.solver.v1 import solver_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.serve import start_solver

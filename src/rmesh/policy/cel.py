@@ -16,7 +16,7 @@ from typing import Any
 
 import celpy
 from celpy import celtypes
-from lark import Token, Tree
+from lark import Tree
 
 # The request fields expressions may use, declared once.
 REQUEST_FIELDS: dict[str, str] = {

@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from rmesh.domain import Candidate, CheckSpec, TaskSpec
+from rmesh.domain import Candidate
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
 from rmesh.verifier_svc.checkers import REGISTRY
