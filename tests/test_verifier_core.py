@@ -51,7 +51,7 @@ def test_parse_number(text, number):
     assert parse_number(text) == number
 
 
-@pytest.mark.parametrize("text", ["forty-two", "42 apples", "", "4 2 x"])
+@pytest.mark.parametrize("text", ["forty-two", "42 apples", "", "4 2 x", "0/0", "7/0"])
 def test_parse_number_rejects_words(text):
     assert parse_number(text) is None
 

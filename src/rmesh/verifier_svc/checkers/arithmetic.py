@@ -78,7 +78,10 @@ def parse_number(answer: str) -> Fraction | None:
     text = answer.strip().rstrip(".").replace(",", "").replace(" ", "")
     if not _NUMBER.fullmatch(text):
         return None
-    return Fraction(text)
+    try:
+        return Fraction(text)
+    except (ZeroDivisionError, ValueError):  # "0/0", "7/0"
+        return None
 
 
 def format_number(value: Fraction) -> str:
