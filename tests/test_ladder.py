@@ -25,10 +25,14 @@ def test_a_rung_that_succeeds_often_enough_is_kept():
 
 
 def test_hopeless_kind_gets_one_cheap_attempt_and_no_escalation():
-    history = [("single_pass", False), ("best_of_n", False)] * 2
-    chosen = plan(LADDER, history)
+    ladder = ("single_pass", "best_of_n")
+    two_requests = [("best_of_n", False), ("single_pass", False)] * 2
+    assert plan(ladder, two_requests).escalate, "two failed requests are not enough evidence"
+    four_requests = two_requests * 2
+    chosen = plan(ladder, four_requests)
     assert (chosen.start, chosen.escalate) == (0, False)
-    assert "nothing succeeded" in chosen.why
+    assert "failed the last 4 requests" in chosen.why
+    assert plan(ladder, [("best_of_n", True)] + four_requests).escalate  # one success keeps it alive
 
 
 async def test_failed_rung_escalates_and_progress_shows_it(mesh):

@@ -1,9 +1,11 @@
 """Compute-optimal escalation: where on a route's strategy ladder to start, and when to stop.
 
 The learned prior is the recent history of rung attempts for one tenant and task kind: a rung
-that has been tried enough and almost never succeeds is skipped; a kind on which nothing has
-succeeded for a while gets one cheap attempt and no escalation (knowing when to give up is
-part of spending compute only where it pays).
+that has been tried enough and almost never succeeds is skipped; a kind whose top rung has
+failed several requests in a row, with no success anywhere in the window, gets one cheap
+attempt and no escalation (knowing when to give up is part of spending compute only where it
+pays). Counting top-rung failures counts whole requests that climbed the ladder and still
+failed, not the individual rungs they tried on the way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 MIN_ATTEMPTS = 4
 # Below this success rate a judged rung is skipped.
 SKIP_BELOW = 0.15
-# With this many recent attempts and no success anywhere, stop after the first rung.
+# With this many failed top-rung attempts and no success anywhere, stop after the first rung.
 HOPELESS_AFTER = 4
 WINDOW = 60
 
@@ -32,8 +34,11 @@ def plan(ladder: Sequence[str], history: Sequence[tuple[str, bool]]) -> Plan:
     recent = list(history[:WINDOW])
     if not recent:
         return Plan(0, True, f"no history for this task kind: start at {ladder[0]}")
-    if len(recent) >= HOPELESS_AFTER and not any(ok for _, ok in recent):
-        return Plan(0, False, f"nothing succeeded in the last {len(recent)} attempts: one {ladder[0]} attempt, no escalation")
+    top_failures = sum(1 for name, ok in recent if name == ladder[-1] and not ok)
+    if len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(ok for _, ok in recent):
+        return Plan(
+            0, False, f"{ladder[-1]} failed the last {top_failures} requests and nothing succeeded: one {ladder[0]} attempt, no escalation"
+        )
     notes = []
     for index, rung in enumerate(ladder[:-1]):
         attempts = [ok for name, ok in recent if name == rung]
