@@ -17,6 +17,7 @@ for _ in $(seq 1 30); do
 done
 su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'rmesh'\"" | grep -q 1 \
   || su postgres -c "psql -qc \"CREATE ROLE rmesh LOGIN SUPERUSER PASSWORD 'rmesh'\"" >&2
-su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname = 'rmesh_test'\"" | grep -q 1 \
-  || su postgres -c "createdb -O rmesh rmesh_test" >&2
+# A fresh database each run: the review-store tests start from nothing.
+su postgres -c "dropdb --if-exists rmesh_test" >&2
+su postgres -c "createdb -O rmesh rmesh_test" >&2
 echo "postgresql://rmesh:rmesh@127.0.0.1:5432/rmesh_test"
