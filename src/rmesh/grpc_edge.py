@@ -8,6 +8,7 @@ downstream service back into the same exceptions.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import time
@@ -69,6 +70,24 @@ async def abort_internal(context: grpc.aio.ServicerContext, exc: BaseException) 
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
+def unary_edge(handler):
+    """Map the project's errors to statuses for a unary servicer method (one place, not a
+    try/except in every method); unexpected failures become INTERNAL, never UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def wrapped(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except errors.MeshError as exc:
+            await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_internal(context, exc)
+
+    return wrapped
+
+
 def begin_call(context: grpc.aio.ServicerContext) -> float | None:
     """Record the caller's deadline for downstream calls; return it as a monotonic time."""
     remaining = context.time_remaining()
@@ -115,8 +134,9 @@ def create_server(
     settings: ServerSettings,
     add_servicers: Callable[[grpc.aio.Server], Iterable[str]],
     tracer_provider=None,
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A grpc.aio server with health, reflection, tracing and message limits; not started."""
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, list[str]]:
+    """A grpc.aio server with health, reflection, tracing and message limits; not started.
+    Returns the server, its bound port, its health servicer and the service names added."""
     server = grpc.aio.server(
         interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
         options=_options(settings),
@@ -131,7 +151,7 @@ def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    return server, port, health_servicer
+    return server, port, health_servicer, service_names
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:

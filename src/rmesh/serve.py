@@ -62,24 +62,12 @@ class RunningService:
 
 
 async def _start(name, address, settings, provider, add) -> RunningService:
-    server, port, health = grpc_edge.create_server(address, settings, add, tracer_provider=provider)
+    server, port, health, names = grpc_edge.create_server(address, settings, add, tracer_provider=provider)
     await server.start()
-    names = add.service_names
     service = RunningService(name, server, port, health, names, provider)
     await grpc_edge.set_serving(health, names, True)
     log.info("%s serving on %s (port %d)", name, address, port)
     return service
-
-
-class _Adder:
-    """Registers one servicer on a server and remembers the service names it added."""
-
-    def __init__(self, servicer, add_fn) -> None:
-        self.servicer, self.add_fn, self.service_names = servicer, add_fn, []
-
-    def __call__(self, server: grpc.aio.Server) -> list[str]:
-        self.service_names = self.add_fn(self.servicer, server)
-        return self.service_names
 
 
 def build_scorer(config: VerifierConfig, engine: Engine | None):
@@ -99,8 +87,8 @@ async def start_verifier(
     address: str, settings: ServerSettings, provider: TracerProvider, scorer=None, calibration=None
 ) -> RunningService:
     core = VerifierCore(scorer=scorer, calibration=calibration)
-    add = _Adder(verifier_servicer.VerifierServicer(core), verifier_servicer.add_to_server)
-    return await _start("verifier", address, settings, provider, add)
+    servicer = verifier_servicer.VerifierServicer(core)
+    return await _start("verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server))
 
 
 async def start_solver(
@@ -127,8 +115,8 @@ async def start_solver(
         answer_style=answer_style,
         kv_ledger=KVLedger(capacity, kv_wait_seconds),
     )
-    add = _Adder(solver_servicer.SolverServicer(core), solver_servicer.add_to_server)
-    service = await _start("solver", address, settings, provider, add)
+    servicer = solver_servicer.SolverServicer(core)
+    service = await _start("solver", address, settings, provider, lambda server: solver_servicer.add_to_server(servicer, server))
     service.channels.append(channel)
     service.engine = engine if own_engine else None
     return service
@@ -156,8 +144,7 @@ async def start_router(
     def add_both(server: grpc.aio.Server) -> list[str]:
         return router_servicer.add_to_server(router, server) + review_add(review, server)
 
-    add = _Adder(None, lambda _servicer, server: add_both(server))
-    service = await _start("router", address, settings, provider, add)
+    service = await _start("router", address, settings, provider, add_both)
     service.channels += [verifier_channel, solver_channel]
 
     async def reported(status) -> None:

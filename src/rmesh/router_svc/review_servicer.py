@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 
 from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.errors import InvalidRequest, MeshError
-from rmesh.grpc_edge import abort, abort_internal
+from rmesh.grpc_edge import abort, abort_internal, unary_edge
 from rmesh.policy.model import ROLE_REVIEWER
 from rmesh.policy.store import PolicyStore
 from rmesh.router_svc import reviews
@@ -72,29 +72,21 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
                 raise
             return self.policies.authenticate(authorization, ROLE_REVIEWER)
 
+    @unary_edge
     async def ListReviews(self, request, context):
-        try:
-            policy, _ = self._caller(context)
-            if request.state and request.state not in _STATE_NAMES:
-                raise InvalidRequest("state", f"unknown state {request.state}")
-            limit = request.limit or 100
-            if not 1 <= limit <= 1000:
-                raise InvalidRequest("limit", "must be between 1 and 1000")
-            found = await asyncio.to_thread(self.store.list, policy.tenant, _STATE_NAMES.get(request.state, ""), limit)
-        except MeshError as exc:
-            await abort(context, exc)
-        except Exception as exc:
-            await abort_internal(context, exc)
+        policy, _ = self._caller(context)
+        if request.state and request.state not in _STATE_NAMES:
+            raise InvalidRequest("state", f"unknown state {request.state}")
+        limit = request.limit or 100
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit", "must be between 1 and 1000")
+        found = await asyncio.to_thread(self.store.list, policy.tenant, _STATE_NAMES.get(request.state, ""), limit)
         return review_pb2.ListReviewsResponse(reviews=[review_to_proto(r) for r in found])
 
+    @unary_edge
     async def GetReview(self, request, context):
-        try:
-            policy, _ = self._caller(context)
-            review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
-        except MeshError as exc:
-            await abort(context, exc)
-        except Exception as exc:
-            await abort_internal(context, exc)
+        policy, _ = self._caller(context)
+        review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
         return review_pb2.GetReviewResponse(review=review_to_proto(review))
 
     async def WatchReview(self, request, context):
@@ -114,19 +106,15 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         except Exception as exc:
             await abort_internal(context, exc)
 
+    @unary_edge
     async def ResolveReview(self, request, context):
-        try:
-            policy, key = self._caller(context, ROLE_REVIEWER)
-            action = _ACTIONS.get(request.action)
-            if action is None:
-                raise InvalidRequest("action", "must be APPROVE, EDIT or REJECT")
-            review = await asyncio.to_thread(
-                self.store.resolve, policy.tenant, request.id, action, key.name, request.answer, request.comment
-            )
-        except MeshError as exc:
-            await abort(context, exc)
-        except Exception as exc:
-            await abort_internal(context, exc)
+        policy, key = self._caller(context, ROLE_REVIEWER)
+        action = _ACTIONS.get(request.action)
+        if action is None:
+            raise InvalidRequest("action", "must be APPROVE, EDIT or REJECT")
+        review = await asyncio.to_thread(
+            self.store.resolve, policy.tenant, request.id, action, key.name, request.answer, request.comment
+        )
         return review_pb2.ResolveReviewResponse(review=review_to_proto(review))
 
 

@@ -8,8 +8,8 @@ import grpc
 
 from rmesh import convert
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
-from rmesh.errors import InvalidRequest, MeshError
-from rmesh.grpc_edge import abort, abort_internal
+from rmesh.errors import InvalidRequest
+from rmesh.grpc_edge import unary_edge
 from rmesh.verifier_svc.core import LEARNED_NONE, LEARNED_OUTCOME, LEARNED_PROCESS, VerifierCore
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
@@ -30,18 +30,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     def __init__(self, core: VerifierCore) -> None:
         self.core = core
 
+    @unary_edge
     async def Precheck(self, request, context: grpc.aio.ServicerContext):
-        try:
-            result = await asyncio.to_thread(
-                self.core.precheck,
-                convert.task_from_proto(request.task),
-                dict(request.evidence),
-                list(request.required_evidence),
-            )
-        except MeshError as exc:
-            await abort(context, exc)
-        except Exception as exc:
-            await abort_internal(context, exc)
+        result = await asyncio.to_thread(
+            self.core.precheck,
+            convert.task_from_proto(request.task),
+            dict(request.evidence),
+            list(request.required_evidence),
+        )
         return verifier_pb2.PrecheckResponse(
             missing_evidence=list(result.missing_evidence),
             next_step=result.next_step,
@@ -51,21 +47,17 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             learned_max_n=result.learned_max_n,
         )
 
+    @unary_edge
     async def Verify(self, request, context: grpc.aio.ServicerContext):
-        try:
-            verdicts, info = await self.core.verify_scored(
-                convert.task_from_proto(request.task),
-                dict(request.evidence),
-                list(request.required_evidence),
-                [convert.candidate_from_proto(c) for c in request.candidates],
-                problem=request.problem,
-                learned=_learned_mode(request.learned_score),
-                aggregation=request.aggregation or "min",
-            )
-        except MeshError as exc:
-            await abort(context, exc)
-        except Exception as exc:
-            await abort_internal(context, exc)
+        verdicts, info = await self.core.verify_scored(
+            convert.task_from_proto(request.task),
+            dict(request.evidence),
+            list(request.required_evidence),
+            [convert.candidate_from_proto(c) for c in request.candidates],
+            problem=request.problem,
+            learned=_learned_mode(request.learned_score),
+            aggregation=request.aggregation or "min",
+        )
         return verifier_pb2.VerifyResponse(
             verdicts=[convert.verdict_to_proto(v) for v in verdicts],
             scorer=info.scorer,
