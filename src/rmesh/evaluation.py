@@ -218,11 +218,38 @@ def goals(report: dict) -> dict:
         for p, v in fixed.items()
     }
     return {
+        "oracle_router": oracle_router(report, best_tokens),
         "best_fixed_policy": best,
         "accuracy_gap_points": round(100 * (best_acc - adaptive["accuracy"]), 2),
         "adaptive_token_share_of_best_fixed": round(token_share, 4),
         "within_2_points_with_at_most_35_percent_tokens": (best_acc - adaptive["accuracy"]) <= 0.02 and token_share <= 0.35,
         "adaptive_accuracy_per_token_at_least_every_fixed": per_token,
+    }
+
+
+def oracle_router(report: dict, best_tokens: float) -> dict:
+    """What a router that knew each kind's results in advance would get from the fixed policies.
+
+    Per task kind it picks the cheapest fixed policy with that kind's best accuracy, and spends
+    nothing on a kind no fixed policy solved (a free, perfect give-up). Adaptive routing chooses
+    among the same strategies without that knowledge, so this bounds the token share it can
+    reach at the fixed policies' accuracy.
+    """
+    fixed = {p: v["by_task"] for p, v in report.items() if p != "adaptive"}
+    kinds = dict.fromkeys(k for by_task in fixed.values() for k in by_task)
+    tasks = correct = tokens = 0.0
+    for kind in kinds:
+        rows = [by_task[kind] for by_task in fixed.values() if kind in by_task]
+        top = max(r["accuracy"] for r in rows)
+        pick = min((r for r in rows if r["accuracy"] == top), key=lambda r: r["generated_tokens_mean"])
+        tasks += pick["tasks"]
+        correct += top * pick["tasks"]
+        tokens += pick["generated_tokens_mean"] * pick["tasks"] if top > 0 else 0.0
+    mean_tokens = tokens / tasks if tasks else 0.0
+    return {
+        "accuracy": round(correct / tasks, 4) if tasks else 0.0,
+        "generated_tokens_mean": round(mean_tokens, 1),
+        "token_share_of_best_fixed": round(mean_tokens / best_tokens, 4) if best_tokens else 0.0,
     }
 
 
