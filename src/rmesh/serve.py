@@ -49,11 +49,14 @@ class RunningService:
     tasks: list[asyncio.Task] = field(default_factory=list)
     policies: PolicyStore | None = None
     reviews: ReviewStore | None = None
+    core: object = None  # the router's RouterCore (its pending writes are drained on stop)
 
     async def stop(self, grace: float) -> None:
         for task in self.tasks:
             task.cancel()
         await grpc_edge.graceful_stop(self.server, self.health, self.service_names, grace)
+        if self.core is not None:
+            await self.core.drain()
         for channel in self.channels:
             await channel.close()
         if self.engine is not None:
@@ -159,6 +162,7 @@ async def start_router(
         service.tasks.append(asyncio.create_task(policies.watch(reload_interval, reported)))
     service.policies = policies
     service.reviews = store
+    service.core = core
 
     async def expire_reviews() -> None:
         while True:

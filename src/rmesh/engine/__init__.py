@@ -30,7 +30,11 @@ def create_engine(config) -> Engine:
         from rmesh.engine.sglang import SGLangEngine
 
         return SGLangEngine(config.sglang_url, kv=config.sglang_kv)
-    raise ValueError(f"RMESH_ENGINE: unknown engine {config.engine!r}; known: embedded, sglang")
+    if config.engine == "instant":
+        from rmesh.engine.instant import InstantEngine
+
+        return InstantEngine(config.instant_text)
+    raise ValueError(f"RMESH_ENGINE: unknown engine {config.engine!r}; known: embedded, sglang, instant (benchmarks only)")
 
 
 __all__ = [

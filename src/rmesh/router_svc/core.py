@@ -7,6 +7,7 @@ decision belongs to the verifier's exact checks and evidence contract, not to th
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,8 @@ from rmesh.policy.model import TenantPolicy
 from rmesh.router_svc.ladder import plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
+
+log = logging.getLogger(__name__)
 
 MAX_PROBLEM_CHARS = 8000
 # Climbing a rung with less than this left would only produce truncated answers.
@@ -128,6 +131,23 @@ class RouterCore:
         self.solver = solver
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
+        self._writes: set[asyncio.Task] = set()
+
+    def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
+        """Learning data for the prior, written off the request's path; ``drain`` awaits it."""
+        task = asyncio.create_task(asyncio.to_thread(self.reviews.record_rung, tenant, kind, rung, success))
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not record a rung outcome: %s", task.exception())
+
+    async def drain(self) -> None:
+        """Wait for the prior's pending writes (at shutdown, and in tests before reading them)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     async def solve(self, policy: TenantPolicy, request: RouterRequest) -> AsyncIterator[Event]:
         evidence = validate(request)
@@ -141,10 +161,14 @@ class RouterCore:
             tenant=policy.tenant,
         )
         decision = decide(policy, view)
-        precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
-        history = []
+        history: list[tuple[str, bool]] = []
         if self.reviews is not None and not decision.escalate:
-            history = await asyncio.to_thread(self.reviews.rung_history, policy.tenant, request.task.kind or "default")
+            precheck, history = await asyncio.gather(
+                self.verifier.precheck(request.task, evidence, decision.required_evidence),
+                asyncio.to_thread(self.reviews.rung_history, policy.tenant, request.task.kind or "default"),
+            )
+        else:
+            precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
         route_plan = plan(decision.strategies, history)
         yield Config(
             decision.strategies[route_plan.start],
@@ -219,7 +243,7 @@ class RouterCore:
                     raise RuntimeError("solver stream ended without a result")
                 spent = spent + result.usage
                 if self.reviews is not None:
-                    await asyncio.to_thread(self.reviews.record_rung, policy.tenant, kind, strategy, result.eligible)
+                    self._record_rung(policy.tenant, kind, strategy, result.eligible)
                 left = decision.budget.max_tokens - spent.completion_tokens
                 if result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies) or left < MIN_ESCALATION_TOKENS:
                     break

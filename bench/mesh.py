@@ -1,0 +1,260 @@
+"""What the mesh itself costs, and how it holds up under load. Writes bench/out/mesh.json.
+
+- overhead: the same streaming call through a bare chain of three grpc.aio processes
+  (bench/chain.py: no auth, no policy, no tracing) and through the mesh's three services, each
+  in its own process, with auth, policy and tracing on (spans go to a real OTLP collector,
+  rotel, that drops them) and the instant engine (fixed text at once, for benchmarks only).
+  p50/p99 at concurrency 1 and 16, and ``mesh_overhead_ratio_p50`` = mesh p50 / chain p50.
+- strategies: time to the first event and to the final outcome, separately, for each strategy
+  on the embedded engine.
+- load: bench/load.py in its own process keeps 64 streams open for 60 s against the instant
+  engine and 8 against the embedded one; every request's outcome or status, requests per
+  second, each service's peak resident memory (VmHWM), and health afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import rotel
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.chain import PATH as CHAIN_PATH
+from bench.common import machine, write
+from bench.load import request as solve_request
+from rmesh.api.router.v1 import router_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
+KEY = [("authorization", "Bearer bench-key")]
+STRATEGIES = ("single_pass", "single_path", "best_of_n", "self_consistency", "beam", "mcts")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_serving(address: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f}s")
+
+
+async def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+class Processes:
+    def __init__(self, logdir: pathlib.Path) -> None:
+        self.logdir = logdir
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "wb")
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.running[name] = process
+        return process
+
+    def peak_rss_mib(self, name: str) -> float:
+        status = pathlib.Path(f"/proc/{self.running[name].pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return round(kib / 1024, 1)
+
+    def stop(self, *names: str) -> None:
+        for name in names or list(self.running):
+            process = self.running.pop(name)
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def percentiles(values: list[float]) -> dict:
+    values = sorted(values)
+    return {
+        "p50_ms": round(1000 * statistics.median(values), 3),
+        "p99_ms": round(1000 * values[min(len(values) - 1, int(0.99 * len(values)))], 3),
+        "n": len(values),
+    }
+
+
+async def measure(call, requests: int, concurrency: int) -> tuple[list[float], list[float]]:
+    """Run ``requests`` streaming calls, ``concurrency`` at a time: (first event, last event) times."""
+    first: list[float] = []
+    last: list[float] = []
+    queue = iter(range(requests))
+
+    async def worker() -> None:
+        for _ in queue:
+            started = time.perf_counter()
+            seen_first = False
+            async for _message in call():
+                if not seen_first:
+                    first.append(time.perf_counter() - started)
+                    seen_first = True
+            last.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return first, last
+
+
+def mesh_env(engine: str, workdir: pathlib.Path, collector: str) -> tuple[dict, str]:
+    ports = {name: free_port() for name in ("ROUTER", "SOLVER", "VERIFIER")}
+    env = {
+        **os.environ,
+        **{f"RMESH_{name}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
+        "RMESH_ENGINE": engine,
+        "RMESH_TENANTS_DIR": str(ROOT / "bench" / "tenants"),
+        "RMESH_REVIEW_DB": str(workdir / f"reviews-{engine}.sqlite3"),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+    }
+    return env, f"127.0.0.1:{ports['ROUTER']}"
+
+
+async def start_mesh(procs: Processes, engine: str, workdir: pathlib.Path, collector: str) -> tuple[str, dict]:
+    env, router = mesh_env(engine, workdir, collector)
+    for service in ("verifier", "solver", "router"):
+        procs.start(f"{engine}-{service}", [RMESH, "serve", service], env)
+    addresses = {s: env[f"RMESH_{s.upper()}_ADDR"] for s in ("verifier", "solver", "router")}
+    for address in addresses.values():
+        await wait_serving(address, timeout=180)
+    return router, addresses
+
+
+async def healthy(addresses: dict) -> dict:
+    states = {}
+    for service, address in addresses.items():
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                states[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as exc:
+            states[service] = exc.code().name
+    return states
+
+
+async def load(router: str, streams: int, seconds: float, kind: str) -> dict:
+    process = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "bench.load", "--router", router, "--streams", str(streams), "--seconds", str(seconds), "--kind", kind,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"bench.load exited with {process.returncode}")
+    return json.loads(output.decode().strip().splitlines()[-1])
+
+
+async def main(load_seconds: float, requests: int) -> None:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="rmesh-bench-mesh-"))
+    procs = Processes(workdir)
+    result: dict = {"machine": machine(), "logs": str(workdir)}
+    try:
+        # Spans go to a real collector; its blackhole exporter keeps the collector's own cost small.
+        collector_port = free_port()
+        procs.start("collector", [
+            str(pathlib.Path(rotel.__file__).parent / "rotel-agent"), "start",
+            "--otlp-grpc-endpoint", f"127.0.0.1:{collector_port}",
+            "--otlp-http-endpoint", f"127.0.0.1:{free_port()}",
+            "--exporter", "blackhole",
+        ])
+        await wait_port(collector_port)
+        collector = f"http://127.0.0.1:{collector_port}"
+
+        ports = [free_port() for _ in range(3)]
+        procs.start("chain-c", [PYTHON, "-m", "bench.chain", "--port", str(ports[2])])
+        procs.start("chain-b", [PYTHON, "-m", "bench.chain", "--port", str(ports[1]), "--next", f"127.0.0.1:{ports[2]}"])
+        procs.start("chain-a", [PYTHON, "-m", "bench.chain", "--port", str(ports[0]), "--next", f"127.0.0.1:{ports[1]}"])
+        for port in ports:
+            await wait_port(port)
+        router, addresses = await start_mesh(procs, "instant", workdir, collector)
+
+        overhead: dict = {}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as chain_channel, grpc.aio.insecure_channel(router) as mesh_channel:
+            chain_call = chain_channel.unary_stream(CHAIN_PATH)
+            stub = router_pb2_grpc.RouterServiceStub(mesh_channel)
+            message = solve_request("best_of_n")
+            for concurrency in (1, 16):
+                n = requests * (4 if concurrency > 1 else 1)
+                await measure(lambda: chain_call(b"go"), 20, concurrency)  # warm both paths
+                await measure(lambda: stub.Solve(message, metadata=KEY), 20, concurrency)
+                _, chain = await measure(lambda: chain_call(b"go"), n, concurrency)
+                _, mesh = await measure(lambda: stub.Solve(message, metadata=KEY), n, concurrency)
+                c, m = percentiles(chain), percentiles(mesh)
+                overhead[f"concurrency_{concurrency}"] = {
+                    "bare_chain": c,
+                    "mesh": m,
+                    "mesh_overhead_ratio_p50": round(m["p50_ms"] / c["p50_ms"], 3),
+                    "mesh_overhead_ratio_p99": round(m["p99_ms"] / c["p99_ms"], 3),
+                }
+                print(f"concurrency {concurrency}: chain p50 {c['p50_ms']} ms, mesh p50 {m['p50_ms']} ms", flush=True)
+        result["overhead"] = overhead
+        result["goal_mesh_overhead_ratio_p50_at_most_1_3"] = all(
+            v["mesh_overhead_ratio_p50"] <= 1.3 for v in overhead.values()
+        )
+        procs.stop("chain-a", "chain-b", "chain-c")
+
+        instant_load = await load(router, 64, load_seconds, "best_of_n")
+        instant_load["peak_rss_mib"] = {s: procs.peak_rss_mib(f"instant-{s}") for s in addresses}
+        instant_load["health_after"] = await healthy(addresses)
+        result["load_instant"] = instant_load
+        print("instant load:", json.dumps(instant_load), flush=True)
+        procs.stop("instant-router", "instant-solver", "instant-verifier")
+
+        router, addresses = await start_mesh(procs, "embedded", workdir, collector)
+        strategies: dict = {}
+        async with grpc.aio.insecure_channel(router) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            for kind in STRATEGIES:
+                message = solve_request(kind)
+                first, last = await measure(lambda: stub.Solve(message, metadata=KEY, timeout=300), 3, 1)
+                strategies[kind] = {
+                    "first_event_ms_p50": round(1000 * statistics.median(first), 1),
+                    "final_outcome_ms_p50": round(1000 * statistics.median(last), 1),
+                    "runs": len(last),
+                }
+                print(kind, strategies[kind], flush=True)
+        result["strategies_embedded"] = strategies
+        embedded_load = await load(router, 8, load_seconds, "best_of_n")
+        embedded_load["peak_rss_mib"] = {s: procs.peak_rss_mib(f"embedded-{s}") for s in addresses}
+        embedded_load["health_after"] = await healthy(addresses)
+        result["load_embedded"] = embedded_load
+        print("embedded load:", json.dumps(embedded_load), flush=True)
+    finally:
+        procs.stop()
+    write("mesh.json", result)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="mesh overhead, per-strategy latency and load")
+    parser.add_argument("--load-seconds", type=float, default=60)
+    parser.add_argument("--requests", type=int, default=300, help="requests per overhead measurement at concurrency 1")
+    args = parser.parse_args()
+    asyncio.run(main(args.load_seconds, args.requests))
