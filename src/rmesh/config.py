@@ -72,6 +72,8 @@ class SolverConfig:
     kv_wait_seconds: float = 5.0
     # What the instant engine answers with; empty: a response that passes "2 + 3".
     instant_text: str = ""
+    # The instant engine's think time per call (shutdown and fault tests).
+    instant_delay_seconds: float = 0.0
 
     @property
     def sglang_kv(self):
@@ -99,6 +101,7 @@ class SolverConfig:
             kv_budget_bytes=int(e.get("RMESH_KV_BUDGET_BYTES", 0)),
             kv_wait_seconds=float(e.get("RMESH_KV_WAIT_SECONDS", 5.0)),
             instant_text=e.get("RMESH_INSTANT_TEXT", ""),
+            instant_delay_seconds=float(e.get("RMESH_INSTANT_DELAY_SECONDS", 0.0)),
         )
 
 

@@ -129,6 +129,70 @@ def _options(settings: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call can be refused precisely."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, whatever the runtime raises it as
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _refuse_undecodable(behaviour, streaming: bool):
+    """gRPC answers a request that fails to parse with UNKNOWN; callers get INVALID_ARGUMENT."""
+
+    def message(request: _Undecodable) -> str:
+        return (
+            f"request: not a valid message ({request.reason}); look for invalid UTF-8 in a string "
+            "field, nesting deeper than 100 levels, or truncated bytes"
+        )
+
+    if streaming:
+        async def stream(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message(request))
+            async for item in behaviour(request, context):
+                yield item
+
+        return stream
+
+    async def unary(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message(request))
+        return await behaviour(request, context)
+
+    return unary
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse requests whose bytes are not a valid message with INVALID_ARGUMENT (for example a
+    string field holding invalid UTF-8), instead of the UNKNOWN gRPC would send."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(
+                request_deserializer=_tolerant(handler.request_deserializer),
+                unary_unary=_refuse_undecodable(handler.unary_unary, streaming=False),
+            )
+        if handler.unary_stream is not None:
+            return handler._replace(
+                request_deserializer=_tolerant(handler.request_deserializer),
+                unary_stream=_refuse_undecodable(handler.unary_stream, streaming=True),
+            )
+        return handler
+
+
 def create_server(
     address: str,
     settings: ServerSettings,
@@ -138,7 +202,7 @@ def create_server(
     """A grpc.aio server with health, reflection, tracing and message limits; not started.
     Returns the server, its bound port, its health servicer and the service names added."""
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
+        interceptors=[MalformedRequestInterceptor(), aio_server_interceptor(tracer_provider=tracer_provider)],
         options=_options(settings),
     )
     service_names = list(add_servicers(server))

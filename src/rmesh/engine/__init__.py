@@ -33,7 +33,7 @@ def create_engine(config) -> Engine:
     if config.engine == "instant":
         from rmesh.engine.instant import InstantEngine
 
-        return InstantEngine(config.instant_text)
+        return InstantEngine(config.instant_text, config.instant_delay_seconds)
     raise ValueError(f"RMESH_ENGINE: unknown engine {config.engine!r}; known: embedded, sglang, instant (benchmarks only)")
 
 

@@ -24,8 +24,15 @@ DEFAULT_TEXT = (
 class InstantEngine:
     model_name = "instant-benchmark-engine"
 
-    def __init__(self, text: str = DEFAULT_TEXT, kv: KVGeometry = KVGeometry(layers=1, kv_heads=1, head_dim=64)) -> None:
+    def __init__(
+        self,
+        text: str = DEFAULT_TEXT,
+        delay_seconds: float = 0.0,
+        kv: KVGeometry = KVGeometry(layers=1, kv_heads=1, head_dim=64),
+    ) -> None:
         self.text = text or DEFAULT_TEXT
+        # A fixed think time per call, so shutdown and fault tests have requests in flight.
+        self.delay_seconds = delay_seconds
         self.stats = EngineStats()
         self._kv = kv
         self._completion_tokens = self.count_tokens(self.text)
@@ -42,9 +49,11 @@ class InstantEngine:
         return results
 
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
-        if any(r.deadline is not None and time.monotonic() > r.deadline for r in requests):
-            raise DeadlineExceeded("the request's deadline passed before generation")
-        await asyncio.sleep(0)
+        deadlines = [r.deadline for r in requests if r.deadline is not None]
+        if deadlines and time.monotonic() + self.delay_seconds > min(deadlines):
+            await asyncio.sleep(max(0.0, min(deadlines) - time.monotonic()))
+            raise DeadlineExceeded("the request's deadline passed during generation")
+        await asyncio.sleep(self.delay_seconds)
         self.stats.jobs_started += 1
         out = []
         for request in requests:

@@ -29,7 +29,13 @@ MIN_ESCALATION_TOKENS = 64
 # Strategies whose first (or only) branch is the greedy answer.
 GREEDY_FIRST = frozenset({"single_pass", "single_path", "best_of_n"})
 MAX_EVIDENCE_ITEMS = 64
+MAX_EVIDENCE_VALUE_CHARS = 16_000
+MAX_EVIDENCE_TOTAL_CHARS = 64_000
+MAX_CHECKS = 32
+MAX_KIND_CHARS = 128
 _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+# C0 and C1 control characters other than tab and line breaks: terminal escapes, NUL, bells.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 OUTCOME_RELEASED = "released"
 OUTCOME_MISSING_EVIDENCE = "missing_evidence"
@@ -97,6 +103,13 @@ def validate(request: RouterRequest) -> dict[str, str]:
         raise InvalidRequest("problem", "must not be empty")
     if len(request.problem) > MAX_PROBLEM_CHARS:
         raise InvalidRequest("problem", f"longer than {MAX_PROBLEM_CHARS} characters")
+    _no_control_characters("problem", request.problem)
+    kind = request.task.kind
+    if len(kind) > MAX_KIND_CHARS:
+        raise InvalidRequest("task.kind", f"longer than {MAX_KIND_CHARS} characters")
+    _no_control_characters("task.kind", kind)
+    if len(request.task.checks) > MAX_CHECKS:
+        raise InvalidRequest("task.checks", f"more than {MAX_CHECKS} checks")
     if len(request.evidence) > MAX_EVIDENCE_ITEMS:
         raise InvalidRequest("evidence", f"more than {MAX_EVIDENCE_ITEMS} items")
     evidence: dict[str, str] = {}
@@ -105,8 +118,19 @@ def validate(request: RouterRequest) -> dict[str, str]:
             raise InvalidRequest(f"evidence.{key}", "key must match [A-Za-z_][A-Za-z0-9_.-]{0,63}")
         if not isinstance(value, str):
             raise InvalidRequest(f"evidence.{key}", f"value must be a string, got {_kind(value)}")
+        if len(value) > MAX_EVIDENCE_VALUE_CHARS:
+            raise InvalidRequest(f"evidence.{key}", f"longer than {MAX_EVIDENCE_VALUE_CHARS} characters")
+        _no_control_characters(f"evidence.{key}", value)
         evidence[key] = value
+    if sum(len(v) for v in evidence.values()) > MAX_EVIDENCE_TOTAL_CHARS:
+        raise InvalidRequest("evidence", f"longer than {MAX_EVIDENCE_TOTAL_CHARS} characters in all")
     return evidence
+
+
+def _no_control_characters(field_path: str, text: str) -> None:
+    found = _CONTROL.search(text)
+    if found:
+        raise InvalidRequest(field_path, f"contains control character U+{ord(found.group()):04X} at offset {found.start()}")
 
 
 def _kind(value: Any) -> str:

@@ -86,12 +86,14 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     @unary_edge
     async def GetReview(self, request, context):
         policy, _ = self._caller(context)
+        _review_id(request.id)
         review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
         return review_pb2.GetReviewResponse(review=review_to_proto(review))
 
     async def WatchReview(self, request, context):
         try:
             policy, _ = self._caller(context)
+            _review_id(request.id)
             last = None
             while True:
                 review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
@@ -109,6 +111,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     @unary_edge
     async def ResolveReview(self, request, context):
         policy, key = self._caller(context, ROLE_REVIEWER)
+        _review_id(request.id)
         action = _ACTIONS.get(request.action)
         if action is None:
             raise InvalidRequest("action", "must be APPROVE, EDIT or REJECT")
@@ -116,6 +119,13 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             self.store.resolve, policy.tenant, request.id, action, key.name, request.answer, request.comment
         )
         return review_pb2.ResolveReviewResponse(review=review_to_proto(review))
+
+
+def _review_id(review_id: str) -> None:
+    if not review_id:
+        raise InvalidRequest("id", "must not be empty")
+    if len(review_id) > 128:
+        raise InvalidRequest("id", "longer than 128 characters")
 
 
 def add_to_server(servicer: ReviewServicer, server: grpc.aio.Server) -> list[str]:

@@ -36,6 +36,7 @@ class PreparedCheck:
 
 
 MAX_CANDIDATES = 256
+MAX_CHECKS = 32
 MAX_CHECKPOINTS = 64
 MAX_TEXT_CHARS = 100_000
 
@@ -136,6 +137,8 @@ class VerifierCore:
 
     def prepare(self, task: TaskSpec) -> list[PreparedCheck]:
         """Resolve and validate every check; raise InvalidRequest naming the field."""
+        if len(task.checks) > MAX_CHECKS:
+            raise InvalidRequest("task.checks", f"more than {MAX_CHECKS} checks")
         prepared = []
         for index, spec in enumerate(task.checks):
             checker = self._registry.get(spec.name)
