@@ -1,87 +1,22 @@
-"""Contract test for the SGLang engine against a local stand-in HTTP server.
-
-The stand-in is a test double, not SGLang: it answers ``POST /generate`` with the shapes
-SGLang 0.5.23 documents in ``sglang/srt/managers/io_struct.py`` and ``tokenizer_manager.py``:
-a request body with ``text`` (a list for a batch) and ``sampling_params`` (a dict or a list of
-dicts with ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``ebnf``); a response of
-one object per batch item holding ``text`` and ``meta_info`` with ``prompt_tokens``,
-``completion_tokens``, ``cached_tokens`` and ``finish_reason`` ``{"type": "stop"|"length"}``.
-``GET /health_generate`` answers 200.
-"""
+"""Contract test for the SGLang engine against the local stand-in (tests/sglang_standin.py), a
+test double that follows the request and response shapes SGLang documents."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from sglang_standin import FakeSGLang, StandIn
 
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.sglang import SGLangEngine
 from rmesh.errors import Unavailable
 
 
-class FakeSGLang(BaseHTTPRequestHandler):
-    requests: list[dict] = []
-    malformed = False
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):
-        self._send(200 if self.path == "/health_generate" else 404, b"{}")
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(body)
-        if type(self).malformed:
-            self._send(200, b"{not json")
-            return
-        texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
-        params = body["sampling_params"] if isinstance(body["sampling_params"], list) else [body["sampling_params"]] * len(texts)
-        prompt_tokens = len(texts[0].split())
-        items = []
-        for i, p in enumerate(params):
-            n = p["max_new_tokens"]
-            items.append(
-                {
-                    "text": f"branch {i}" if n else "",
-                    "output_ids": [1] * min(n, 2),
-                    "meta_info": {
-                        "id": f"rid_{i}",
-                        "finish_reason": {"type": "length", "length": n} if n == 0 else {"type": "stop", "matched": 1},
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": min(n, 2),
-                        "cached_tokens": prompt_tokens - 1 if isinstance(body["text"], list) else 0,
-                        "e2e_latency": 0.01,
-                        **(
-                            {"output_token_logprobs": [[-0.25, 1, None], [-0.25, 1, None]][: min(n, 2)]}
-                            if body.get("return_logprob")
-                            else {}
-                        ),
-                    },
-                }
-            )
-        self._send(200, json.dumps(items if isinstance(body["text"], list) else items[0]).encode())
-
-
 @pytest.fixture
 def sglang_url():
-    FakeSGLang.requests = []
-    FakeSGLang.malformed = False
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    FakeSGLang.reset()
+    standin = StandIn().start()
+    yield standin.url
+    standin.stop()
 
 
 async def test_warms_prefix_then_fans_out_identical_prompts(sglang_url):

@@ -1,0 +1,315 @@
+"""Faults: what a caller sees when the engine, the verifier, the solver or the router fails, and
+that the mesh recovers. The engine faults use the SGLang stand-in (tests/sglang_standin.py, a
+test double: no GPU here); everything else is the real services on real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import socket
+import sys
+import time
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sglang_standin import FakeSGLang, StandIn
+
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.api.verifier.v1 import verifier_pb2
+from rmesh.clients import VERIFIER_SERVICE, SolverClient, VerifierClient
+from rmesh.config import ServerSettings
+from rmesh.domain import TaskSpec
+from rmesh.engine.instant import DEFAULT_TEXT, InstantEngine
+from rmesh.errors import Unavailable
+from rmesh.grpc_edge import create_channel
+from rmesh.serve import start_services
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AUTH = [("authorization", "Bearer demo-key")]
+RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
+
+
+def arithmetic() -> router_pb2.SolveRequest:
+    request = router_pb2.SolveRequest(problem="What is 2 + 3?")
+    request.task.kind = "faults"
+    request.task.checks.add(name="arithmetic").params.update({"expression": "2 + 3"})
+    return request
+
+
+async def solve(address: str, request=None, timeout: float = 30, metadata=AUTH) -> list:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        return [e async for e in stub.Solve(request or arithmetic(), metadata=metadata, timeout=timeout)]
+
+
+async def status_of(address: str, **kwargs) -> tuple[grpc.aio.AioRpcError, float]:
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await solve(address, **kwargs)
+    return info.value, time.monotonic() - started
+
+
+def env_for(tmp: pathlib.Path, **extra: str) -> dict:
+    return {
+        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
+        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
+        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
+        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
+        "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
+        **extra,
+    }
+
+
+# -- the engine (SGLang path) ----------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def sglang_mesh(tmp_path):
+    FakeSGLang.reset()
+    FakeSGLang.text = DEFAULT_TEXT
+    standin = StandIn().start()
+    services = await start_services(
+        ("verifier", "solver", "router"), env_for(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url)
+    )
+    router = next(s for s in services if s.name == "router")
+    yield standin, f"127.0.0.1:{router.port}"
+    for service in reversed(services):
+        await service.stop(0)
+    standin.stop()
+
+
+async def test_engine_answering_normally_releases(sglang_mesh):
+    _, router = sglang_mesh
+    outcome = (await solve(router))[-1].outcome
+    assert outcome.released and outcome.answer == "5"
+
+
+async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_recovers(sglang_mesh):
+    standin, router = sglang_mesh
+    FakeSGLang.drop = True  # the process goes away with the request on the wire
+    error, took = await status_of(router)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "engine" in error.details() or "sglang" in error.details().lower()
+    assert took < 10
+    standin.stop()
+    error, took = await status_of(router)  # nothing listens on the port now
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and took < 10
+    FakeSGLang.drop = False
+    standin.start()  # the engine returns on the same port
+    outcome = (await solve(router))[-1].outcome
+    assert outcome.released and outcome.answer == "5"
+
+
+async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sglang_mesh):
+    _, router = sglang_mesh
+    FakeSGLang.delay = 8
+    error, took = await status_of(router, timeout=1.5)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 4
+
+
+async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
+    _, router = sglang_mesh
+    FakeSGLang.malformed = True
+    error, took = await status_of(router)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "malformed JSON" in error.details()
+    FakeSGLang.malformed = False
+    assert (await solve(router))[-1].outcome.released
+
+
+# -- the verifier and the solver ----------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def instant_mesh(tmp_path):
+    services = await start_services(("verifier", "solver", "router"), env_for(tmp_path), engine=InstantEngine())
+    yield {s.name: s for s in services}
+    for service in reversed(services):
+        await service.stop(0)
+
+
+async def test_verifier_down_releases_nothing_and_says_why(instant_mesh):
+    router = f"127.0.0.1:{instant_mesh['router'].port}"
+    assert (await solve(router))[-1].outcome.released
+    await instant_mesh["verifier"].stop(0)
+    error, took = await status_of(router)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "verifier" in error.details()
+    assert took < 10
+
+
+async def test_solver_down_router_answers_unavailable_within_its_timeout(instant_mesh):
+    router = f"127.0.0.1:{instant_mesh['router'].port}"
+    await instant_mesh["solver"].stop(0)
+    error, took = await status_of(router, timeout=20)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "solver" in error.details()
+    assert took < 10
+
+
+class CountingServer:
+    """A gRPC server that answers every call UNAVAILABLE a set number of times, then as
+    ``answer`` says, counting the attempts that reached it."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.attempts: dict[str, int] = {}
+
+    def handler(self, name: str, streaming: bool):
+        async def unary(request: bytes, context):
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+            if self.attempts[name] <= self.failures:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            return verifier_pb2.PrecheckResponse(numeric_answer=True).SerializeToString()
+
+        async def stream(request: bytes, context):
+            self.attempts[name] = self.attempts.get(name, 0) + 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            yield b""
+
+        return grpc.unary_stream_rpc_method_handler(stream) if streaming else grpc.unary_unary_rpc_method_handler(unary)
+
+    async def start(self) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler(VERIFIER_SERVICE, {"Precheck": self.handler("Precheck", False)}),
+            grpc.method_handlers_generic_handler("rmesh.api.solver.v1.SolverService", {"Solve": self.handler("Solve", True)}),
+        ))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+
+async def test_retry_policy_retries_the_verifier_and_never_a_solve():
+    fake = CountingServer(failures=2)
+    server, port = await fake.start()
+    settings = ServerSettings()
+    verifier_channel = create_channel(f"127.0.0.1:{port}", settings, [VERIFIER_SERVICE])
+    solver_channel = create_channel(f"127.0.0.1:{port}", settings)
+    try:
+        precheck = await VerifierClient(verifier_channel).precheck(TaskSpec("t", ()), {}, ())
+        assert precheck.numeric_answer  # the third attempt answered
+        assert fake.attempts["Precheck"] == 3
+        from rmesh.solver_svc.model import SolveRequest
+
+        with pytest.raises(Unavailable):
+            async for _ in SolverClient(solver_channel).solve(SolveRequest(problem="p", task=TaskSpec("t", ()))):
+                pass
+        assert fake.attempts["Solve"] == 1  # a search is not repeated behind the caller's back
+    finally:
+        await verifier_channel.close()
+        await solver_channel.close()
+        await server.stop(0)
+
+
+# -- the whole mesh as a process: SIGTERM under load, SIGKILL with budget held ------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _serving(address: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{address} never became SERVING")
+
+
+async def _spawn(env: dict) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        RMESH, "serve", cwd=ROOT, env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+def _process_env(tmp: pathlib.Path, **extra: str) -> dict:
+    return {
+        "RMESH_ROUTER_ADDR": f"127.0.0.1:{_free_port()}",
+        "RMESH_SOLVER_ADDR": f"127.0.0.1:{_free_port()}",
+        "RMESH_VERIFIER_ADDR": f"127.0.0.1:{_free_port()}",
+        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
+        "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
+        "RMESH_ENGINE": "instant",
+        **extra,
+    }
+
+
+async def _outcome_or_status(address: str, timeout: float = 30) -> str:
+    try:
+        events = await solve(address, timeout=timeout)
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return router_pb2.OutcomeKind.Name(events[-1].outcome.kind)
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_under_load_finishes_in_flight_streams_and_refuses_new_ones(tmp_path):
+    env = _process_env(tmp_path, RMESH_INSTANT_DELAY_SECONDS="1.5", RMESH_GRACE_SECONDS="10")
+    router = env["RMESH_ROUTER_ADDR"]
+    process = await _spawn(env)
+    try:
+        await _serving(router)
+        in_flight = [asyncio.create_task(_outcome_or_status(router)) for _ in range(6)]
+        await asyncio.sleep(0.7)  # every stream is inside the engine's think time
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        late = await _outcome_or_status(router, timeout=5)
+        results = await asyncio.gather(*in_flight)
+        started = time.monotonic()
+        code = await asyncio.wait_for(process.wait(), timeout=15)
+    finally:
+        if process.returncode is None:
+            process.kill()
+    assert results == ["OUTCOME_KIND_RELEASED"] * 6  # in flight when the signal came: finished
+    assert late == "UNAVAILABLE"  # new work is refused once draining starts
+    assert code == 0 and time.monotonic() - started < 15
+
+
+@pytest.mark.timeout(120)
+async def test_router_killed_with_reviews_pending_and_budget_held_loses_and_leaks_nothing(tmp_path):
+    env = _process_env(tmp_path, RMESH_INSTANT_DELAY_SECONDS="5")
+    router = env["RMESH_ROUTER_ADDR"]
+    process = await _spawn(env)
+    try:
+        await _serving(router)
+        escalated = await solve(router, router_pb2.SolveRequest(problem="Approve this refund?", high_impact=True))
+        review_id = escalated[-1].outcome.review_id
+        assert review_id
+        # demo allows 8 concurrent requests: hold all eight, then kill the router mid-flight.
+        held = [asyncio.create_task(_outcome_or_status(router)) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        assert await _outcome_or_status(router, timeout=5) == "RESOURCE_EXHAUSTED"
+        process.kill()
+        assert set(await asyncio.gather(*held)) == {"UNAVAILABLE"}
+        await process.wait()
+        process = await _spawn({**env, "RMESH_INSTANT_DELAY_SECONDS": "0.5"})
+        await _serving(router)
+        # Reservations lived in the dead process: the tenant has its whole capacity again.
+        again = await asyncio.gather(*(_outcome_or_status(router) for _ in range(8)))
+        assert again == ["OUTCOME_KIND_RELEASED"] * 8
+        from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
+
+        async with grpc.aio.insecure_channel(router) as channel:
+            reply = await review_pb2_grpc.ReviewServiceStub(channel).GetReview(
+                review_pb2.GetReviewRequest(id=review_id), metadata=[("authorization", "Bearer demo-reviewer-key")], timeout=10
+            )
+        assert reply.review.state == review_pb2.REVIEW_STATE_PENDING
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
