@@ -33,8 +33,9 @@ _MACROS = {"exists", "all", "exists_one", "map", "filter"}
 # evaluation than the tree-walking interpreter. It keeps state in module globals while it
 # evaluates, so expressions are evaluated on one thread only (the router's event loop).
 _ENV = celpy.Environment(runner_class=celpy.CompiledRunner)
-# Runtime errors are the policy's on_error business, not log noise.
-logging.getLogger("celpy.Transpiler").setLevel(logging.CRITICAL)
+# Runtime errors are the policy's on_error business, not log noise; and cel-python's debug logs
+# print the whole activation (problem text, evidence values), which must never reach a log.
+logging.getLogger("celpy").setLevel(logging.CRITICAL)
 FUNCTIONS = {name for name in celpy.evaluation.base_functions if name[0].isalpha()} | _MACROS | {"has"}
 
 

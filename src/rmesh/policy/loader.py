@@ -20,6 +20,7 @@ from rmesh.policy.model import (
     ApiKey,
     EscalationRule,
     EvidenceRule,
+    Privacy,
     Quotas,
     ReviewSettings,
     Route,
@@ -160,6 +161,8 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
 
     quotas = Quotas(**doc.get("quotas", {}))
     review = ReviewSettings(**doc.get("review", {}))
+    privacy_doc = doc.get("privacy", {})
+    privacy = Privacy(bool(privacy_doc.get("trace_content", False)), tuple(privacy_doc.get("sensitive_evidence", ())))
     policy = TenantPolicy(
         tenant=doc["tenant"],
         revision=hashlib.sha256(text.encode()).hexdigest()[:12],
@@ -172,6 +175,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         on_error=dict(doc.get("on_error", {})),
         quotas=quotas,
         review=review,
+        privacy=privacy,
         price_per_1k_completion=float(doc.get("pricing", {}).get("per_1k_completion_tokens", 0.0)),
         tests=tuple(doc.get("tests", [])),
     )

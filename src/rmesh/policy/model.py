@@ -57,6 +57,14 @@ class ReviewSettings:
 
 
 @dataclass(frozen=True)
+class Privacy:
+    """What request content may reach telemetry; by default none does."""
+
+    trace_content: bool = False
+    sensitive_evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TenantPolicy:
     tenant: str
     revision: str  # content hash of the file
@@ -69,6 +77,7 @@ class TenantPolicy:
     on_error: dict[str, str]
     quotas: Quotas = Quotas()
     review: ReviewSettings = ReviewSettings()
+    privacy: Privacy = Privacy()
     price_per_1k_completion: float = 0.0
     tests: tuple[dict, ...] = ()
 

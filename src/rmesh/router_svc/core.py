@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
 from rmesh.errors import InvalidRequest
 from rmesh.policy.engine import decide, request_view
@@ -127,6 +129,22 @@ def validate(request: RouterRequest) -> dict[str, str]:
     return evidence
 
 
+# Longest problem or evidence value a span attribute carries when the tenant allows content.
+TRACED_CONTENT_CHARS = 2000
+
+
+def _annotate_span(policy: TenantPolicy, route: str, problem: str, evidence: Mapping[str, str]) -> None:
+    """Routing facts on the router's span; request content only where the tenant's policy allows."""
+    span = trace.get_current_span()
+    span.set_attributes({"rmesh.tenant": policy.tenant, "rmesh.route": route, "rmesh.policy_revision": policy.revision})
+    if not policy.privacy.trace_content:
+        return
+    span.set_attribute("rmesh.request.problem", problem[:TRACED_CONTENT_CHARS])
+    for key, value in evidence.items():
+        if key not in policy.privacy.sensitive_evidence:
+            span.set_attribute(f"rmesh.request.evidence.{key}", value[:TRACED_CONTENT_CHARS])
+
+
 def _no_control_characters(field_path: str, text: str) -> None:
     found = _CONTROL.search(text)
     if found:
@@ -185,6 +203,7 @@ class RouterCore:
             tenant=policy.tenant,
         )
         decision = decide(policy, view)
+        _annotate_span(policy, decision.route, request.problem, evidence)
         history: list[tuple[str, bool]] = []
         if self.reviews is not None and not decision.escalate:
             precheck, history = await asyncio.gather(
