@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test proto lint bench clean
+.PHONY: setup run test fuzz proto lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ run: $(STAMP)
 ## Run the whole test suite.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## The fuzz tests (request validation, policy loader, every checker) with 100x the examples.
+fuzz: $(STAMP)
+	RMESH_FUZZ_FACTOR=100 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_checkers.py -k "fuzz or raise or params or validation or loader"
 
 ## Benchmarks; figures go to bench/out/*.json (about 30 minutes).
 bench: $(STAMP)

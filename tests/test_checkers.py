@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from fuzzing import examples
 
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.domain import CheckResult
@@ -156,7 +157,7 @@ async def test_oversized_candidate_fields_are_invalid_argument(mesh):
 
 
 @pytest.mark.parametrize("name", sorted(VALID_PARAMS))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(answer=st.text(max_size=300))
 def test_no_answer_makes_a_checker_raise(name, answer):
     if name == "python_tests":
@@ -173,7 +174,7 @@ json_values = st.recursive(
 
 
 @pytest.mark.parametrize("name", sorted(VALID_PARAMS))
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(params=st.dictionaries(st.sampled_from(["expression", "numbers", "target", "schema", "pattern", "start", "end", "blocked", "edges", "tests"]), json_values, max_size=4))
 def test_any_params_are_accepted_or_refused_by_name(name, params):
     """Whatever a caller sends as params, prepare either accepts it or raises InvalidRequest."""
