@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -93,3 +94,45 @@ def test_step_grammar_forces_required_citations_then_allows_finishing():
     assert later.startswith('root ::= checkpoint | summary answer "</response>"')
     capped = build_step_grammar(evidence, numeric_answer=False, required=["order"], depth=1, must_finish=True)
     assert capped.startswith('root ::= summary answer "</response>"')
+
+
+class CountingVerifier:
+    """The real verifier core in process, counting the calls the solver makes to it."""
+
+    def __init__(self) -> None:
+        from rmesh.verifier_svc.core import VerifierCore
+
+        self.core = VerifierCore()
+        self.prechecks = 0
+        self.verifies = 0
+
+    async def precheck(self, task, evidence, required):
+        self.prechecks += 1
+        return self.core.precheck(task, evidence, required)
+
+    async def verify(self, task, evidence, required, candidates, **learned):
+        self.verifies += 1
+        verdicts, _ = await self.core.verify_scored(task, evidence, required, candidates, **learned)
+        return verdicts
+
+
+async def test_a_precheck_from_the_caller_saves_the_solver_its_own():
+    from rmesh.domain import Budget, CheckSpec, Precheck, TaskSpec
+    from rmesh.engine.instant import InstantEngine
+    from rmesh.solver_svc.core import SolverCore
+    from rmesh.solver_svc.model import SolveRequest
+
+    verifier = CountingVerifier()
+    solver = SolverCore(InstantEngine(), verifier)
+    task = TaskSpec("sum", (CheckSpec("arithmetic", {"expression": "2 + 3"}),))
+    request = SolveRequest("What is 2 + 3?", task, budget=Budget(max_tokens=300, max_branches=2, max_depth=2, wall_clock_seconds=10, max_tokens_per_branch=100))
+
+    async def ignore(_event):
+        return None
+
+    alone = await solver.solve(request, ignore)
+    assert (verifier.prechecks, alone.eligible) == (1, True)
+    shape = Precheck(missing_evidence=(), next_step="", numeric_answer=True)
+    given = await solver.solve(replace(request, precheck=shape), ignore)
+    assert (verifier.prechecks, given.eligible) == (1, True)  # no second precheck
+    assert verifier.verifies == 2

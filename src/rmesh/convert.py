@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 from rmesh.api.common.v1 import common_pb2
 from rmesh.api.router.v1 import router_pb2
 from rmesh.api.solver.v1 import solver_pb2
-from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, SearchParams, TaskSpec, Usage, Verdict
+from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, Precheck, SearchParams, TaskSpec, Usage, Verdict
 from rmesh.router_svc import core as router_core
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
 
@@ -142,6 +142,11 @@ def solve_request_to_proto(r: SolveRequest) -> solver_pb2.SolveRequest:
         tenant=r.tenant,
         seed=r.seed,
         search=search_to_proto(r.search),
+        answer_shape=None if r.precheck is None else solver_pb2.AnswerShape(
+            numeric_answer=r.precheck.numeric_answer,
+            expression_answer=r.precheck.expression_answer,
+            learned_max_n=r.precheck.learned_max_n,
+        ),
     )
 
 
@@ -156,6 +161,13 @@ def solve_request_from_proto(r: solver_pb2.SolveRequest) -> SolveRequest:
         tenant=r.tenant,
         seed=r.seed,
         search=search_from_proto(r.search),
+        precheck=Precheck(
+            missing_evidence=(),
+            next_step="",
+            numeric_answer=r.answer_shape.numeric_answer,
+            expression_answer=r.answer_shape.expression_answer,
+            learned_max_n=r.answer_shape.learned_max_n,
+        ) if r.HasField("answer_shape") else None,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, Verifier
 log = logging.getLogger(__name__)
 
 MAX_PROBLEM_CHARS = 8000
+# The prior's history is kept in memory and re-read from the store this often.
+HISTORY_TTL_SECONDS = 30.0
+HISTORY_LIMIT = 200
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
 # Strategies whose first (or only) branch is the greedy answer.
@@ -174,9 +178,23 @@ class RouterCore:
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
         self._writes: set[asyncio.Task] = set()
+        self._history: dict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = {}
+
+    async def _rung_history(self, tenant: str, kind: str) -> list[tuple[str, bool]]:
+        """The prior's recent attempts, newest first: from memory, re-read from the store after
+        HISTORY_TTL_SECONDS so routers sharing a PostgreSQL store learn from each other."""
+        cached = self._history.get((tenant, kind))
+        if cached is not None and time.monotonic() - cached[0] < HISTORY_TTL_SECONDS:
+            return cached[1]
+        history = await asyncio.to_thread(self.reviews.rung_history, tenant, kind)
+        self._history[(tenant, kind)] = (time.monotonic(), history)
+        return history
 
     def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
         """Learning data for the prior, written off the request's path; ``drain`` awaits it."""
+        cached = self._history.get((tenant, kind))
+        if cached is not None:
+            self._history[(tenant, kind)] = (cached[0], [(rung, success), *cached[1]][:HISTORY_LIMIT])
         task = asyncio.create_task(asyncio.to_thread(self.reviews.record_rung, tenant, kind, rung, success))
         self._writes.add(task)
         task.add_done_callback(self._written)
@@ -208,7 +226,7 @@ class RouterCore:
         if self.reviews is not None and not decision.escalate:
             precheck, history = await asyncio.gather(
                 self.verifier.precheck(request.task, evidence, decision.required_evidence),
-                asyncio.to_thread(self.reviews.rung_history, policy.tenant, request.task.kind or "default"),
+                self._rung_history(policy.tenant, request.task.kind or "default"),
             )
         else:
             precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
@@ -274,6 +292,7 @@ class RouterCore:
                     tenant=policy.tenant,
                     # A greedy answer was already judged on a cheaper rung: do not pay for it twice.
                     search=replace(decision.search, skip_greedy=rung > route_plan.start and greedy_tried),
+                    precheck=precheck,
                 )
                 greedy_tried = greedy_tried or strategy in GREEDY_FIRST
                 result = None

@@ -118,7 +118,7 @@ class SolverCore:
         # checked between rounds, so a search that runs out of it still returns what it found.
         limit = deadline if deadline is not None else time.monotonic() + 3600
         wall = time.monotonic() + budget.wall_clock_seconds if budget.wall_clock_seconds > 0 else limit
-        precheck = await self.verifier.precheck(request.task, request.evidence, request.required_evidence)
+        precheck = request.precheck or await self.verifier.precheck(request.task, request.evidence, request.required_evidence)
         extractive = self.answer_style == "extractive"
         prompt = build_prompt(
             request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer

@@ -20,6 +20,8 @@ class SolveRequest:
     tenant: str = ""
     seed: int = 0
     search: SearchParams = field(default_factory=SearchParams)
+    # The caller's precheck of this task (the router's); None: the solver prechecks itself.
+    precheck: Precheck | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class PreparedCheck:
 
 MAX_CANDIDATES = 256
 MAX_CHECKS = 32
+# Up to this much candidate text, non-blocking checks run on the event loop.
+INLINE_TEXT_CHARS = 20_000
 MAX_CHECKPOINTS = 64
 MAX_TEXT_CHARS = 100_000
 
@@ -98,7 +100,10 @@ class VerifierCore:
         the learned score only ranks."""
         if learned and aggregation not in AGGREGATIONS:
             aggregate([], aggregation)  # raises InvalidRequest naming the field
-        verdicts = await asyncio.to_thread(self.verify, task, evidence, required, candidates)
+        if self.blocking(task, candidates):
+            verdicts = await asyncio.to_thread(self.verify, task, evidence, required, candidates)
+        else:
+            verdicts = self.verify(task, evidence, required, candidates)
         if not learned:
             return verdicts, ScoringInfo()
         if self.scorer is None:
@@ -130,6 +135,14 @@ class VerifierCore:
             max_n=calibration.max_n if calibration else 0,
         )
         return scored, info
+
+    def blocking(self, task: TaskSpec, candidates: Sequence[Candidate] = ()) -> bool:
+        """Whether verifying would hold the event loop for long: a blocking checker, or much text
+        (regex and schema checks are linear in the answer, and there may be 256 answers)."""
+        text = sum(len(c.final_answer) + sum(len(cp.text) for cp in c.checkpoints) for c in candidates)
+        return text > INLINE_TEXT_CHARS or any(
+            getattr(self._registry.get(spec.name), "blocking", True) for spec in task.checks
+        )
 
     @property
     def checker_names(self) -> list[str]:

@@ -32,12 +32,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     @unary_edge
     async def Precheck(self, request, context: grpc.aio.ServicerContext):
-        result = await asyncio.to_thread(
-            self.core.precheck,
-            convert.task_from_proto(request.task),
-            dict(request.evidence),
-            list(request.required_evidence),
-        )
+        task = convert.task_from_proto(request.task)
+        args = (task, dict(request.evidence), list(request.required_evidence))
+        result = await asyncio.to_thread(self.core.precheck, *args) if self.core.blocking(task) else self.core.precheck(*args)
         return verifier_pb2.PrecheckResponse(
             missing_evidence=list(result.missing_evidence),
             next_step=result.next_step,

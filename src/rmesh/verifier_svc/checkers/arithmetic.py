@@ -95,6 +95,7 @@ class ArithmeticChecker:
     name: str = "arithmetic"
     numeric_answer: bool = True
     expression_answer: bool = False
+    blocking: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Fraction:
         expression = params.get("expression")

@@ -13,6 +13,10 @@ class ExactChecker(Protocol):
     numeric_answer: bool
     # True when the answer must be an arithmetic expression.
     expression_answer: bool
+    # True when a check blocks for long (a sandboxed process): the verifier runs such checks in
+    # a worker thread and everything else on its event loop, where a thread hop would cost more
+    # than the check.
+    blocking: bool
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Any:
         """Validate params once; raise InvalidRequest naming ``field_path`` + key on bad input."""

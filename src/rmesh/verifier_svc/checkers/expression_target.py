@@ -36,6 +36,7 @@ class ExpressionTargetChecker:
     name: str = "expression_target"
     numeric_answer: bool = False
     expression_answer: bool = True
+    blocking: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Prepared:
         numbers = params.get("numbers")

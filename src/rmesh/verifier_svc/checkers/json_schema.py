@@ -24,6 +24,7 @@ class JsonSchemaChecker:
     name: str = "json_schema"
     numeric_answer: bool = False
     expression_answer: bool = False
+    blocking: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str):
         schema = params.get("schema")

@@ -26,6 +26,7 @@ class PythonTestsChecker:
     name: str = "python_tests"
     numeric_answer: bool = False
     expression_answer: bool = False
+    blocking: bool = True
 
     def prepare(self, params: dict[str, Any], field_path: str) -> str:
         tests = params.get("tests")

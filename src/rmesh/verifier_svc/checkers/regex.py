@@ -31,6 +31,7 @@ class RegexChecker:
     name: str = "regex"
     numeric_answer: bool = False
     expression_answer: bool = False
+    blocking: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str):
         pattern = params.get("pattern")

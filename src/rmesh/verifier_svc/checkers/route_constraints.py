@@ -43,6 +43,7 @@ class RouteConstraintsChecker:
     name: str = "route_constraints"
     numeric_answer: bool = False
     expression_answer: bool = False
+    blocking: bool = False
 
     def prepare(self, params: dict[str, Any], field_path: str) -> Route:
         for key in ("start", "end"):

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from rmesh.api.common.v1 import common_pb2 as rmesh_dot_api_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/solver/v1/solver.proto\x12\x13rmesh.api.solver.v1\x1a rmesh/api/common/v1/common.proto\"\xe7\x02\n\x0cSolveRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x41\n\x08\x65vidence\x18\x03 \x03(\x0b\x32/.rmesh.api.solver.v1.SolveRequest.EvidenceEntry\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12+\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1b.rmesh.api.common.v1.Budget\x12\x19\n\x11required_evidence\x18\x06 \x03(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x31\n\x06search\x18\t \x01(\x0b\x32!.rmesh.api.common.v1.SearchParams\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x01\n\rSolveProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x18\n\x10\x62ranches_started\x18\x02 \x01(\x05\x12\x15\n\rbranches_done\x18\x03 \x01(\x05\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x15\n\rchecks_passed\x18\x05 \x01(\x05\x12\x14\n\x0c\x63hecks_total\x18\x06 \x01(\x05\x12\r\n\x05round\x18\x07 \x01(\x05\x12\x12\n\nbest_score\x18\x08 \x01(\x01\x12\x17\n\x0f\x62ranches_pruned\x18\t \x01(\x05\x12\x13\n\x0bstop_reason\x18\n \x01(\t\"\xb3\x02\n\x0bSolveResult\x12,\n\x04\x62\x65st\x18\x01 \x01(\x0b\x32\x1e.rmesh.api.common.v1.Candidate\x12-\n\x07verdict\x18\x02 \x01(\x0b\x32\x1c.rmesh.api.common.v1.Verdict\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidates_evaluated\x18\x05 \x01(\x05\x12\x10\n\x08\x65ligible\x18\x06 \x01(\x08\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x12\n\nvote_share\x18\x08 \x01(\x01\x12\x1a\n\x12peak_live_branches\x18\t \x01(\x05\x12\x15\n\rpeak_kv_bytes\x18\n \x01(\x03\"\x84\x01\n\rSolveResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".rmesh.api.solver.v1.SolveProgressH\x00\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .rmesh.api.solver.v1.SolveResultH\x00\x42\x07\n\x05\x65vent2a\n\rSolverService\x12P\n\x05Solve\x12!.rmesh.api.solver.v1.SolveRequest\x1a\".rmesh.api.solver.v1.SolveResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/solver/v1/solver.proto\x12\x13rmesh.api.solver.v1\x1a rmesh/api/common/v1/common.proto\"\x9f\x03\n\x0cSolveRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12\x41\n\x08\x65vidence\x18\x03 \x03(\x0b\x32/.rmesh.api.solver.v1.SolveRequest.EvidenceEntry\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12+\n\x06\x62udget\x18\x05 \x01(\x0b\x32\x1b.rmesh.api.common.v1.Budget\x12\x19\n\x11required_evidence\x18\x06 \x03(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x31\n\x06search\x18\t \x01(\x0b\x32!.rmesh.api.common.v1.SearchParams\x12\x36\n\x0c\x61nswer_shape\x18\n \x01(\x0b\x32 .rmesh.api.solver.v1.AnswerShape\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0b\x41nswerShape\x12\x16\n\x0enumeric_answer\x18\x01 \x01(\x08\x12\x19\n\x11\x65xpression_answer\x18\x02 \x01(\x08\x12\x15\n\rlearned_max_n\x18\x03 \x01(\x05\"\xf8\x01\n\rSolveProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x18\n\x10\x62ranches_started\x18\x02 \x01(\x05\x12\x15\n\rbranches_done\x18\x03 \x01(\x05\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x15\n\rchecks_passed\x18\x05 \x01(\x05\x12\x14\n\x0c\x63hecks_total\x18\x06 \x01(\x05\x12\r\n\x05round\x18\x07 \x01(\x05\x12\x12\n\nbest_score\x18\x08 \x01(\x01\x12\x17\n\x0f\x62ranches_pruned\x18\t \x01(\x05\x12\x13\n\x0bstop_reason\x18\n \x01(\t\"\xb3\x02\n\x0bSolveResult\x12,\n\x04\x62\x65st\x18\x01 \x01(\x0b\x32\x1e.rmesh.api.common.v1.Candidate\x12-\n\x07verdict\x18\x02 \x01(\x0b\x32\x1c.rmesh.api.common.v1.Verdict\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x1c\n\x14\x63\x61ndidates_evaluated\x18\x05 \x01(\x05\x12\x10\n\x08\x65ligible\x18\x06 \x01(\x08\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12\x12\n\nvote_share\x18\x08 \x01(\x01\x12\x1a\n\x12peak_live_branches\x18\t \x01(\x05\x12\x15\n\rpeak_kv_bytes\x18\n \x01(\x03\"\x84\x01\n\rSolveResponse\x12\x36\n\x08progress\x18\x01 \x01(\x0b\x32\".rmesh.api.solver.v1.SolveProgressH\x00\x12\x32\n\x06result\x18\x02 \x01(\x0b\x32 .rmesh.api.solver.v1.SolveResultH\x00\x42\x07\n\x05\x65vent2a\n\rSolverService\x12P\n\x05Solve\x12!.rmesh.api.solver.v1.SolveRequest\x1a\".rmesh.api.solver.v1.SolveResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SOLVEREQUEST_EVIDENCEENTRY']._loaded_options = None
   _globals['_SOLVEREQUEST_EVIDENCEENTRY']._serialized_options = b'8\001'
   _globals['_SOLVEREQUEST']._serialized_start=92
-  _globals['_SOLVEREQUEST']._serialized_end=451
-  _globals['_SOLVEREQUEST_EVIDENCEENTRY']._serialized_start=404
-  _globals['_SOLVEREQUEST_EVIDENCEENTRY']._serialized_end=451
-  _globals['_SOLVEPROGRESS']._serialized_start=454
-  _globals['_SOLVEPROGRESS']._serialized_end=702
-  _globals['_SOLVERESULT']._serialized_start=705
-  _globals['_SOLVERESULT']._serialized_end=1012
-  _globals['_SOLVERESPONSE']._serialized_start=1015
-  _globals['_SOLVERESPONSE']._serialized_end=1147
-  _globals['_SOLVERSERVICE']._serialized_start=1149
-  _globals['_SOLVERSERVICE']._serialized_end=1246
+  _globals['_SOLVEREQUEST']._serialized_end=507
+  _globals['_SOLVEREQUEST_EVIDENCEENTRY']._serialized_start=460
+  _globals['_SOLVEREQUEST_EVIDENCEENTRY']._serialized_end=507
+  _globals['_ANSWERSHAPE']._serialized_start=509
+  _globals['_ANSWERSHAPE']._serialized_end=596
+  _globals['_SOLVEPROGRESS']._serialized_start=599
+  _globals['_SOLVEPROGRESS']._serialized_end=847
+  _globals['_SOLVERESULT']._serialized_start=850
+  _globals['_SOLVERESULT']._serialized_end=1157
+  _globals['_SOLVERESPONSE']._serialized_start=1160
+  _globals['_SOLVERESPONSE']._serialized_end=1292
+  _globals['_SOLVERSERVICE']._serialized_start=1294
+  _globals['_SOLVERSERVICE']._serialized_end=1391
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SolveRequest(_message.Message):
-    __slots__ = ("problem", "task", "evidence", "strategy", "budget", "required_evidence", "tenant", "seed", "search")
+    __slots__ = ("problem", "task", "evidence", "strategy", "budget", "required_evidence", "tenant", "seed", "search", "answer_shape")
     class EvidenceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class SolveRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_SHAPE_FIELD_NUMBER: _ClassVar[int]
     problem: str
     task: _common_pb2.Task
     evidence: _containers.ScalarMap[str, str]
@@ -35,7 +36,18 @@ class SolveRequest(_message.Message):
     tenant: str
     seed: int
     search: _common_pb2.SearchParams
-    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., required_evidence: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., seed: _Optional[int] = ..., search: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ...) -> None: ...
+    answer_shape: AnswerShape
+    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Mapping[str, str]] = ..., strategy: _Optional[str] = ..., budget: _Optional[_Union[_common_pb2.Budget, _Mapping]] = ..., required_evidence: _Optional[_Iterable[str]] = ..., tenant: _Optional[str] = ..., seed: _Optional[int] = ..., search: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., answer_shape: _Optional[_Union[AnswerShape, _Mapping]] = ...) -> None: ...
+
+class AnswerShape(_message.Message):
+    __slots__ = ("numeric_answer", "expression_answer", "learned_max_n")
+    NUMERIC_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    LEARNED_MAX_N_FIELD_NUMBER: _ClassVar[int]
+    numeric_answer: bool
+    expression_answer: bool
+    learned_max_n: int
+    def __init__(self, numeric_answer: _Optional[bool] = ..., expression_answer: _Optional[bool] = ..., learned_max_n: _Optional[int] = ...) -> None: ...
 
 class SolveProgress(_message.Message):
     __slots__ = ("stage", "branches_started", "branches_done", "usage", "checks_passed", "checks_total", "round", "best_score", "branches_pruned", "stop_reason")
