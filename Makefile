@@ -31,9 +31,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## The fuzz tests (request validation, policy loader, every checker) with 100x the examples.
+## The fuzz tests (request validation, policy loader, every checker) with 100x the examples,
+## then the atheris harness for a million runs (crashing inputs land in fuzz/out/).
 fuzz: $(STAMP)
-	RMESH_FUZZ_FACTOR=100 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_checkers.py -k "fuzz or raise or params or validation or loader"
+	RMESH_FUZZ_FACTOR=100 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_checkers.py -k "fuzz or raise or params or validation or loader" --deselect tests/test_fuzz.py::test_atheris_finds_no_crash_in_the_checkers
+	mkdir -p fuzz/out
+	$(BIN)/python fuzz/checkers.py -runs=1000000 -max_len=512 -artifact_prefix=fuzz/out/
 
 ## Benchmarks; figures go to bench/out/*.json (about 30 minutes).
 bench: $(STAMP)

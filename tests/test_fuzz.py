@@ -144,3 +144,20 @@ def test_policy_loader_survives_arbitrary_text(text):
         parse_policy(text, "fuzz.yaml")
     except PolicyError as exc:
         assert exc.message.startswith("fuzz.yaml")
+
+
+def test_atheris_finds_no_crash_in_the_checkers(tmp_path):
+    """The coverage-guided harness (fuzz/checkers.py) for a fixed number of runs; `make fuzz`
+    runs it for a million."""
+    import pathlib
+    import subprocess
+    import sys
+
+    harness = pathlib.Path(__file__).resolve().parent.parent / "fuzz" / "checkers.py"
+    done = subprocess.run(
+        [sys.executable, str(harness), f"-runs={examples(3000)}", "-max_len=512", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"Done {examples(3000)} runs" in done.stderr
+    assert not list(tmp_path.glob("crash-*"))
