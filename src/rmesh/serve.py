@@ -16,8 +16,9 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from rmesh import clients, grpc_edge, metrics
 from rmesh.config import Addresses, RouterConfig, ServerSettings, SolverConfig, VerifierConfig
 from rmesh.engine import Engine, create_engine
+from rmesh.in_process import InProcessSolver, InProcessVerifier
 from rmesh.router_svc import servicer as router_servicer
-from rmesh.router_svc.core import RouterCore
+from rmesh.router_svc.core import RouterCore, SolverPort
 from rmesh.router_svc.review_servicer import ReviewServicer
 from rmesh.router_svc.review_servicer import add_to_server as review_add
 from rmesh.router_svc.reviews import ReviewStore, open_store
@@ -25,6 +26,7 @@ from rmesh.policy.store import PolicyStore
 from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
 from rmesh.solver_svc.kv_budget import KVLedger
+from rmesh.solver_svc.model import VerifierPort
 from rmesh.telemetry import tracer_provider
 from rmesh.verifier_svc import servicer as verifier_servicer
 from rmesh.verifier_svc.core import VerifierCore
@@ -49,13 +51,13 @@ class RunningService:
     tasks: list[asyncio.Task] = field(default_factory=list)
     policies: PolicyStore | None = None
     reviews: ReviewStore | None = None
-    core: object = None  # the router's RouterCore (its pending writes are drained on stop)
+    core: object = None  # the service's core; a router's pending writes are drained on stop
 
     async def stop(self, grace: float) -> None:
         for task in self.tasks:
             task.cancel()
         await grpc_edge.graceful_stop(self.server, self.health, self.service_names, grace)
-        if self.core is not None:
+        if hasattr(self.core, "drain"):
             await self.core.drain()
         for channel in self.channels:
             await channel.close()
@@ -91,7 +93,9 @@ async def start_verifier(
 ) -> RunningService:
     core = VerifierCore(scorer=scorer, calibration=calibration)
     servicer = verifier_servicer.VerifierServicer(core)
-    return await _start("verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server))
+    service = await _start("verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server))
+    service.core = core
+    return service
 
 
 async def start_solver(
@@ -104,7 +108,9 @@ async def start_solver(
     answer_style: str = "extractive",
     kv_budget_bytes: int = 0,
     kv_wait_seconds: float = 5.0,
+    verifier: VerifierPort | None = None,
 ) -> RunningService:
+    """The solver service; ``verifier`` replaces the gRPC client (an in-process port)."""
     channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
@@ -113,7 +119,7 @@ async def start_solver(
     capacity = kv_budget_bytes or (n_ctx * engine.kv_bytes_per_token if n_ctx else 8 << 30)
     core = SolverCore(
         engine,
-        clients.VerifierClient(channel),
+        verifier or clients.VerifierClient(channel),
         tracer=provider.get_tracer("rmesh.solver"),
         answer_style=answer_style,
         kv_ledger=KVLedger(capacity, kv_wait_seconds),
@@ -122,6 +128,7 @@ async def start_solver(
     service = await _start("solver", address, settings, provider, lambda server: solver_servicer.add_to_server(servicer, server))
     service.channels.append(channel)
     service.engine = engine if own_engine else None
+    service.core = core
     return service
 
 
@@ -134,13 +141,18 @@ async def start_router(
     policies: PolicyStore,
     reload_interval: float = 1.0,
     review_store: ReviewStore | None = None,
+    verifier: VerifierPort | None = None,
+    solver: SolverPort | None = None,
 ) -> RunningService:
+    """The router and review services; ``verifier`` and ``solver`` replace the gRPC clients."""
     verifier_channel = grpc_edge.create_channel(
         verifier_address, settings, [clients.VERIFIER_SERVICE], tracer_provider=provider
     )
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
     store = review_store or open_store(RouterConfig().review_db)
-    core = RouterCore(clients.VerifierClient(verifier_channel), clients.SolverClient(solver_channel), reviews=store)
+    core = RouterCore(
+        verifier or clients.VerifierClient(verifier_channel), solver or clients.SolverClient(solver_channel), reviews=store
+    )
     router = router_servicer.RouterServicer(core, policies)
     review = ReviewServicer(store, policies)
 
@@ -202,6 +214,9 @@ async def start_services(
     verifier_addr, solver_addr = addresses.verifier, addresses.solver
     solver_config = SolverConfig.load(env)
     own = engine is None
+    # All three in this process and asked to: internal hops call the peer's core, not loopback gRPC.
+    colocated = env.get("RMESH_COLOCATED_CALLS", "0") == "1" and {"router", "solver", "verifier"} <= set(names)
+    local_verifier = None
     if "solver" in names and engine is None:
         engine = create_engine(solver_config)
     try:
@@ -213,6 +228,8 @@ async def start_services(
             service = await start_verifier(verifier_addr, settings, provider("verifier"), scorer, calibration)
             verifier_addr = bound_address(verifier_addr, service.port)
             started.append(service)
+            if colocated:
+                local_verifier = InProcessVerifier(service.core, service.provider.get_tracer("rmesh.verifier"))
         if "solver" in names:
             solver_engine = engine
             service = await start_solver(
@@ -225,6 +242,7 @@ async def start_services(
                 solver_config.resolved_answer_style,
                 solver_config.kv_budget_bytes,
                 solver_config.kv_wait_seconds,
+                verifier=local_verifier,
             )
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)
@@ -241,6 +259,8 @@ async def start_services(
                     policies,
                     router_config.reload_interval,
                     open_store(router_config.review_db),
+                    verifier=local_verifier,
+                    solver=InProcessSolver(started[-1].core, started[-1].provider.get_tracer("rmesh.solver")) if colocated else None,
                 )
             )
     except BaseException:

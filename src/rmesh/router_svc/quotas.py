@@ -20,11 +20,16 @@ class _Ledger:
     active: int = 0
     reserved: int = 0
     spent: deque = field(default_factory=deque)  # (time, tokens)
+    spent_total: int = 0  # the sum of ``spent``, kept as entries come and go
 
     def used(self, now: float, window: float) -> int:
         while self.spent and self.spent[0][0] <= now - window:
-            self.spent.popleft()
-        return sum(tokens for _, tokens in self.spent)
+            self.spent_total -= self.spent.popleft()[1]
+        return self.spent_total
+
+    def spend(self, when: float, tokens: int) -> None:
+        self.spent.append((when, tokens))
+        self.spent_total += tokens
 
 
 class Admission:
@@ -66,4 +71,4 @@ class Admission:
         finally:
             ledger.active -= 1
             ledger.reserved -= tokens
-            ledger.spent.append((self._clock(), actual["tokens"]))
+            ledger.spend(self._clock(), actual["tokens"])

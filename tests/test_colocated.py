@@ -1,0 +1,91 @@
+"""RMESH_COLOCATED_CALLS=1: with all three services in one process, the router and the solver
+call their peers' cores directly. Same outcomes, one trace, deadlines still hold, and the
+internal gRPC hops are gone."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.engine.instant import InstantEngine
+from rmesh.serve import start_services
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AUTH = [("authorization", "Bearer demo-key")]
+
+
+@pytest_asyncio.fixture
+async def colocated(tmp_path):
+    spans = InMemorySpanExporter()
+    env = {
+        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
+        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
+        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
+        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
+        "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
+        "RMESH_COLOCATED_CALLS": "1",
+    }
+    services = await start_services(
+        ("verifier", "solver", "router"), env, engine=InstantEngine(delay_seconds=0.3), extra_processors=[SimpleSpanProcessor(spans)]
+    )
+    router = next(s for s in services if s.name == "router")
+    yield f"127.0.0.1:{router.port}", spans
+    for service in reversed(services):
+        await service.stop(0)
+
+
+def arithmetic(expression: str = "2 + 3") -> router_pb2.SolveRequest:
+    request = router_pb2.SolveRequest(problem=f"What is {expression}?")
+    request.task.kind = "colocated"
+    request.task.checks.add(name="arithmetic").params.update({"expression": expression})
+    return request
+
+
+async def solve(router: str, request, timeout: float = 30) -> list:
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        return [e async for e in stub.Solve(request, metadata=AUTH, timeout=timeout)]
+
+
+async def test_outcomes_match_and_one_trace_holds_every_service_without_internal_grpc(colocated):
+    router, spans = colocated
+    assert (await solve(router, arithmetic()))[-1].outcome.released
+    refused = (await solve(router, arithmetic("2 + 4")))[-1].outcome
+    assert not refused.released and refused.kind == router_pb2.OUTCOME_KIND_NO_ELIGIBLE_ANSWER
+    finished = spans.get_finished_spans()
+    root = next(s for s in finished if s.name.endswith("RouterService/Solve") and s.parent is None)
+    in_trace = [s for s in finished if s.context.trace_id == root.context.trace_id]
+    services = {s.resource.attributes["service.name"] for s in in_trace}
+    assert services == {"rmesh-router", "rmesh-solver", "rmesh-verifier"}
+    names = [s.name for s in in_trace]
+    assert "rmesh.api.solver.v1.SolverService/Solve (in process)" in names
+    assert "rmesh.api.verifier.v1.VerifierService/Verify (in process)" in names
+    assert any(n.startswith("branch ") for n in names)
+    # No internal call went over gRPC: the only server span is the router's.
+    assert [s.name for s in in_trace if s.kind.name == "SERVER"] == [root.name]
+
+
+async def test_the_callers_deadline_still_cancels_the_search(colocated):
+    router, _ = colocated
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await solve(router, arithmetic(), timeout=0.15)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2
+
+
+async def test_bad_input_gets_the_same_status_as_over_grpc(colocated):
+    router, _ = colocated
+    request = router_pb2.SolveRequest(problem="What is 2 + 3?")
+    request.task.checks.add(name="chess")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await solve(router, request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("task.checks[0].name: unknown checker 'chess'")
