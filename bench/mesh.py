@@ -42,6 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
 KEY = [("authorization", "Bearer bench-key")]
+ROUNDS = 10  # interleaved slices per overhead measurement
 STRATEGIES = ("single_pass", "single_path", "best_of_n", "self_consistency", "beam", "mcts")
 
 
@@ -220,10 +221,14 @@ async def main(load_seconds: float, requests: int) -> None:
             }
             for concurrency in (1, 16):
                 n = requests * (4 if concurrency > 1 else 1)
-                row: dict = {}
+                samples: dict[str, list[float]] = {name: [] for name in calls}
                 for name, call in calls.items():
                     await measure(call, 20, concurrency)  # warm the path
-                    row[name] = percentiles((await measure(call, n, concurrency))[1])
+                # Interleaved slices, so drift in a shared machine's load hits every path alike.
+                for _ in range(ROUNDS):
+                    for name, call in calls.items():
+                        samples[name] += (await measure(call, n // ROUNDS, concurrency))[1]
+                row: dict = {name: percentiles(values) for name, values in samples.items()}
                 chain = row["bare_chain"]
                 for name in ("mesh", "mesh_colocated"):
                     suffix = "" if name == "mesh" else "_colocated"
