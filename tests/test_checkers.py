@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import grpc
 import pytest
@@ -15,6 +17,7 @@ from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.domain import CheckResult
 from rmesh.errors import InvalidRequest
 from rmesh.verifier_svc.checkers import REGISTRY
+from rmesh.verifier_svc.checkers.json_schema import JsonSchemaChecker
 
 VALID_PARAMS = {
     "arithmetic": {"expression": "6 * 7 - 5"},
@@ -182,3 +185,18 @@ def test_any_params_are_accepted_or_refused_by_name(name, params):
         REGISTRY[name].prepare(params, "p")
     except InvalidRequest as exc:
         assert exc.field.startswith("p.")
+
+
+def test_json_schema_patterns_run_in_linear_time():
+    """A backtracking pattern in a caller's schema cannot stall the verifier: RE2 runs it."""
+    checker = JsonSchemaChecker()
+    prepared = checker.prepare({"schema": {"type": "string", "pattern": "^(a+)+$"}}, "task.checks[0].params")
+    started = time.monotonic()
+    result = checker.check(json.dumps("a" * 50_000 + "b"), prepared)
+    assert not result.passed and "does not match" in result.detail
+    assert time.monotonic() - started < 1.0  # Python's re would need longer than the universe
+    keyed = checker.prepare({"schema": {"type": "object", "patternProperties": {"^n(a+)+$": {"type": "integer"}}}}, "p")
+    assert checker.check('{"naaa": 3}', keyed).passed
+    assert not checker.check('{"naaa": "x"}', keyed).passed
+    with pytest.raises(InvalidRequest, match=r"task.checks\[0\].params.schema: pattern '\(\?<=a\)b' is not an RE2 pattern"):
+        checker.prepare({"schema": {"properties": {"x": {"pattern": "(?<=a)b"}}}}, "task.checks[0].params")

@@ -169,3 +169,18 @@ def test_expression_target_use_all_needs_every_number():
     verdicts = VerifierCore().verify(task, {}, (), [every, one_missing])
     assert [v.release for v in verdicts] == [True, False]
     assert verdicts[1].checks[-1].detail == "does not use every given number"
+
+
+def test_grounding_many_numbers_against_long_evidence_stays_fast():
+    """Each evidence value is scanned once, not once per number a candidate states."""
+    import time
+
+    from rmesh.verifier_svc.core import ungrounded_claims
+
+    evidence = {"log": " ".join(str(i) for i in range(4000))}
+    stated = " ".join(str(i) for i in range(3000, 6000))
+    candidate = Candidate("c", (Checkpoint(stated, ("log",)),), stated, "5999", True)
+    started = time.monotonic()
+    claims = ungrounded_claims(candidate, evidence)
+    assert time.monotonic() - started < 1.0
+    assert claims == tuple(str(i) for i in range(4000, 6000))

@@ -139,7 +139,10 @@ class VerifierCore:
     def blocking(self, task: TaskSpec, candidates: Sequence[Candidate] = ()) -> bool:
         """Whether verifying would hold the event loop for long: a blocking checker, or much text
         (regex and schema checks are linear in the answer, and there may be 256 answers)."""
-        text = sum(len(c.final_answer) + sum(len(cp.text) for cp in c.checkpoints) for c in candidates)
+        text = sum(
+            len(c.final_answer) + len(c.verification_summary) + sum(len(cp.text) for cp in c.checkpoints)
+            for c in candidates
+        )
         return text > INLINE_TEXT_CHARS or any(
             getattr(self._registry.get(spec.name), "blocking", True) for spec in task.checks
         )
@@ -232,14 +235,22 @@ class VerifierCore:
 _NUMBER_OR_DATE = re.compile(r"\d+(?:[.,:/-]\d+)*")
 
 
+def _evidence_values(evidence: Mapping[str, str]) -> dict[str, frozenset[str]]:
+    """The numbers and dates in each evidence value, found once (a set: lookups stay constant
+    however long the evidence and however many numbers a candidate states)."""
+    return {key: frozenset(_NUMBER_OR_DATE.findall(value)) for key, value in evidence.items()}
+
+
 def ungrounded_claims(candidate: Candidate, evidence: Mapping[str, str]) -> tuple[str, ...]:
     """Numbers and dates the candidate states that its cited evidence does not contain.
 
     A checkpoint is held to the values it cites; the final answer and the summary to every
     value the candidate cites. Evidence is only searched, never interpreted.
     """
+    values = _evidence_values(evidence)
+
     def grounded_in(token: str, keys) -> bool:
-        return any(token in _NUMBER_OR_DATE.findall(evidence.get(k, "")) for k in keys)
+        return any(token in values.get(k, ()) for k in keys)
 
     claims: list[str] = []
     for cp in candidate.checkpoints:
@@ -257,11 +268,12 @@ def step_scores(candidate: Candidate, evidence: Mapping[str, str]) -> tuple[floa
     must cite keys the request carries and state only numbers those values contain.
     """
     scores = []
+    values = _evidence_values(evidence)
     for cp in candidate.checkpoints:
         if cp.cites:
             known = all(k in evidence for k in cp.cites)
             grounded = all(
-                any(t in _NUMBER_OR_DATE.findall(evidence.get(k, "")) for k in cp.cites)
+                any(t in values.get(k, ()) for k in cp.cites)
                 for t in _NUMBER_OR_DATE.findall(cp.text)
             )
             scores.append(1.0 if known and grounded else 0.0)

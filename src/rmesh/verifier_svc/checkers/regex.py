@@ -19,7 +19,8 @@ MAX_PATTERN_CHARS = 2000
 MAX_ANSWER_CHARS = 100_000
 
 
-def _options() -> re2.Options:
+def re2_options() -> re2.Options:
+    """Quiet (errors are reported, not logged) and memory-bounded RE2 compilation."""
     options = re2.Options()
     options.log_errors = False
     options.max_mem = 8 << 20
@@ -40,7 +41,7 @@ class RegexChecker:
         if len(pattern) > MAX_PATTERN_CHARS:
             raise InvalidRequest(f"{field_path}.pattern", f"longer than {MAX_PATTERN_CHARS} characters")
         try:
-            return re2.compile(pattern, _options())
+            return re2.compile(pattern, re2_options())
         except re2.error as exc:
             reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
             raise InvalidRequest(f"{field_path}.pattern", f"not an RE2 pattern: {reason}") from None
