@@ -161,6 +161,15 @@ async def test_every_service_reports_serving(mesh):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
+async def test_health_watch_streams_the_serving_status(mesh):
+    """Watch (a context.write stream) passes the servers' interceptors intact."""
+    async with mesh.channel("router") as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        first = await stream.read()
+        stream.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_grpcurl_lists_router_and_health(mesh):
     """A real grpcurl, through server reflection (run without blocking the servers' loop)."""
     grpcurl = pathlib.Path(sys.executable).parent / "grpcurl"

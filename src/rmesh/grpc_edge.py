@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 
 from rmesh import errors
 from rmesh.config import ServerSettings
@@ -109,7 +110,21 @@ def remaining_timeout() -> float | None:
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> errors.MeshError:
     """Map a downstream status back to the project's exceptions, keeping its message."""
-    code, details = exc.code(), exc.details() or ""
+    return _error_from_status(exc.code(), exc.details() or "", service)
+
+
+def error_from_peer(exc: BaseException, service: str) -> errors.MeshError:
+    """What a peer's failure becomes when the peer runs in this process: exactly what the same
+    failure would become after crossing gRPC (``error_from_rpc``), so callers see one mesh."""
+    if isinstance(exc, errors.ResourceExhausted):
+        return errors.ResourceExhausted(f"{service}: {exc.message}", exc.violations)
+    if isinstance(exc, errors.MeshError):
+        return _error_from_status(status_code(exc), exc.message, service)
+    log.error("internal error in %s", service, exc_info=exc)
+    return _error_from_status(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}", service)
+
+
+def _error_from_status(code: grpc.StatusCode, details: str, service: str) -> errors.MeshError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field, _, reason = details.partition(": ")
         return errors.InvalidRequest(field, reason) if reason else errors.InvalidRequest(service, details)
@@ -155,7 +170,7 @@ def _refuse_undecodable(behaviour, streaming: bool):
             "field, nesting deeper than 100 levels, or truncated bytes"
         )
 
-    if streaming:
+    if streaming and inspect.isasyncgenfunction(behaviour):
         async def stream(request, context):
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message(request))
@@ -163,6 +178,7 @@ def _refuse_undecodable(behaviour, streaming: bool):
                 yield item
 
         return stream
+    # A unary call, or a stream written with context.write (health's Watch): a coroutine.
 
     async def unary(request, context):
         if isinstance(request, _Undecodable):
@@ -202,7 +218,12 @@ def create_server(
     """A grpc.aio server with health, reflection, tracing and message limits; not started.
     Returns the server, its bound port, its health servicer and the service names added."""
     server = grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor(), aio_server_interceptor(tracer_provider=tracer_provider)],
+        interceptors=[
+            MalformedRequestInterceptor(),
+            # Health checks stay out of traces (probes every few seconds), and out of the
+            # tracing wrapper, which would turn health's context.write Watch into UNKNOWN.
+            aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
+        ],
         options=_options(settings),
     )
     service_names = list(add_servicers(server))

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from rmesh import metrics
 from rmesh.domain import Candidate, Precheck, TaskSpec, Verdict
-from rmesh.grpc_edge import DEADLINE
+from rmesh.grpc_edge import DEADLINE, error_from_peer
 from rmesh.solver_svc.core import SolverCore
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
 from rmesh.verifier_svc.core import LEARNED_NONE, VerifierCore
@@ -29,9 +30,12 @@ class InProcessVerifier:
 
     async def precheck(self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str]) -> Precheck:
         with self.tracer.start_as_current_span("rmesh.api.verifier.v1.VerifierService/Precheck (in process)"):
-            if self.core.blocking(task):
-                return await asyncio.to_thread(self.core.precheck, task, evidence, required)
-            return self.core.precheck(task, evidence, required)
+            try:
+                if self.core.blocking(task):
+                    return await asyncio.to_thread(self.core.precheck, task, evidence, required)
+                return self.core.precheck(task, evidence, required)
+            except Exception as exc:
+                raise error_from_peer(exc, "verifier") from None
 
     async def verify(
         self,
@@ -45,9 +49,12 @@ class InProcessVerifier:
         aggregation: str = "min",
     ) -> list[Verdict]:
         with self.tracer.start_as_current_span("rmesh.api.verifier.v1.VerifierService/Verify (in process)"):
-            verdicts, _ = await self.core.verify_scored(
-                task, evidence, required, candidates, problem=problem, learned=learned or LEARNED_NONE, aggregation=aggregation
-            )
+            try:
+                verdicts, _ = await self.core.verify_scored(
+                    task, evidence, required, candidates, problem=problem, learned=learned or LEARNED_NONE, aggregation=aggregation
+                )
+            except Exception as exc:
+                raise error_from_peer(exc, "verifier") from None
             return verdicts
 
 
@@ -78,6 +85,10 @@ class InProcessSolver:
             while (progress := await queue.get()) is not None:
                 yield progress
             result = await task
+        except Exception as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise error_from_peer(exc, "solver") from None
         finally:
             task.cancel()
             span.end()

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -30,6 +31,8 @@ MAX_PROBLEM_CHARS = 8000
 # The prior's history is kept in memory and re-read from the store this often.
 HISTORY_TTL_SECONDS = 30.0
 HISTORY_LIMIT = 200
+HISTORY_KINDS = 4096
+MAX_PENDING_WRITES = 64
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
 # Strategies whose first (or only) branch is the greedy answer.
@@ -178,24 +181,39 @@ class RouterCore:
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
         self._writes: set[asyncio.Task] = set()
-        self._history: dict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = {}
+        # (tenant, kind) -> (when read, attempts newest first); least recently used first.
+        self._history: OrderedDict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = OrderedDict()
 
     async def _rung_history(self, tenant: str, kind: str) -> list[tuple[str, bool]]:
         """The prior's recent attempts, newest first: from memory, re-read from the store after
-        HISTORY_TTL_SECONDS so routers sharing a PostgreSQL store learn from each other."""
-        cached = self._history.get((tenant, kind))
+        HISTORY_TTL_SECONDS so routers sharing a PostgreSQL store learn from each other. The
+        memory holds HISTORY_KINDS kinds at most (callers name kinds freely)."""
+        key = (tenant, kind)
+        cached = self._history.get(key)
         if cached is not None and time.monotonic() - cached[0] < HISTORY_TTL_SECONDS:
+            self._history.move_to_end(key)
             return cached[1]
         history = await asyncio.to_thread(self.reviews.rung_history, tenant, kind)
-        self._history[(tenant, kind)] = (time.monotonic(), history)
+        self._history[key] = (time.monotonic(), history)
+        self._history.move_to_end(key)
+        while len(self._history) > HISTORY_KINDS:
+            self._history.popitem(last=False)
         return history
 
-    def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
-        """Learning data for the prior, written off the request's path; ``drain`` awaits it."""
+    async def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
+        """Learning data for the prior, written off the request's path (``drain`` awaits it);
+        with MAX_PENDING_WRITES already queued, the request waits for its own write instead."""
         cached = self._history.get((tenant, kind))
         if cached is not None:
             self._history[(tenant, kind)] = (cached[0], [(rung, success), *cached[1]][:HISTORY_LIMIT])
-        task = asyncio.create_task(asyncio.to_thread(self.reviews.record_rung, tenant, kind, rung, success))
+        write = asyncio.to_thread(self.reviews.record_rung, tenant, kind, rung, success, time.time())
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            try:
+                await write
+            except Exception as exc:
+                log.warning("could not record a rung outcome: %s", exc)
+            return
+        task = asyncio.create_task(write)
         self._writes.add(task)
         task.add_done_callback(self._written)
 
@@ -305,7 +323,7 @@ class RouterCore:
                     raise RuntimeError("solver stream ended without a result")
                 spent = spent + result.usage
                 if self.reviews is not None:
-                    self._record_rung(policy.tenant, kind, strategy, result.eligible)
+                    await self._record_rung(policy.tenant, kind, strategy, result.eligible)
                 left = decision.budget.max_tokens - spent.completion_tokens
                 if result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies) or left < MIN_ESCALATION_TOKENS:
                     break
