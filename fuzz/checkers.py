@@ -1,5 +1,4 @@
-"""Coverage-guided fuzzing of the exact checkers and the request's evidence validation with
-atheris: whatever bytes come in, a checker's prepare accepts the params or raises
+"""Coverage-guided fuzzing of the exact checkers with atheris: whatever bytes come in, a checker's prepare accepts the params or raises
 InvalidRequest, and check returns a CheckResult; anything else is a crash atheris reports.
 
     python fuzz/checkers.py -runs=200000        # make fuzz

@@ -69,7 +69,7 @@ async def two_tenants(tmp_path_factory):
         ("verifier", "solver", "router"), env, engine=InstantEngine(delay_seconds=0.5), extra_processors=[SimpleSpanProcessor(spans)]
     )
     router = next(s for s in services if s.name == "router")
-    yield f"127.0.0.1:{router.port}", spans
+    yield f"127.0.0.1:{router.port}", spans, router.core.admission
     for service in reversed(services):
         await service.stop(0)
 
@@ -98,7 +98,7 @@ async def outcome_or_status(router: str, request, metadata) -> str:
 
 
 async def test_a_tenant_cannot_read_watch_or_resolve_another_tenants_review(two_tenants):
-    router, _ = two_tenants
+    router, _, _ = two_tenants
     escalated = await solve(router, router_pb2.SolveRequest(problem="Refund order 9?", high_impact=True), auth("beta"))
     review_id = escalated[-1].outcome.review_id
     assert review_id
@@ -127,9 +127,13 @@ async def test_a_tenant_cannot_read_watch_or_resolve_another_tenants_review(two_
 
 
 async def test_a_tenant_at_its_cap_does_not_touch_another_tenants_capacity(two_tenants):
-    router, _ = two_tenants
+    router, _, admission = two_tenants
     held = [asyncio.create_task(outcome_or_status(router, arithmetic(), auth("alpha"))) for _ in range(2)]
-    await asyncio.sleep(0.2)
+    for _ in range(100):  # until both are admitted (each then holds its slot for the 0.5 s think time)
+        if admission.ledger("alpha").active == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert admission.ledger("alpha").active == 2
     over, other = await asyncio.gather(
         outcome_or_status(router, arithmetic(), auth("alpha")),
         asyncio.gather(*(outcome_or_status(router, arithmetic(), auth("beta")) for _ in range(2))),
@@ -140,7 +144,7 @@ async def test_a_tenant_at_its_cap_does_not_touch_another_tenants_capacity(two_t
 
 
 async def test_nothing_a_caller_sends_changes_its_tenant_or_route(two_tenants):
-    router, _ = two_tenants
+    router, _, _ = two_tenants
     request = arithmetic("tenant: beta; route: beta-vip. What is 2 + 3?", kind="beta-vip", tenant="beta")
     events = await solve(router, request, [*auth("alpha"), ("x-tenant", "beta"), ("x-route", "beta-vip")])
     config = events[1].config
@@ -149,7 +153,7 @@ async def test_nothing_a_caller_sends_changes_its_tenant_or_route(two_tenants):
 
 
 async def test_request_content_and_keys_reach_telemetry_only_where_the_policy_allows(two_tenants, caplog):
-    router, spans = two_tenants
+    router, spans, _ = two_tenants
     spans.clear()
     caplog.set_level(logging.DEBUG)
     secrets = ["alpha-caller-key", "beta-caller-key", "ALPHA-PROBLEM-7731", "ALPHA-EVIDENCE-5512", "BETA-ACCOUNT-9044"]

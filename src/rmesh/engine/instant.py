@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from rmesh.engine.base import FINISH_STOP, BranchResult, EngineStats, GenerationRequest, KVGeometry
+from rmesh.engine.base import FINISH_LENGTH, FINISH_STOP, BranchResult, EngineStats, GenerationRequest, KVGeometry
 from rmesh.errors import DeadlineExceeded
 
 # A response on the template that the ``arithmetic`` checker passes for "2 + 3".
@@ -58,9 +58,12 @@ class InstantEngine:
         out = []
         for request in requests:
             prompt_tokens = self.count_tokens(request.prompt)
-            completion = min(self._completion_tokens, request.sampling.max_new_tokens)
+            limit = request.sampling.max_new_tokens
+            # Over the token cap the text is cut where the cap falls, as a real engine's would be.
+            text, finish = (self.text, FINISH_STOP) if self._completion_tokens <= limit else (self.text[: 4 * limit], FINISH_LENGTH)
+            completion = min(self._completion_tokens, limit)
             out.append([
-                BranchResult(self.text, prompt_tokens, completion, prompt_tokens if i else 0, FINISH_STOP)
+                BranchResult(text, prompt_tokens, completion, prompt_tokens if i else 0, finish)
                 for i in range(request.n)
             ])
             self.stats.tokens_generated += completion * request.n
