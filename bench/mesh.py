@@ -37,6 +37,7 @@ from bench.chain import PATH as CHAIN_PATH
 from bench.common import machine, write
 from bench.load import request as solve_request
 from rmesh.api.router.v1 import router_pb2_grpc
+from rmesh.clients import wait_serving
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -50,18 +51,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-async def wait_serving(address: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            async with grpc.aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{address} did not become SERVING within {timeout:.0f}s")
 
 
 async def wait_port(port: int, timeout: float = 30) -> None:
@@ -154,7 +143,7 @@ async def start_mesh(
             procs.start(f"{engine}-{service}", [RMESH, "serve", service], env)
     addresses = {s: env[f"RMESH_{s.upper()}_ADDR"] for s in ("verifier", "solver", "router")}
     for address in addresses.values():
-        await wait_serving(address, timeout=180)
+        await wait_serving(address, 180)
     return router, addresses
 
 

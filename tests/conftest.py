@@ -33,6 +33,19 @@ def engine():
     yield eng
 
 
+def service_env(tmp: pathlib.Path, **extra: str) -> dict[str, str]:
+    """Environment for ``start_services`` in a test: ports the OS picks, the shipped tenants,
+    a review database under ``tmp``; ``extra`` adds or overrides RMESH_* settings."""
+    return {
+        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
+        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
+        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
+        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
+        "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
+        **extra,
+    }
+
+
 class Mesh:
     def __init__(self, services, spans: InMemorySpanExporter, engine) -> None:
         self.services = {s.name: s for s in services}
@@ -50,14 +63,7 @@ class Mesh:
 async def mesh(engine, tmp_path_factory):
     """Router, solver and verifier as real grpc.aio servers on ports the OS picks."""
     spans = InMemorySpanExporter()
-    env = {
-        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
-        "RMESH_MAX_MESSAGE_BYTES": str(256 * 1024),
-        "RMESH_REVIEW_DB": str(tmp_path_factory.mktemp("reviews") / "reviews.sqlite3"),
-    }
+    env = service_env(tmp_path_factory.mktemp("reviews"), RMESH_MAX_MESSAGE_BYTES=str(256 * 1024))
     services = await start_services(
         ("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)]
     )

@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
+from conftest import service_env
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -24,14 +25,7 @@ AUTH = [("authorization", "Bearer demo-key")]
 @pytest_asyncio.fixture
 async def colocated(tmp_path):
     spans = InMemorySpanExporter()
-    env = {
-        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
-        "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
-        "RMESH_COLOCATED_CALLS": "1",
-    }
+    env = service_env(tmp_path, RMESH_COLOCATED_CALLS="1")
     engine = InstantEngine(delay_seconds=0.3)
     services = await start_services(("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)])
     router = next(s for s in services if s.name == "router")

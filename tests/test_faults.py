@@ -15,12 +15,12 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import service_env
 from sglang_standin import FakeSGLang, StandIn
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.api.verifier.v1 import verifier_pb2
-from rmesh.clients import VERIFIER_SERVICE, SolverClient, VerifierClient
+from rmesh.clients import VERIFIER_SERVICE, SolverClient, VerifierClient, wait_serving
 from rmesh.config import ServerSettings
 from rmesh.domain import TaskSpec
 from rmesh.engine.instant import DEFAULT_TEXT, InstantEngine
@@ -53,17 +53,6 @@ async def status_of(address: str, **kwargs) -> tuple[grpc.aio.AioRpcError, float
     return info.value, time.monotonic() - started
 
 
-def env_for(tmp: pathlib.Path, **extra: str) -> dict:
-    return {
-        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
-        "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
-        **extra,
-    }
-
-
 # -- the engine (SGLang path) ----------------------------------------------------------------------
 
 
@@ -73,7 +62,7 @@ async def sglang_mesh(tmp_path):
     FakeSGLang.text = DEFAULT_TEXT
     standin = StandIn().start()
     services = await start_services(
-        ("verifier", "solver", "router"), env_for(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url)
+        ("verifier", "solver", "router"), service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url)
     )
     router = next(s for s in services if s.name == "router")
     yield standin, f"127.0.0.1:{router.port}"
@@ -127,7 +116,7 @@ async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
 
 @pytest_asyncio.fixture
 async def instant_mesh(tmp_path):
-    services = await start_services(("verifier", "solver", "router"), env_for(tmp_path), engine=InstantEngine())
+    services = await start_services(("verifier", "solver", "router"), service_env(tmp_path), engine=InstantEngine())
     yield {s.name: s for s in services}
     for service in reversed(services):
         await service.stop(0)
@@ -216,20 +205,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _serving(address: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{address} never became SERVING")
-
-
 async def _spawn(env: dict) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         RMESH, "serve", cwd=ROOT, env={**os.environ, **env},
@@ -263,7 +238,7 @@ async def test_sigterm_under_load_finishes_in_flight_streams_and_refuses_new_one
     router = env["RMESH_ROUTER_ADDR"]
     process = await _spawn(env)
     try:
-        await _serving(router)
+        await wait_serving(router, 60)
         in_flight = [asyncio.create_task(_outcome_or_status(router)) for _ in range(6)]
         await asyncio.sleep(1.5)  # every stream is inside the engine's 4 s think time
         process.send_signal(signal.SIGTERM)
@@ -286,7 +261,7 @@ async def test_router_killed_with_reviews_pending_and_budget_held_loses_and_leak
     router = env["RMESH_ROUTER_ADDR"]
     process = await _spawn(env)
     try:
-        await _serving(router)
+        await wait_serving(router, 60)
         escalated = await solve(router, router_pb2.SolveRequest(problem="Approve this refund?", high_impact=True))
         review_id = escalated[-1].outcome.review_id
         assert review_id
@@ -298,7 +273,7 @@ async def test_router_killed_with_reviews_pending_and_budget_held_loses_and_leak
         assert set(await asyncio.gather(*held)) == {"UNAVAILABLE"}
         await process.wait()
         process = await _spawn({**env, "RMESH_INSTANT_DELAY_SECONDS": "0.5"})
-        await _serving(router)
+        await wait_serving(router, 60)
         # Reservations lived in the dead process: the tenant has its whole capacity again.
         again = await asyncio.gather(*(_outcome_or_status(router) for _ in range(8)))
         assert again == ["OUTCOME_KIND_RELEASED"] * 8

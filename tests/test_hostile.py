@@ -11,6 +11,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import yaml
+from conftest import service_env
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -47,15 +48,7 @@ SERVICE_OF = {"router": "router", "review": "router", "solver": "solver", "verif
 
 @pytest_asyncio.fixture(scope="module")
 async def hostile_mesh(tmp_path_factory):
-    env = {
-        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-        "RMESH_ENGINE": "instant",
-        "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
-        "RMESH_MAX_MESSAGE_BYTES": str(256 * 1024),
-        "RMESH_REVIEW_DB": str(tmp_path_factory.mktemp("hostile") / "reviews.sqlite3"),
-    }
+    env = service_env(tmp_path_factory.mktemp("hostile"), RMESH_ENGINE="instant", RMESH_MAX_MESSAGE_BYTES=str(256 * 1024))
     services = await start_services(("verifier", "solver", "router"), env, engine=InstantEngine(COMPROMISED))
     yield {s.name: f"127.0.0.1:{s.port}" for s in services}
     for service in reversed(services):

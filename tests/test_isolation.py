@@ -10,6 +10,7 @@ import logging
 import grpc
 import pytest
 import pytest_asyncio
+from conftest import service_env
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY, generate_latest
@@ -58,13 +59,7 @@ async def two_tenants(tmp_path_factory):
     (tenants / "alpha.yaml").write_text(_tenant("alpha"))
     (tenants / "beta.yaml").write_text(_tenant("beta", "privacy: {trace_content: true, sensitive_evidence: [account]}"))
     spans = InMemorySpanExporter()
-    env = {
-        "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-        "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-        "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-        "RMESH_TENANTS_DIR": str(tenants),
-        "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
-    }
+    env = service_env(tmp, RMESH_TENANTS_DIR=str(tenants))
     services = await start_services(
         ("verifier", "solver", "router"), env, engine=InstantEngine(delay_seconds=0.5), extra_processors=[SimpleSpanProcessor(spans)]
     )

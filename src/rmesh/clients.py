@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rmesh import convert
 from rmesh.api.solver.v1 import solver_pb2_grpc
@@ -86,3 +89,18 @@ class SolverClient:
             raise error_from_rpc(exc, "solver") from None
         finally:
             call.cancel()
+
+
+async def wait_serving(address: str, timeout: float) -> None:
+    """Poll a server's overall health until it is SERVING; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f}s")

@@ -8,7 +8,6 @@ reasoning-gym's own scorers grade what the mesh released and never reach the ver
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pathlib
@@ -23,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rmesh import clients
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -117,17 +116,10 @@ def _free_port() -> int:
 
 
 async def wait_serving(address: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.3)
-    raise EvalError(f"cannot reach the mesh's router at {address} (no SERVING health within {timeout:.0f}s)")
+    try:
+        await clients.wait_serving(address, timeout)
+    except TimeoutError:
+        raise EvalError(f"cannot reach the mesh's router at {address} (no SERVING health within {timeout:.0f}s)") from None
 
 
 def start_mesh(workdir: str) -> tuple[subprocess.Popen, str]:
