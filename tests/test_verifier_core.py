@@ -184,3 +184,13 @@ def test_grounding_many_numbers_against_long_evidence_stays_fast():
     claims = ungrounded_claims(candidate, evidence)
     assert time.monotonic() - started < 1.0
     assert claims == tuple(str(i) for i in range(4000, 6000))
+
+
+@pytest.mark.parametrize("text", ["1e999", "-1e999 + 1", "1e999 - 1e999"])
+def test_a_literal_too_large_for_a_float_is_an_expression_error(text):
+    """Found by the atheris harness: "1e999" parses as infinity, which Fraction refuses."""
+    from rmesh.verifier_svc.core import equation_score
+
+    with pytest.raises(ExpressionError, match="out of range"):
+        evaluate(text)
+    assert equation_score(f"{text} = 5") == 0.5  # a model's checkpoint cannot crash the verifier

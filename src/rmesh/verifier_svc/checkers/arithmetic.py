@@ -7,6 +7,7 @@ types an arithmetic expression needs; nothing is ever passed to ``eval``.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ def evaluate(expression: str) -> Fraction:
 
 def _eval_node(node: ast.AST) -> Fraction:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise ExpressionError("number out of range")  # "1e999" parses as infinity
         return Fraction(str(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = _eval_node(node.operand)
