@@ -7,33 +7,18 @@ import os
 import pathlib
 import platform
 import time
-from collections.abc import Mapping, Sequence
 
-from rmesh.domain import Candidate, Precheck, TaskSpec, Verdict
+from opentelemetry import trace
+
+from rmesh.in_process import InProcessVerifier
 from rmesh.verifier_svc.core import VerifierCore
 
 OUT = pathlib.Path(__file__).resolve().parent / "out"
 
 
-class LocalVerifier:
+def local_verifier() -> InProcessVerifier:
     """The real verifier core called in process: benchmarks measure the search, not the network."""
-
-    def __init__(self) -> None:
-        self.core = VerifierCore()
-
-    async def precheck(self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str]) -> Precheck:
-        return self.core.precheck(task, evidence, required)
-
-    async def verify(
-        self,
-        task: TaskSpec,
-        evidence: Mapping[str, str],
-        required: Sequence[str],
-        candidates: Sequence[Candidate],
-        **learned,
-    ) -> list[Verdict]:
-        verdicts, _ = await self.core.verify_scored(task, evidence, required, candidates, **learned)
-        return verdicts
+    return InProcessVerifier(VerifierCore(), trace.get_tracer("rmesh.bench"))
 
 
 async def no_progress(_progress) -> None:

@@ -19,7 +19,7 @@ import time
 
 import reasoning_gym
 
-from bench.common import OUT, LocalVerifier, machine, no_progress, write
+from bench.common import OUT, local_verifier, machine, no_progress, write
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.llama import LlamaEngine
@@ -78,7 +78,7 @@ async def oracle(engine, problem: str, numeric: bool, seed: int) -> list[str]:
 
 async def main(size_arith: int, size_countdown: int, only: str = "") -> None:
     engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
-    core = SolverCore(engine, LocalVerifier())
+    core = SolverCore(engine, local_verifier())
     report: dict = {"machine": machine(), "engine": engine.model_name, "k": K, "token_budget": TOKEN_BUDGET, "datasets": {}}
     previous = json.loads(OUT_FILE.read_text()) if only and OUT_FILE.exists() else None
     if previous:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bench.common import LocalVerifier, machine, no_progress, write
+from bench.common import local_verifier, machine, no_progress, write
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.llama import LlamaEngine
@@ -67,7 +67,7 @@ def reuse(result, first_prompt_tokens: int) -> dict:
 
 async def main() -> None:
     engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
-    core = SolverCore(engine, LocalVerifier(), answer_style="extractive")
+    core = SolverCore(engine, local_verifier(), answer_style="extractive")
     prompt = build_prompt(PROBLEM, EVIDENCE, numeric_answer=True, extractive_answer=True)
     prefix_tokens = engine.count_tokens(prompt)
     assert prefix_tokens >= 500, prefix_tokens

@@ -6,14 +6,17 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+from opentelemetry import trace
 
 from rmesh.domain import Candidate, CheckResult, Verdict
 from rmesh.errors import ResourceExhausted
+from rmesh.in_process import InProcessVerifier
 from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.solver_svc.prompt import build_step_grammar
 from rmesh.solver_svc.search import Node
 from rmesh.solver_svc.strategies.mcts import puct, set_priors
 from rmesh.solver_svc.strategies.self_consistency import normalise_answer, vote
+from rmesh.verifier_svc.core import VerifierCore
 
 
 def node(node_id: str, answer: str, release: bool, score: float, logprob: float = 0.0, tokens: int = 10) -> Node:
@@ -96,24 +99,21 @@ def test_step_grammar_forces_required_citations_then_allows_finishing():
     assert capped.startswith('root ::= summary answer "</response>"')
 
 
-class CountingVerifier:
+class CountingVerifier(InProcessVerifier):
     """The real verifier core in process, counting the calls the solver makes to it."""
 
     def __init__(self) -> None:
-        from rmesh.verifier_svc.core import VerifierCore
-
-        self.core = VerifierCore()
+        super().__init__(VerifierCore(), trace.get_tracer("test"))
         self.prechecks = 0
         self.verifies = 0
 
     async def precheck(self, task, evidence, required):
         self.prechecks += 1
-        return self.core.precheck(task, evidence, required)
+        return await super().precheck(task, evidence, required)
 
     async def verify(self, task, evidence, required, candidates, **learned):
         self.verifies += 1
-        verdicts, _ = await self.core.verify_scored(task, evidence, required, candidates, **learned)
-        return verdicts
+        return await super().verify(task, evidence, required, candidates, **learned)
 
 
 async def test_a_precheck_from_the_caller_saves_the_solver_its_own():
