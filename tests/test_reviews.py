@@ -9,6 +9,7 @@ import pathlib
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -19,6 +20,7 @@ from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.errors import FailedPrecondition, InvalidRequest, NotFound
 from rmesh.router_svc.reviews import PostgresReviewStore, SQLiteReviewStore
+from rmesh.router_svc.rung_log import RungLog
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("RMESH_TEST_POSTGRES_URL", "")
@@ -103,6 +105,74 @@ def test_racing_reviewers_make_one_resolution(store):
     winners = {r.resolution for r in results if r is not None}
     assert len(winners) == 1
     assert store.get(t, review.id).resolution in winners
+
+
+def test_rung_rows_are_written_together_newest_first(store):
+    who = tenant()
+    store.record_rungs([(who, "sum", "best_of_n", False, 100.0), (who, "sum", "beam", True, 101.0)])
+    store.record_rung(who, "sum", "mcts", False, now=102.0)
+    assert store.rung_history(who, "sum") == [("mcts", False), ("beam", True), ("best_of_n", False)]
+    assert store.rung_history(who, "other") == []
+
+
+class CountingStore:
+    """A review store that records each batch, holds writes until released, can be made to fail."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.batches: list[int] = []
+        self.release = threading.Event()
+        self.fail = False
+
+    def record_rungs(self, rows) -> None:
+        self.release.wait(10)
+        if self.fail:
+            raise OSError("disk full")
+        self.batches.append(len(rows))
+        self.store.record_rungs(rows)
+
+
+async def held_rung_log(tmp_path, max_pending: int) -> tuple[CountingStore, RungLog]:
+    """A rung log whose writer has taken a first row and is held in the store."""
+    store = CountingStore(SQLiteReviewStore(tmp_path / "reviews.sqlite3"))
+    rungs = RungLog(store, max_pending=max_pending)
+    await rungs.add("t", "sum", "r0", True)
+    await asyncio.sleep(0.05)
+    return store, rungs
+
+
+async def test_rung_log_batches_rows_and_drains(tmp_path):
+    store, rungs = await held_rung_log(tmp_path, max_pending=1000)
+    for i in range(1, 50):
+        await rungs.add("t", "sum", f"r{i}", i % 2 == 0)  # none of these waits: far below the bound
+    store.release.set()
+    await rungs.drain()
+    # The rows that queued while r0 was being written went in one batch.
+    assert store.batches == [1, 49]
+    history = store.store.rung_history("t", "sum", limit=100)
+    assert len(history) == 50 and history[0] == ("r49", False)
+
+
+async def test_rung_log_makes_a_caller_wait_past_its_bound_and_survives_a_failing_store(tmp_path, caplog):
+    store, rungs = await held_rung_log(tmp_path, max_pending=4)
+    for i in range(1, 4):
+        await rungs.add("t", "sum", f"r{i}", True)  # three queue behind it
+    fourth = asyncio.create_task(rungs.add("t", "sum", "r4", True))  # the bound: it waits for its batch
+    await asyncio.sleep(0.05)
+    assert not fourth.done()
+    store.release.set()
+    await asyncio.wait_for(fourth, 10)
+    await rungs.drain()
+    assert store.batches == [1, 4]
+
+    store.fail = True
+    await rungs.add("t", "sum", "lost", True)
+    await rungs.drain()
+    assert "could not record 1 rung outcomes: disk full" in caplog.text
+    store.fail = False
+    await rungs.add("t", "sum", "after", True)
+    await rungs.drain()
+    assert store.store.rung_history("t", "sum", limit=1) == [("after", True)]
 
 
 # -- over gRPC, through the router ----------------------------------------------------------------
@@ -205,3 +275,4 @@ async def test_router_killed_mid_review_loses_nothing(mesh, tmp_path):
     finally:
         second.send_signal(signal.SIGTERM)
         await second.wait()
+

@@ -23,6 +23,7 @@ from rmesh.policy.engine import decide, request_view
 from rmesh.policy.model import TenantPolicy
 from rmesh.router_svc.ladder import plan
 from rmesh.router_svc.quotas import Admission
+from rmesh.router_svc.rung_log import RungLog
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ MAX_PROBLEM_CHARS = 8000
 HISTORY_TTL_SECONDS = 30.0
 HISTORY_LIMIT = 200
 HISTORY_KINDS = 4096
-MAX_PENDING_WRITES = 64
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
 # Strategies whose first (or only) branch is the greedy answer.
@@ -180,7 +180,7 @@ class RouterCore:
         self.solver = solver
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
-        self._writes: set[asyncio.Task] = set()
+        self._rungs = RungLog(reviews)
         # (tenant, kind) -> (when read, attempts newest first); least recently used first.
         self._history: OrderedDict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = OrderedDict()
 
@@ -201,31 +201,15 @@ class RouterCore:
         return history
 
     async def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
-        """Learning data for the prior, written off the request's path (``drain`` awaits it);
-        with MAX_PENDING_WRITES already queued, the request waits for its own write instead."""
+        """Learning data for the prior: in this router's memory at once, in the store in batches."""
         cached = self._history.get((tenant, kind))
         if cached is not None:
             self._history[(tenant, kind)] = (cached[0], [(rung, success), *cached[1]][:HISTORY_LIMIT])
-        write = asyncio.to_thread(self.reviews.record_rung, tenant, kind, rung, success, time.time())
-        if len(self._writes) >= MAX_PENDING_WRITES:
-            try:
-                await write
-            except Exception as exc:
-                log.warning("could not record a rung outcome: %s", exc)
-            return
-        task = asyncio.create_task(write)
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("could not record a rung outcome: %s", task.exception())
+        await self._rungs.add(tenant, kind, rung, success)
 
     async def drain(self) -> None:
         """Wait for the prior's pending writes (at shutdown, and in tests before reading them)."""
-        while self._writes:
-            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        await self._rungs.drain()
 
     async def solve(self, policy: TenantPolicy, request: RouterRequest) -> AsyncIterator[Event]:
         evidence = validate(request)

@@ -12,6 +12,7 @@ import pathlib
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -220,10 +221,14 @@ class ReviewStore:
 
     # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
     def record_rung(self, tenant: str, kind: str, rung: str, success: bool, now: float | None = None) -> None:
+        self.record_rungs([(tenant, kind, rung, success, time.time() if now is None else now)])
+
+    def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float]]) -> None:
+        """Many (tenant, kind, rung, success, when) attempts in one transaction."""
         with self._transaction() as cur:
-            cur.execute(
+            cur.executemany(
                 self._sql("INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at) VALUES (?, ?, ?, ?, ?)"),
-                (tenant, kind, rung, 1 if success else 0, time.time() if now is None else now),
+                [(tenant, kind, rung, 1 if success else 0, when) for tenant, kind, rung, success, when in rows],
             )
 
     def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[tuple[str, bool]]:
