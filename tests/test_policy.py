@@ -13,6 +13,8 @@ import textwrap
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import yaml
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
@@ -23,13 +25,14 @@ from prometheus_client import REGISTRY
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.errors import ResourceExhausted
-from rmesh.policy.engine import decide
+from rmesh.policy.engine import DecisionCache, decide, policy_reads
 from rmesh.policy.loader import PolicyError, parse_policy, sample_view
 from rmesh.policy.model import Quotas
 from rmesh.policy.store import PolicyStore
 from rmesh.router_svc.quotas import Admission
 from rmesh.serve import POLICY_HEALTH, start_router
 from rmesh.telemetry import tracer_provider
+from tests.fuzzing import examples
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = hashlib.sha256(b"k").hexdigest()
@@ -56,6 +59,22 @@ def policy_text(routes: str = DEFAULT_ROUTES, extra: str = "", variables: str = 
     return header + "\n".join(b for b in blocks if b) + "\n"
 
 
+def guarded(name: str, when: str) -> str:
+    """Routes for policy_text: ``name`` guarded by ``when`` (its line is the file's 6th), then the
+    catch-all."""
+    return f"""
+- name: {name}
+  when: {when}
+  difficulty: easy
+  strategies: [single_pass]
+  budget: {{max_tokens: 1, max_branches: 1}}
+- name: default
+  difficulty: easy
+  strategies: [single_pass]
+  budget: {{max_tokens: 1, max_branches: 1}}
+"""
+
+
 def refused(text: str) -> PolicyError:
     with pytest.raises(PolicyError) as info:
         parse_policy(text, "t.yaml")
@@ -71,33 +90,13 @@ def test_a_good_policy_decides_first_match_wins():
 
 
 def test_syntax_error_names_file_line_and_rule():
-    error = refused(policy_text(routes="""
-      - name: broken
-        when: request.high_impact &&
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-      - name: default
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-    """))
+    error = refused(policy_text(routes=guarded("broken", "request.high_impact &&")))
     assert (error.file, error.rule) == ("t.yaml", "route broken")
     assert error.line == 6 and "syntax error" in error.reason
 
 
 def test_type_error_is_caught_at_load():
-    error = refused(policy_text(routes="""
-      - name: typed
-        when: request.problem + 1 > 2
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-      - name: default
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-    """))
+    error = refused(policy_text(routes=guarded("typed", "request.problem + 1 > 2")))
     assert error.rule == "route typed" and "type error" in error.reason
 
 
@@ -108,17 +107,7 @@ def test_type_error_is_caught_at_load():
 )
 def test_unknown_identifiers_are_refused(expression, reason):
     quoted = yaml.safe_dump(expression, default_style="'").strip()
-    error = refused(policy_text(routes=f"""
-- name: r
-  when: {quoted}
-  difficulty: easy
-  strategies: [single_pass]
-  budget: {{max_tokens: 1, max_branches: 1}}
-- name: default
-  difficulty: easy
-  strategies: [single_pass]
-  budget: {{max_tokens: 1, max_branches: 1}}
-"""))
+    error = refused(policy_text(routes=guarded("r", quoted)))
     assert reason in error.reason and error.rule == "route r"
 
 
@@ -195,22 +184,93 @@ def test_runtime_errors_fail_closed_by_default():
     assert decision.escalate and decision.errors and "matched" in decision.errors[0]
 
 
+
+def test_a_decision_is_remembered_for_requests_that_agree_on_what_the_policy_reads():
+    policy = parse_policy(policy_text(), "t.yaml")
+    assert policy_reads(policy) == (("task", "kind"),)
+    cache = DecisionCache()
+    first = cache.decide(policy, sample_view("t", {"problem": "2+2", "task": {"kind": "arithmetic"}}))
+    # Another problem and evidence, the same kind: nothing the policy reads differs.
+    again = cache.decide(policy, sample_view("t", {"problem": "9*9", "task": {"kind": "arithmetic"}, "evidence": {"a": "b"}}))
+    assert again is first and cache.hits == 1
+    other = cache.decide(policy, sample_view("t", {"problem": "2+2", "task": {"kind": "chat"}}))
+    assert (first.route, other.route, cache.hits) == ("maths", "default", 1)
+    # A new revision of the file is decided afresh.
+    changed = parse_policy(policy_text().replace("max_tokens: 500", "max_tokens: 400"), "t.yaml")
+    assert changed.revision != policy.revision
+    assert cache.decide(changed, sample_view("t", {"task": {"kind": "arithmetic"}})).budget.max_tokens == 400
+
+
+def test_long_read_parts_are_decided_afresh_and_the_cache_is_bounded():
+    policy = parse_policy(policy_text(routes=guarded("refunds", 'request.problem.contains("refund")')), "t.yaml")
+    assert policy_reads(policy) == (("problem",),)
+    cache = DecisionCache(size=2)
+    long_problem = "refund " + "x" * 5000
+    assert cache.decide(policy, sample_view("t", {"problem": long_problem})).route == "refunds"
+    assert cache.decide(policy, sample_view("t", {"problem": long_problem})).route == "refunds"
+    assert cache.hits == 0
+    for problem in ("a refund", "hello", "refund me", "hello"):
+        cache.decide(policy, sample_view("t", {"problem": problem}))
+    assert cache.hits == 1 and len(cache._decisions) == 2
+
+
+CACHED_POLICY_VARIABLES = """
+variables:
+  - name: big
+    expression: request.problem_chars > 20 || request.high_impact
+"""
+CACHED_POLICY_ROUTES = """
+- name: carrier
+  when: variables.big && "carrier" in request.evidence_keys
+  difficulty: hard
+  strategies: [beam]
+  budget: {max_tokens: 900, max_branches: 8}
+- name: checked
+  when: request.task.checks.exists(c, c.name == "regex") && request.evidence["n"] == "1"
+  difficulty: medium
+  strategies: [best_of_n]
+  budget: {max_tokens: 500, max_branches: 4}""" + DEFAULT_ROUTES
+CACHED_POLICY_EXTRA = """
+evidence:
+  - name: needs-order
+    when: request.task.kind == "refund"
+    require: [order]
+escalate:
+  - name: amount
+    when: int(request.evidence["amount"]) > 100
+    reason: large amounts need a person
+"""
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    requests=st.lists(
+        st.fixed_dictionaries({
+            "problem": st.text(alphabet="ab ", max_size=30),
+            "task": st.fixed_dictionaries({
+                "kind": st.sampled_from(["refund", "arithmetic", ""]),
+                "checks": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["arithmetic", "regex"]), "params": st.just({})}), max_size=2),
+            }),
+            "evidence": st.dictionaries(st.sampled_from(["n", "carrier", "amount", "order"]), st.sampled_from(["1", "2", "150", "x"])),
+            "high_impact": st.booleans(),
+        }),
+        min_size=1, max_size=6,
+    )
+)
+def test_a_cached_decision_is_the_decision(requests):
+    policy = parse_policy(policy_text(routes=CACHED_POLICY_ROUTES, extra=CACHED_POLICY_EXTRA, variables=CACHED_POLICY_VARIABLES), "t.yaml")
+    assert policy_reads(policy) == (("evidence",), ("evidence_keys",), ("high_impact",), ("problem_chars",), ("task", "checks"), ("task", "kind"))
+    cache = DecisionCache(size=3)
+    for request in requests * 2:
+        view = sample_view("t", request)
+        assert cache.decide(policy, view) == decide(policy, view)
+
 def test_variables_are_lazy_and_memoised():
     policy = parse_policy(policy_text(variables="""
         variables:
           - name: slow
             expression: size(request.problem) > 3
-    """, routes="""
-      - name: uses-it
-        when: variables.slow && variables.slow
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-      - name: default
-        difficulty: easy
-        strategies: [single_pass]
-        budget: {max_tokens: 1, max_branches: 1}
-    """), "t.yaml")
+    """, routes=guarded("uses-it", "variables.slow && variables.slow")), "t.yaml")
     assert decide(policy, sample_view("t", {"problem": "long enough"})).route == "uses-it"
     assert policy.routes[0].when.variables == ("slow",)
 

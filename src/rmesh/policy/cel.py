@@ -119,6 +119,9 @@ class CompiledExpression:
     source: str
     program: Any
     variables: tuple[str, ...]  # variables it reads, in declaration order
+    # Dotted request paths it reads (("task", "kind"), ("evidence",)): with ``variables``, all
+    # its result can depend on, since CEL is side-effect free.
+    request_paths: tuple[tuple[str, ...], ...] = ()
 
     def evaluate(self, activation: Mapping[str, Any]) -> Any:
         result = self.program.evaluate(activation)
@@ -137,6 +140,7 @@ def compile_expression(source: str, known_variables: list[str]) -> CompiledExpre
         raise CelCompileError(f"unknown function {unknown_functions[0]!r}; cel-python provides: {', '.join(sorted(FUNCTIONS))}")
     chains, bound = _paths(tree)
     used_variables: list[str] = []
+    request_paths: set[tuple[str, ...]] = set()
     for path in chains:
         root = path[0]
         if root == "request":
@@ -145,6 +149,7 @@ def compile_expression(source: str, known_variables: list[str]) -> CompiledExpre
                 raise CelCompileError(
                     f"unknown request field {field!r}; declared: {', '.join(sorted(REQUEST_FIELDS))}"
                 )
+            request_paths.add(tuple(path[1:]))
         elif root == "variables":
             if len(path) < 2 or path[1] not in known_variables:
                 raise CelCompileError(
@@ -156,7 +161,7 @@ def compile_expression(source: str, known_variables: list[str]) -> CompiledExpre
             raise CelCompileError(f"unknown identifier {root!r}; expressions may use request and variables")
     program = _ENV.program(tree)
     ordered = tuple(v for v in known_variables if v in used_variables)
-    return CompiledExpression(source, program, ordered)
+    return CompiledExpression(source, program, ordered, tuple(sorted(request_paths)))
 
 
 def request_to_cel(request: Mapping[str, Any]) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -11,6 +13,10 @@ from rmesh.policy.cel import LazyVariables, to_activation, truthy
 from rmesh.policy.model import Decision, TenantPolicy
 
 MATCH, SKIP = "match", "skip"
+DECISION_CACHE_SIZE = 4096
+# Requests whose read parts are longer than this together are decided afresh, not remembered.
+MAX_DECISION_KEY_CHARS = 4096
+_TASK_FIELDS = ("kind", "checks")
 DEFAULT_ON_ERROR = {"routes": SKIP, "evidence": MATCH, "escalate": MATCH}
 
 
@@ -74,3 +80,64 @@ def decide(policy: TenantPolicy, request: Mapping[str, Any]) -> Decision:
         matched=tuple(matched),
         errors=tuple(errors),
     )
+
+
+def policy_reads(policy: TenantPolicy) -> tuple[tuple[str, ...], ...]:
+    """The parts of a request any expression of the policy reads: a top-level field, or one of
+    task's fields when the task is only read field by field."""
+    expressions = [r.when for r in policy.routes] + [r.when for r in policy.evidence]
+    expressions += [r.when for r in policy.escalate] + list(policy.variables.values())
+    reads: set[tuple[str, ...]] = set()
+    for expression in expressions:
+        for path in expression.request_paths if expression is not None else ():
+            reads.add(path[:2] if path[0] == "task" and len(path) > 1 and path[1] in _TASK_FIELDS else path[:1])
+    if ("task",) in reads:
+        reads = {path for path in reads if path[0] != "task" or len(path) == 1}
+    return tuple(sorted(reads))
+
+
+class DecisionCache:
+    """``decide`` once for all requests that agree on every part the policy reads.
+
+    CEL is side-effect free and variables are expressions over the request, so a decision is a
+    function of the policy revision and of the request parts its expressions read (their paths
+    are known from compilation). A route on ``request.task.kind`` is evaluated once per kind,
+    not once per request. Least recently used decisions go first past ``size``; requests whose
+    read parts are long (a policy matching on the problem text) are decided afresh each time.
+    """
+
+    def __init__(self, size: int = DECISION_CACHE_SIZE) -> None:
+        self.size = size
+        self.hits = 0
+        self._reads: dict[tuple[str, str], tuple[tuple[str, ...], ...]] = {}
+        self._decisions: OrderedDict[tuple, Decision] = OrderedDict()
+
+    def decide(self, policy: TenantPolicy, request: Mapping[str, Any]) -> Decision:
+        revision = (policy.tenant, policy.revision)
+        reads = self._reads.get(revision)
+        if reads is None:
+            if len(self._reads) >= self.size:
+                self._reads.clear()
+            reads = self._reads[revision] = policy_reads(policy)
+        parts: list[Any] = []
+        chars = 0
+        for path in reads:
+            value: Any = request
+            for name in path:
+                value = value[name]
+            if not isinstance(value, (str, int, float)):  # bool is an int
+                value = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            chars += len(value) if isinstance(value, str) else 8
+            parts.append(value)
+        if chars > MAX_DECISION_KEY_CHARS:
+            return decide(policy, request)
+        key = (revision, tuple(parts))
+        decision = self._decisions.get(key)
+        if decision is not None:
+            self._decisions.move_to_end(key)
+            self.hits += 1
+            return decision
+        decision = self._decisions[key] = decide(policy, request)
+        while len(self._decisions) > self.size:
+            self._decisions.popitem(last=False)
+        return decision

@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
 from rmesh.errors import InvalidRequest
-from rmesh.policy.engine import decide, request_view
+from rmesh.policy.engine import DecisionCache, request_view
 from rmesh.policy.model import TenantPolicy
 from rmesh.router_svc.ladder import plan
 from rmesh.router_svc.quotas import Admission
@@ -181,6 +181,7 @@ class RouterCore:
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
         self._rungs = RungLog(reviews)
+        self._decisions = DecisionCache()
         # (tenant, kind) -> (when read, attempts newest first); least recently used first.
         self._history: OrderedDict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = OrderedDict()
 
@@ -222,7 +223,7 @@ class RouterCore:
             high_impact=request.high_impact,
             tenant=policy.tenant,
         )
-        decision = decide(policy, view)
+        decision = self._decisions.decide(policy, view)
         _annotate_span(policy, decision.route, request.problem, evidence)
         history: list[tuple[str, bool]] = []
         if self.reviews is not None and not decision.escalate:
