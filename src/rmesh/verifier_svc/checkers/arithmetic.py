@@ -7,6 +7,7 @@ types an arithmetic expression needs; nothing is ever passed to ``eval``.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 import re
@@ -36,6 +37,12 @@ class ExpressionError(ValueError):
     pass
 
 
+# Checks repeat their expression on every request of a task kind, and candidates repeat their
+# equations across branches: the most recent results are kept (a Fraction is immutable).
+EVALUATED_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=EVALUATED_CACHE)
 def evaluate(expression: str) -> Fraction:
     """Evaluate an arithmetic expression exactly; raise ExpressionError on anything else."""
     if len(expression) > MAX_EXPRESSION_CHARS:
