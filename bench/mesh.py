@@ -44,6 +44,7 @@ PYTHON = sys.executable
 RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
 KEY = [("authorization", "Bearer bench-key")]
 ROUNDS = 10  # interleaved slices per overhead measurement
+PARTS = ("overhead", "load", "strategies")
 STRATEGIES = ("single_pass", "single_path", "best_of_n", "self_consistency", "beam", "mcts")
 
 
@@ -170,7 +171,81 @@ async def load(router: str, streams: int, seconds: float, kind: str) -> dict:
     return json.loads(output.decode().strip().splitlines()[-1])
 
 
-async def main(load_seconds: float, requests: int) -> None:
+async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requests: int) -> dict:
+    """The same streaming call through the bare chain, the mesh and the one-process mesh."""
+    ports = [free_port() for _ in range(3)]
+    procs.start("chain-c", [PYTHON, "-m", "bench.chain", "--port", str(ports[2])])
+    procs.start("chain-b", [PYTHON, "-m", "bench.chain", "--port", str(ports[1]), "--next", f"127.0.0.1:{ports[2]}"])
+    procs.start("chain-a", [PYTHON, "-m", "bench.chain", "--port", str(ports[0]), "--next", f"127.0.0.1:{ports[1]}"])
+    for port in ports:
+        await wait_port(port)
+    colocated_router, _ = await start_mesh(procs, "instant", workdir, collector, colocated=True)
+    router, _ = await start_mesh(procs, "instant", workdir, collector)
+    result: dict = {}
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as chain_channel,
+        grpc.aio.insecure_channel(router) as split_channel,
+        grpc.aio.insecure_channel(colocated_router) as colocated_channel,
+    ):
+        chain_call = chain_channel.unary_stream(CHAIN_PATH)
+        message = solve_request("best_of_n")
+        calls = {
+            "bare_chain": lambda: chain_call(b"go"),
+            "mesh": lambda: router_pb2_grpc.RouterServiceStub(split_channel).Solve(message, metadata=KEY),
+            "mesh_colocated": lambda: router_pb2_grpc.RouterServiceStub(colocated_channel).Solve(message, metadata=KEY),
+        }
+        for concurrency in (1, 16):
+            n = requests * (4 if concurrency > 1 else 1)
+            samples: dict[str, list[float]] = {name: [] for name in calls}
+            for name, call in calls.items():
+                await measure(call, 20, concurrency)  # warm the path
+            # Interleaved slices, so drift in a shared machine's load hits every path alike.
+            for _ in range(ROUNDS):
+                for name, call in calls.items():
+                    samples[name] += (await measure(call, n // ROUNDS, concurrency))[1]
+            row: dict = {name: percentiles(values) for name, values in samples.items()}
+            chain = row["bare_chain"]
+            for name in ("mesh", "mesh_colocated"):
+                suffix = "" if name == "mesh" else "_colocated"
+                row[f"mesh_overhead_ratio_p50{suffix}"] = round(row[name]["p50_ms"] / chain["p50_ms"], 3)
+                row[f"mesh_overhead_ratio_p99{suffix}"] = round(row[name]["p99_ms"] / chain["p99_ms"], 3)
+            result[f"concurrency_{concurrency}"] = row
+            print(f"concurrency {concurrency}: " + ", ".join(f"{k} p50 {v['p50_ms']} ms" for k, v in row.items() if isinstance(v, dict)), flush=True)
+    procs.stop("chain-a", "chain-b", "chain-c", "instant-colocated", "instant-router", "instant-solver", "instant-verifier")
+    return result
+
+
+async def load_run(procs: Processes, workdir: pathlib.Path, collector: str, engine: str, streams: int, seconds: float) -> dict:
+    """bench/load.py against a fresh three-process mesh; peak memory and health afterwards."""
+    router, addresses = await start_mesh(procs, engine, workdir, collector)
+    result = await load(router, streams, seconds, "best_of_n")
+    result["peak_rss_mib"] = {s: procs.peak_rss_mib(f"{engine}-{s}") for s in addresses}
+    result["health_after"] = await healthy(addresses)
+    print(f"{engine} load:", json.dumps(result), flush=True)
+    procs.stop(*(f"{engine}-{s}" for s in addresses))
+    return result
+
+
+async def strategies(procs: Processes, workdir: pathlib.Path, collector: str) -> dict:
+    """Time to the first event and to the outcome, per strategy, on the embedded engine."""
+    router, addresses = await start_mesh(procs, "embedded", workdir, collector)
+    result: dict = {}
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        for kind in STRATEGIES:
+            message = solve_request(kind)
+            first, last = await measure(lambda: stub.Solve(message, metadata=KEY, timeout=300), 3, 1)
+            result[kind] = {
+                "first_event_ms_p50": round(1000 * statistics.median(first), 1),
+                "final_outcome_ms_p50": round(1000 * statistics.median(last), 1),
+                "runs": len(last),
+            }
+            print(kind, result[kind], flush=True)
+    procs.stop(*(f"embedded-{s}" for s in addresses))
+    return result
+
+
+async def main(load_seconds: float, requests: int, parts: list[str]) -> None:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rmesh-bench-mesh-"))
     procs = Processes(workdir)
     result: dict = {"machine": machine(), "logs": str(workdir)}
@@ -185,79 +260,18 @@ async def main(load_seconds: float, requests: int) -> None:
         ])
         await wait_port(collector_port)
         collector = f"http://127.0.0.1:{collector_port}"
-
-        ports = [free_port() for _ in range(3)]
-        procs.start("chain-c", [PYTHON, "-m", "bench.chain", "--port", str(ports[2])])
-        procs.start("chain-b", [PYTHON, "-m", "bench.chain", "--port", str(ports[1]), "--next", f"127.0.0.1:{ports[2]}"])
-        procs.start("chain-a", [PYTHON, "-m", "bench.chain", "--port", str(ports[0]), "--next", f"127.0.0.1:{ports[1]}"])
-        for port in ports:
-            await wait_port(port)
-        colocated_router, _ = await start_mesh(procs, "instant", workdir, collector, colocated=True)
-        router, addresses = await start_mesh(procs, "instant", workdir, collector)
-
-        overhead: dict = {}
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as chain_channel,
-            grpc.aio.insecure_channel(router) as split_channel,
-            grpc.aio.insecure_channel(colocated_router) as colocated_channel,
-        ):
-            chain_call = chain_channel.unary_stream(CHAIN_PATH)
-            message = solve_request("best_of_n")
-            calls = {
-                "bare_chain": lambda: chain_call(b"go"),
-                "mesh": lambda: router_pb2_grpc.RouterServiceStub(split_channel).Solve(message, metadata=KEY),
-                "mesh_colocated": lambda: router_pb2_grpc.RouterServiceStub(colocated_channel).Solve(message, metadata=KEY),
+        if "overhead" in parts:
+            rows = result["overhead"] = await overhead(procs, workdir, collector, requests)
+            result["goal_mesh_overhead_ratio_p50_at_most_1_3"] = {
+                "three_processes": all(v["mesh_overhead_ratio_p50"] <= 1.3 for v in rows.values()),
+                "colocated": all(v["mesh_overhead_ratio_p50_colocated"] <= 1.3 for v in rows.values()),
             }
-            for concurrency in (1, 16):
-                n = requests * (4 if concurrency > 1 else 1)
-                samples: dict[str, list[float]] = {name: [] for name in calls}
-                for name, call in calls.items():
-                    await measure(call, 20, concurrency)  # warm the path
-                # Interleaved slices, so drift in a shared machine's load hits every path alike.
-                for _ in range(ROUNDS):
-                    for name, call in calls.items():
-                        samples[name] += (await measure(call, n // ROUNDS, concurrency))[1]
-                row: dict = {name: percentiles(values) for name, values in samples.items()}
-                chain = row["bare_chain"]
-                for name in ("mesh", "mesh_colocated"):
-                    suffix = "" if name == "mesh" else "_colocated"
-                    row[f"mesh_overhead_ratio_p50{suffix}"] = round(row[name]["p50_ms"] / chain["p50_ms"], 3)
-                    row[f"mesh_overhead_ratio_p99{suffix}"] = round(row[name]["p99_ms"] / chain["p99_ms"], 3)
-                overhead[f"concurrency_{concurrency}"] = row
-                print(f"concurrency {concurrency}: " + ", ".join(f"{k} p50 {v['p50_ms']} ms" for k, v in row.items() if isinstance(v, dict)), flush=True)
-        result["overhead"] = overhead
-        result["goal_mesh_overhead_ratio_p50_at_most_1_3"] = {
-            "three_processes": all(v["mesh_overhead_ratio_p50"] <= 1.3 for v in overhead.values()),
-            "colocated": all(v["mesh_overhead_ratio_p50_colocated"] <= 1.3 for v in overhead.values()),
-        }
-        procs.stop("chain-a", "chain-b", "chain-c", "instant-colocated")
-
-        instant_load = await load(router, 64, load_seconds, "best_of_n")
-        instant_load["peak_rss_mib"] = {s: procs.peak_rss_mib(f"instant-{s}") for s in addresses}
-        instant_load["health_after"] = await healthy(addresses)
-        result["load_instant"] = instant_load
-        print("instant load:", json.dumps(instant_load), flush=True)
-        procs.stop("instant-router", "instant-solver", "instant-verifier")
-
-        router, addresses = await start_mesh(procs, "embedded", workdir, collector)
-        strategies: dict = {}
-        async with grpc.aio.insecure_channel(router) as channel:
-            stub = router_pb2_grpc.RouterServiceStub(channel)
-            for kind in STRATEGIES:
-                message = solve_request(kind)
-                first, last = await measure(lambda: stub.Solve(message, metadata=KEY, timeout=300), 3, 1)
-                strategies[kind] = {
-                    "first_event_ms_p50": round(1000 * statistics.median(first), 1),
-                    "final_outcome_ms_p50": round(1000 * statistics.median(last), 1),
-                    "runs": len(last),
-                }
-                print(kind, strategies[kind], flush=True)
-        result["strategies_embedded"] = strategies
-        embedded_load = await load(router, 8, load_seconds, "best_of_n")
-        embedded_load["peak_rss_mib"] = {s: procs.peak_rss_mib(f"embedded-{s}") for s in addresses}
-        embedded_load["health_after"] = await healthy(addresses)
-        result["load_embedded"] = embedded_load
-        print("embedded load:", json.dumps(embedded_load), flush=True)
+        if "load" in parts:
+            result["load_instant"] = await load_run(procs, workdir, collector, "instant", 64, load_seconds)
+        if "strategies" in parts:
+            result["strategies_embedded"] = await strategies(procs, workdir, collector)
+        if "load" in parts:
+            result["load_embedded"] = await load_run(procs, workdir, collector, "embedded", 8, load_seconds)
     finally:
         procs.stop()
     write("mesh.json", result)
@@ -267,5 +281,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="mesh overhead, per-strategy latency and load")
     parser.add_argument("--load-seconds", type=float, default=60)
     parser.add_argument("--requests", type=int, default=300, help="requests per overhead measurement at concurrency 1")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all; mesh.json holds what ran)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.load_seconds, args.requests))
+    asyncio.run(main(args.load_seconds, args.requests, args.parts))

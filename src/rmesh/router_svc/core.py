@@ -7,7 +7,6 @@ decision belongs to the verifier's exact checks and evidence contract, not to th
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections import OrderedDict
@@ -26,7 +25,6 @@ from rmesh.router_svc.quotas import Admission
 from rmesh.router_svc.rung_log import RungLog
 from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult, VerifierPort
 
-log = logging.getLogger(__name__)
 
 MAX_PROBLEM_CHARS = 8000
 # The prior's history is kept in memory and re-read from the store this often.
