@@ -35,8 +35,11 @@ def engine():
 
 def service_env(tmp: pathlib.Path, **extra: str) -> dict[str, str]:
     """Environment for ``start_services`` in a test: ports the OS picks, the shipped tenants,
-    a review database under ``tmp``; ``extra`` adds or overrides RMESH_* settings."""
+    a review database under ``tmp``, internal calls over gRPC even with all three services in
+    the process (tests/test_colocated.py covers in-process calls); ``extra`` adds or overrides
+    RMESH_* settings."""
     return {
+        "RMESH_COLOCATED_CALLS": "0",
         "RMESH_ROUTER_ADDR": "127.0.0.1:0",
         "RMESH_SOLVER_ADDR": "127.0.0.1:0",
         "RMESH_VERIFIER_ADDR": "127.0.0.1:0",

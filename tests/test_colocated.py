@@ -1,5 +1,5 @@
-"""RMESH_COLOCATED_CALLS=1: with all three services in one process, the router and the solver
-call their peers' cores directly. Same outcomes, one trace, deadlines still hold, and the
+"""With all three services in one process (RMESH_COLOCATED_CALLS unset: the default), the router
+and the solver call their peers' cores directly. Same outcomes, one trace, deadlines still hold, and the
 internal gRPC hops are gone."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ AUTH = [("authorization", "Bearer demo-key")]
 @pytest_asyncio.fixture
 async def colocated(tmp_path):
     spans = InMemorySpanExporter()
-    env = service_env(tmp_path, RMESH_COLOCATED_CALLS="1")
+    env = service_env(tmp_path)
+    del env["RMESH_COLOCATED_CALLS"]  # what `rmesh serve` does when nothing says otherwise
     engine = InstantEngine(delay_seconds=0.3)
     services = await start_services(("verifier", "solver", "router"), env, engine=engine, extra_processors=[SimpleSpanProcessor(spans)])
     router = next(s for s in services if s.name == "router")

@@ -84,6 +84,7 @@ async def test_one_solve_arrives_as_one_trace_with_every_service_and_branch(engi
             "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
             "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
+            "RMESH_COLOCATED_CALLS": "0",  # the trace context must cross real gRPC hops
         }
         await asyncio.sleep(0.5)  # the collector binds its port
         services = await start_services(("verifier", "solver", "router"), env, engine=engine)

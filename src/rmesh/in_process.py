@@ -1,7 +1,8 @@
 """Ports that call a peer's core directly, for services running in one process.
 
-With ``RMESH_COLOCATED_CALLS=1`` and all three services in one ``rmesh serve``, the router and
-the solver reach the solver and the verifier through these instead of loopback gRPC. Every
+When one ``rmesh serve`` runs all three services (``make run``), the router and the solver reach
+the solver and the verifier through these instead of loopback gRPC (``RMESH_COLOCATED_CALLS=0``
+keeps loopback gRPC). Every
 service still serves its gRPC port (health, other callers); only the internal hops go. Each
 call gets a span from the callee's tracer, so a trace still shows router, solver and verifier.
 """

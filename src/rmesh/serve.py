@@ -214,8 +214,8 @@ async def start_services(
     verifier_addr, solver_addr = addresses.verifier, addresses.solver
     solver_config = SolverConfig.load(env)
     own = engine is None
-    # All three in this process and asked to: internal hops call the peer's core, not loopback gRPC.
-    colocated = env.get("RMESH_COLOCATED_CALLS", "0") == "1" and {"router", "solver", "verifier"} <= set(names)
+    # All three in this process (unless told otherwise): internal hops call the peer's core, not loopback gRPC.
+    colocated = env.get("RMESH_COLOCATED_CALLS", "1") == "1" and {"router", "solver", "verifier"} <= set(names)
     local_verifier = None
     if "solver" in names and engine is None:
         engine = create_engine(solver_config)
