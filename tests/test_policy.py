@@ -4,6 +4,7 @@ quotas with reservation; escalation."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import pathlib
 import shutil
@@ -242,6 +243,11 @@ escalate:
 """
 
 
+@functools.cache
+def cached_policy():
+    return parse_policy(policy_text(routes=CACHED_POLICY_ROUTES, extra=CACHED_POLICY_EXTRA, variables=CACHED_POLICY_VARIABLES), "t.yaml")
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(
     requests=st.lists(
@@ -258,7 +264,7 @@ escalate:
     )
 )
 def test_a_cached_decision_is_the_decision(requests):
-    policy = parse_policy(policy_text(routes=CACHED_POLICY_ROUTES, extra=CACHED_POLICY_EXTRA, variables=CACHED_POLICY_VARIABLES), "t.yaml")
+    policy = cached_policy()
     assert policy_reads(policy) == (("evidence",), ("evidence_keys",), ("high_impact",), ("problem_chars",), ("task", "checks"), ("task", "kind"))
     cache = DecisionCache(size=3)
     for request in requests * 2:
