@@ -110,7 +110,7 @@ def test_racing_reviewers_make_one_resolution(store):
 def test_rung_rows_are_written_together_newest_first(store):
     who = tenant()
     store.record_rungs([(who, "sum", "best_of_n", False, 100.0), (who, "sum", "beam", True, 101.0)])
-    store.record_rung(who, "sum", "mcts", False, now=102.0)
+    store.record_rungs([(who, "sum", "mcts", False, 102.0)])
     assert store.rung_history(who, "sum") == [("mcts", False), ("beam", True), ("best_of_n", False)]
     assert store.rung_history(who, "other") == []
 

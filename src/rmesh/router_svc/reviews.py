@@ -220,9 +220,6 @@ class ReviewStore:
             return cur.rowcount
 
     # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
-    def record_rung(self, tenant: str, kind: str, rung: str, success: bool, now: float | None = None) -> None:
-        self.record_rungs([(tenant, kind, rung, success, time.time() if now is None else now)])
-
     def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float]]) -> None:
         """Many (tenant, kind, rung, success, when) attempts in one transaction."""
         with self._transaction() as cur:
