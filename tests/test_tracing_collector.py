@@ -11,12 +11,12 @@ import subprocess
 import grpc
 import pytest
 import rotel
+from conftest import service_env
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.serve import start_services
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 AGENT = pathlib.Path(rotel.__file__).parent / "rotel-agent"
 
 
@@ -77,15 +77,8 @@ async def test_one_solve_arrives_as_one_trace_with_every_service_and_branch(engi
     )
     services = []
     try:
-        env = {
-            "RMESH_ROUTER_ADDR": "127.0.0.1:0",
-            "RMESH_SOLVER_ADDR": "127.0.0.1:0",
-            "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
-            "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
-            "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
-            "RMESH_COLOCATED_CALLS": "0",  # the trace context must cross real gRPC hops
-        }
+        # service_env keeps gRPC between the services: the trace context must cross real hops.
+        env = service_env(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}")
         await asyncio.sleep(0.5)  # the collector binds its port
         services = await start_services(("verifier", "solver", "router"), env, engine=engine)
         router = next(s for s in services if s.name == "router")
