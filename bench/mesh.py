@@ -38,7 +38,7 @@ from bench.chain import PATH as CHAIN_PATH
 from bench.common import machine, write
 from bench.load import request as solve_request
 from rmesh.api.router.v1 import router_pb2_grpc
-from rmesh.clients import wait_serving
+from rmesh.peers import wait_serving
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -10,9 +10,9 @@ import tempfile
 import time
 
 from bench.common import machine, write
-from rmesh.policy.engine import decide
-from rmesh.policy.loader import parse_policy, sample_view
-from rmesh.policy.store import PolicyStore
+from rmesh.router_svc.policy.engine import decide
+from rmesh.router_svc.policy.loader import parse_policy, sample_view
+from rmesh.router_svc.policy.store import PolicyStore
 
 KEY = hashlib.sha256(b"bench").hexdigest()
 

@@ -24,7 +24,7 @@ from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.llama import LlamaEngine
 from rmesh.solver_svc.core import SolverCore
-from rmesh.solver_svc.model import SolveRequest
+from rmesh.solving import SolveRequest
 from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
 
 K = 8

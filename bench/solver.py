@@ -20,7 +20,7 @@ from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.llama import LlamaEngine
 from rmesh.solver_svc.core import SolverCore
-from rmesh.solver_svc.model import SolveRequest
+from rmesh.solving import SolveRequest
 from rmesh.solver_svc.prompt import build_prompt
 
 # A warehouse ticket with long tool output: the shared prefix is the point.

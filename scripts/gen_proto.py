@@ -1,6 +1,6 @@
 """Generate the one Python package of gRPC code (``rmesh.api``) from ``proto/``.
 
-Usage: python scripts/gen_proto.py [OUT_DIR]   (default: src)
+Usage: python scripts/gen_proto.py [OUT_DIR]   (default: shared/src)
 
 The output is checked in and never edited by hand; tests/test_proto_fresh.py regenerates it
 into a temporary directory and fails when the checked-in copy differs.
@@ -51,6 +51,6 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 if __name__ == "__main__":
-    target = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "src"
+    target = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "shared" / "src"
     for written_path in generate(target):
         print(written_path.relative_to(target))

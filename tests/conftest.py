@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from rmesh.engine.llama import LlamaEngine
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

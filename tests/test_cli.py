@@ -67,7 +67,7 @@ def test_help_is_instant_and_lists_commands():
     assert "serve" in result.stdout and "solve" in result.stdout
     # Heavy modules (llama.cpp, grpc) are imported lazily.
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, rmesh.cli; print('llama_cpp' in sys.modules, 'grpc' in sys.modules)"],
+        [sys.executable, "-c", "import sys, rmesh.mesh.cli; print('llama_cpp' in sys.modules, 'grpc' in sys.modules)"],
         capture_output=True, text=True, timeout=30,
     )
     assert probe.stdout.split() == ["False", "False"]

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.engine.instant import InstantEngine
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 AUTH = [("authorization", "Bearer demo-key")]

@@ -15,7 +15,7 @@ import gen_proto  # noqa: E402
 def test_generated_package_is_fresh(tmp_path):
     """Regenerating from proto/ must give byte-identical files; run `make proto` when this fails."""
     fresh = {p.relative_to(tmp_path): p.read_bytes() for p in gen_proto.generate(tmp_path)}
-    checked_in_root = ROOT / "src"
+    checked_in_root = ROOT / "shared" / "src"
     checked_in = {
         p.relative_to(checked_in_root): p.read_bytes()
         for p in (checked_in_root / "rmesh" / "api").rglob("*")

@@ -7,7 +7,7 @@ import dataclasses
 
 from rmesh import convert
 from rmesh.domain import Budget, Candidate, Checkpoint, CheckResult, CheckSpec, SearchParams, TaskSpec, Usage, Verdict
-from rmesh.solver_svc.model import Progress, SolveRequest, SolveResult
+from rmesh.solving import Progress, SolveRequest, SolveResult
 
 
 def test_budget_search_usage_round_trip():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rmesh.evaluation import Row, goals, oracle_router, summarise
+from rmesh.mesh.evaluation import Row, goals, oracle_router, summarise
 
 RMESH = str(Path(sys.executable).parent / "rmesh")
 

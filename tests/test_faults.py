@@ -20,13 +20,13 @@ from sglang_standin import FakeSGLang, StandIn
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.api.verifier.v1 import verifier_pb2
-from rmesh.clients import VERIFIER_SERVICE, SolverClient, VerifierClient, wait_serving
+from rmesh.peers import VERIFIER_SERVICE, SolverClient, VerifierClient, wait_serving
 from rmesh.config import ServerSettings
 from rmesh.domain import TaskSpec
 from rmesh.engine.instant import DEFAULT_TEXT, InstantEngine
 from rmesh.errors import Unavailable
 from rmesh.grpc_edge import create_channel
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 AUTH = [("authorization", "Bearer demo-key")]
@@ -184,7 +184,7 @@ async def test_retry_policy_retries_the_verifier_and_never_a_solve():
         precheck = await VerifierClient(verifier_channel).precheck(TaskSpec("t", ()), {}, ())
         assert precheck.numeric_answer  # the third attempt answered
         assert fake.attempts["Precheck"] == 3
-        from rmesh.solver_svc.model import SolveRequest
+        from rmesh.solving import SolveRequest
 
         with pytest.raises(Unavailable):
             async for _ in SolverClient(solver_channel).solve(SolveRequest(problem="p", task=TaskSpec("t", ()))):

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rmesh import convert
+from rmesh.router_svc import convert as router_convert
 from rmesh.api.router.v1 import router_pb2
 from rmesh.api.solver.v1 import solver_pb2
 from rmesh.errors import InvalidRequest
-from rmesh.policy.loader import PolicyError, parse_policy
+from rmesh.router_svc.policy.loader import PolicyError, parse_policy
 from rmesh.router_svc.core import validate
 from rmesh.solver_svc.core import validate as validate_solver
 from rmesh.solver_svc.strategies import REGISTRY as STRATEGIES
@@ -48,7 +49,7 @@ router_requests = st.fixed_dictionaries({
 @given(doc=router_requests)
 def test_router_validation_accepts_or_refuses_by_field(doc):
     message = json_format.ParseDict(doc, router_pb2.SolveRequest())
-    request = convert.router_request_from_proto(message)
+    request = router_convert.router_request_from_proto(message)
     try:
         evidence = validate(request)
     except InvalidRequest as exc:

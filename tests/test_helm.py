@@ -29,6 +29,7 @@ def test_every_scenario_is_listed():
         "gateway-values.yaml",
         "multi-router-postgres-values.yaml",
         "tracing-values.yaml",
+        "images-values.yaml",
     }
 
 
@@ -61,6 +62,26 @@ def test_services_probe_grpc_health_and_drain_before_the_kill():
         assert "grpc" in container["readinessProbe"] and "grpc" in container["livenessProbe"]
         assert pod["terminationGracePeriodSeconds"] > int(env_of(deployments(docs)[name])["RMESH_GRACE_SECONDS"])
         assert "resources" not in container  # unset by default
+
+
+def test_each_service_runs_its_own_image_as_non_root_on_a_read_only_root():
+    containers = {
+        name.rsplit("-", 1)[1]: d["spec"]["template"]["spec"]["containers"][0]
+        for name, d in deployments(render({})).items()
+        if name.rsplit("-", 1)[1] in ("router", "solver", "verifier")
+    }
+    assert {s: c["image"] for s, c in containers.items()} == {
+        "router": "rmesh-router:0.2.0", "solver": "rmesh-solver:0.2.0", "verifier": "rmesh-verifier:0.2.0"
+    }
+    for container in containers.values():
+        assert container["args"] == ["serve"]
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+        assert "/tmp" in [m["mountPath"] for m in container["volumeMounts"]]
+    scenario = yaml.safe_load((CHART / "ci" / "images-values.yaml").read_text())
+    images = {n.rsplit("-", 1)[1]: d["spec"]["template"]["spec"]["containers"][0]["image"] for n, d in deployments(render(scenario)).items()}
+    assert images["solver"] == "registry.example.com/rmesh/rmesh-solver:0.2.0-embedded"
+    assert images["router"] == "registry.example.com/rmesh/rmesh-router:0.2.0"
 
 
 def test_solver_finds_the_engine_per_mode():

@@ -20,7 +20,7 @@ from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.api.solver.v1 import solver_pb2, solver_pb2_grpc
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.engine.instant import InstantEngine
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORPUS = yaml.safe_load((ROOT / "tests" / "hostile" / "corpus.yaml").read_text())

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY, generate_latest
 from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.engine.instant import InstantEngine
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 
 def _tenant(name: str, extra: str = "") -> str:

@@ -26,12 +26,12 @@ from prometheus_client import REGISTRY
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.errors import ResourceExhausted
-from rmesh.policy.engine import DecisionCache, decide, policy_reads
-from rmesh.policy.loader import PolicyError, parse_policy, sample_view
-from rmesh.policy.model import Quotas
-from rmesh.policy.store import PolicyStore
+from rmesh.router_svc.policy.engine import DecisionCache, decide, policy_reads
+from rmesh.router_svc.policy.loader import PolicyError, parse_policy, sample_view
+from rmesh.router_svc.policy.model import Quotas
+from rmesh.router_svc.policy.store import PolicyStore
 from rmesh.router_svc.quotas import Admission
-from rmesh.serve import POLICY_HEALTH, start_router
+from rmesh.router_svc.serve import POLICY_HEALTH, start_router
 from rmesh.telemetry import tracer_provider
 from tests.fuzzing import examples
 

@@ -17,9 +17,9 @@ from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.domain import Candidate, Checkpoint, CheckSpec, TaskSpec
 from rmesh.errors import InvalidRequest
-from rmesh.serve import start_verifier
+from rmesh.verifier_svc.serve import start_verifier
 from rmesh.telemetry import tracer_provider
-from rmesh.verifier_svc.calibrate import auroc, best_of_n_curve, expected_calibration_error, fit_threshold, largest_supported_n, Labelled
+from rmesh.mesh.calibrate import auroc, best_of_n_curve, expected_calibration_error, fit_threshold, largest_supported_n, Labelled
 from rmesh.verifier_svc.core import VerifierCore
 from rmesh.verifier_svc.scorers import Calibration, GenerativeJudge, SGLangRewardModel, aggregate
 
@@ -184,8 +184,8 @@ async def test_solver_caps_n_at_what_the_calibration_supports(engine, tmp_path):
     from rmesh import convert
     from rmesh.api.solver.v1 import solver_pb2_grpc
     from rmesh.domain import Budget, SearchParams
-    from rmesh.serve import start_solver
-    from rmesh.solver_svc.model import SolveRequest
+    from rmesh.solver_svc.serve import start_solver
+    from rmesh.solving import SolveRequest
 
     judge = GenerativeJudge(engine)
     verifier = await start_verifier(

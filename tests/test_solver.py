@@ -13,8 +13,8 @@ from rmesh import convert
 from rmesh.api.solver.v1 import solver_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
-from rmesh.serve import start_solver
-from rmesh.solver_svc.model import SolveRequest
+from rmesh.solver_svc.serve import start_solver
+from rmesh.solving import SolveRequest
 from rmesh.telemetry import tracer_provider
 
 FULFILLMENT_EVIDENCE = {

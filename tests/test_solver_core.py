@@ -10,7 +10,7 @@ from opentelemetry import trace
 
 from rmesh.domain import Candidate, CheckResult, Verdict
 from rmesh.errors import ResourceExhausted
-from rmesh.in_process import InProcessVerifier
+from rmesh.mesh.in_process import InProcessVerifier
 from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.solver_svc.prompt import build_step_grammar
 from rmesh.solver_svc.search import Node
@@ -120,7 +120,7 @@ async def test_a_precheck_from_the_caller_saves_the_solver_its_own():
     from rmesh.domain import Budget, CheckSpec, Precheck, TaskSpec
     from rmesh.engine.instant import InstantEngine
     from rmesh.solver_svc.core import SolverCore
-    from rmesh.solver_svc.model import SolveRequest
+    from rmesh.solving import SolveRequest
 
     verifier = CountingVerifier()
     solver = SolverCore(InstantEngine(), verifier)

@@ -15,7 +15,7 @@ from conftest import service_env
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
-from rmesh.serve import start_services
+from rmesh.mesh.serve import start_services
 
 AGENT = pathlib.Path(rotel.__file__).parent / "rotel-agent"
 

@@ -8,7 +8,8 @@ import pytest
 
 from rmesh.domain import Candidate, CheckSpec, Checkpoint, TaskSpec
 from rmesh.errors import InvalidRequest
-from rmesh.verifier_svc.checkers.arithmetic import ExpressionError, evaluate, parse_number
+from rmesh.numbers import parse_number
+from rmesh.verifier_svc.checkers.arithmetic import ExpressionError, evaluate
 from rmesh.verifier_svc.core import VerifierCore
 
 EVIDENCE = {

@@ -37,7 +37,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "reasoning-mesh.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $image := index .root.Values .component "image" -}}
+{{ $image.repository }}:{{ $image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- end }}
 
 {{/* Where the solver finds the engine. */}}

@@ -1,0 +1,323 @@
+"""``rmesh``: serve the mesh, send it problems. Heavy imports wait until a command needs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEV_KEY = "demo-key"  # the dev-only key of policy/tenants/demo.yaml
+EXIT_NOT_RELEASED = 3
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rmesh import serving
+    from rmesh.mesh.serve import SERVICES, start_services
+
+    names = SERVICES if args.service == "all" else (args.service,)
+    env = dict(os.environ)
+    if args.tenants:
+        env["RMESH_TENANTS_DIR"] = args.tenants
+    return serving.main("rmesh serve", lambda e: start_services(names, e), env)
+
+
+def load_request(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the request from --file, then --problem and --evidence on top of it."""
+    import yaml
+
+    request: dict[str, Any] = {}
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as handle:
+                request = yaml.safe_load(handle) or {}
+        except OSError as exc:
+            raise SystemExit(f"rmesh solve: cannot read {args.file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"rmesh solve: {args.file} is not valid YAML: {exc}") from None
+        if not isinstance(request, dict):
+            raise SystemExit(f"rmesh solve: {args.file} must hold a mapping")
+        unknown = set(request) - {"problem", "task", "evidence", "high_impact"}
+        if unknown:
+            raise SystemExit(f"rmesh solve: {args.file}: unknown fields {', '.join(sorted(unknown))}")
+    if args.problem is not None:
+        request["problem"] = args.problem
+    evidence = dict(request.get("evidence") or {})
+    for item in args.evidence:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rmesh solve: --evidence wants KEY=VALUE, got {item!r}")
+        evidence[key] = value
+    for key in args.drop_evidence:
+        evidence.pop(key, None)
+    request["evidence"] = evidence
+    return request
+
+
+def _to_proto(request: dict[str, Any]):
+    from rmesh.client import build_request
+
+    try:
+        return build_request(request)
+    except ValueError as exc:
+        raise SystemExit(f"rmesh solve: {exc}") from None
+
+
+_EVENT_NAMES = {"StatusEvent": "status", "ConfigEvent": "config", "ProgressEvent": "progress", "Outcome": "outcome"}
+
+
+def event_to_dict(event) -> dict[str, Any]:
+    """One Solve event as plain JSON: the event name plus its fields, token counts as ints."""
+    from google.protobuf import json_format
+
+    name = _EVENT_NAMES[type(event).__name__]
+    body = json_format.MessageToDict(event, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if "usage" in body:
+        body["usage"] = {k: int(v) for k, v in body["usage"].items()}
+    return {"event": name, **body}
+
+
+def _describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "status":
+        return f"status    {event['message']}"
+    if kind == "config":
+        budget = event["budget"]
+        return (
+            f"config    tenant={event['tenant']} strategy={event['strategy']} "
+            f"max_tokens={budget['max_tokens']} branches={budget['max_branches']} "
+            f"required={','.join(event['required_evidence']) or '-'} ({event['reason']})"
+        )
+    if kind == "progress":
+        u = event["usage"]
+        stage = event["stage"] + (f" ({event['stop_reason']})" if event.get("stop_reason") else "")
+        return (
+            f"progress  {stage}: branches {event['branches_done']}/{event['branches_started']}, "
+            f"tokens {u['completion_tokens']} generated, {u['cached_tokens']} cached, "
+            f"checks {event['checks_passed']}/{event['checks_total']}"
+        )
+    lines = [f"outcome   {event['kind']} released={event['released']} ({event['reason']})"]
+    if event["released"]:
+        for cp in event["checkpoints"]:
+            lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}")
+        lines.append(f"  answer: {event['answer']}")
+    if event["missing_evidence"]:
+        lines.append(f"  missing evidence: {', '.join(event['missing_evidence'])}; next: {event['next_step']}")
+    u = event["usage"]
+    lines.append(
+        f"  usage: prompt {u['prompt_tokens']}, completion {u['completion_tokens']}, cached {u['cached_tokens']}"
+    )
+    return "\n".join(lines)
+
+
+def _client(key: str):
+    from rmesh.client import MeshClient
+    from rmesh.config import Addresses, ServerSettings
+
+    return MeshClient(Addresses.load().router, api_key=key, max_message_bytes=ServerSettings.load().max_message_bytes)
+
+
+def _solve_request(args: argparse.Namespace, request) -> int:
+    import grpc
+
+    key = args.tenant_key or os.environ.get("RMESH_API_KEY")
+    if not key:
+        print("rmesh solve: no --tenant-key or RMESH_API_KEY; using the dev-only key of tenant 'demo'", file=sys.stderr)
+        key = DEV_KEY
+    outcome: dict[str, Any] | None = None
+    with _client(key) as mesh:
+        try:
+            for message in mesh.solve(request, timeout=args.timeout):
+                event = event_to_dict(message)
+                print(json.dumps(event) if args.json else _describe(event), flush=True)
+                if event["event"] == "outcome":
+                    outcome = event
+        except grpc.RpcError as exc:
+            if args.json:
+                print(json.dumps({"event": "error", "code": exc.code().name, "message": exc.details()}))
+            else:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+    return 0 if outcome and outcome["released"] else EXIT_NOT_RELEASED
+
+
+def _solve(args: argparse.Namespace) -> int:
+    if not args.file and args.problem is None:
+        print("rmesh solve: give --file REQUEST.yaml or --problem TEXT", file=sys.stderr)
+        return EXIT_USAGE
+    request = _to_proto(load_request(args))
+    return _solve_request(args, request)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from rmesh.engine.llama import LlamaEngine
+    from rmesh.mesh.calibrate import calibrate
+
+    if args.size < 4 or args.k < 2:
+        print("rmesh verifier calibrate: --size must be at least 4 and --k at least 2", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> dict:
+        engine = LlamaEngine.load(n_ctx=8192, max_branches=8)
+        try:
+            return await calibrate(
+                engine, size=args.size, k=args.k, seed=args.seed, calibration_path=args.calibration, report_path=args.report
+            )
+        finally:
+            await engine.aclose()
+
+    report = asyncio.run(run())
+    judge = report["judge"]
+    print(
+        f"judge {judge['scorer']}: threshold {judge['threshold']}, AUROC {judge['auroc']}, ECE {judge['ece']}, "
+        f"max N {judge['max_n']}; sandbox {report['sandbox_checks_per_second']} checks/s"
+    )
+    print(f"wrote {args.calibration} and {args.report}")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from rmesh.api.review.v1 import review_pb2
+
+    key = args.key or os.environ.get("RMESH_API_KEY")
+    if not key:
+        print("rmesh review: give --key or set RMESH_API_KEY", file=sys.stderr)
+        return EXIT_USAGE
+
+    def show(review) -> str:
+        if args.json:
+            return json.dumps(json_format.MessageToDict(review, preserving_proto_field_name=True))
+        state = review_pb2.ReviewState.Name(review.state).removeprefix("REVIEW_STATE_").lower()
+        line = f"{review.id}  {state:9s}  {review.reason}  | {review.problem[:60]}"
+        if review.reviewer:
+            line += f"  [{review.reviewer}: {review.comment or '-'}{'; answer: ' + review.answer if review.answer else ''}]"
+        return line
+
+    with _client(key) as mesh:
+        try:
+            if args.review_command == "list":
+                for review in mesh.list_reviews(args.state, timeout=30):
+                    print(show(review))
+            elif args.review_command == "show":
+                print(show(mesh.get_review(args.id, timeout=30)))
+            else:
+                review = mesh.resolve_review(
+                    args.id, args.review_command, answer=getattr(args, "answer", "") or "", comment=args.comment, timeout=30
+                )
+                print(show(review))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rmesh.mesh.evaluation import POLICIES, SPECS, EvalError, run
+
+    datasets = args.datasets.split(",") if args.datasets else list(SPECS)
+    policies = args.policies.split(",") if args.policies else list(POLICIES)
+    try:
+        payload = asyncio.run(
+            run(datasets, args.size, policies, args.router, args.seed, args.out, args.plot, args.timeout)
+        )
+    except EvalError as exc:
+        print(f"rmesh eval: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "unknown" in str(exc) or "--size" in str(exc) else EXIT_RPC_ERROR
+    print(f"{'policy':12s} {'accuracy':>8s} {'tokens':>8s} {'cached':>8s} {'p50 s':>6s} {'p95 s':>6s} {'escalated':>9s}")
+    for policy, data in payload["policies"].items():
+        o = data["overall"]
+        print(
+            f"{policy:12s} {o['accuracy']:8.3f} {o['generated_tokens_mean']:8.1f} {o['cached_tokens_mean']:8.1f} "
+            f"{o['wall_seconds_p50']:6.2f} {o['wall_seconds_p95']:6.2f} {o['escalated_share']:9.2f}"
+        )
+    print(json.dumps(payload["goals"]))
+    print(f"wrote {args.out} and {args.plot}")
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from rmesh.router_svc.__main__ import main as router_main
+
+    return router_main(["policy", args.policy_command, *([args.directory] if args.directory else [])])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmesh", description="Reasoning Mesh: adaptive test-time compute over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the mesh's services in the foreground")
+    serve.add_argument("service", nargs="?", default="all", choices=["all", "router", "solver", "verifier"])
+    serve.add_argument("--tenants", help="tenant policy directory (default: $RMESH_TENANTS_DIR, else policy/tenants)")
+    serve.set_defaults(func=_serve)
+
+    solve = sub.add_parser("solve", help="send one problem to the router and stream its events")
+    solve.add_argument("--file", help="request file (YAML): problem, task, evidence, high_impact")
+    solve.add_argument("--problem", help="problem text (overrides the file's)")
+    solve.add_argument("--evidence", action="append", default=[], metavar="KEY=VALUE", help="add or override evidence")
+    solve.add_argument("--drop-evidence", action="append", default=[], metavar="KEY", help="remove an evidence key")
+    solve.add_argument("--tenant-key", help="API key (default: $RMESH_API_KEY)")
+    solve.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
+    solve.add_argument("--json", action="store_true", help="print one JSON object per event")
+    solve.set_defaults(func=_solve)
+
+    policy = sub.add_parser("policy", help="check tenant policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    for name, text in (("lint", "schema, CEL compilation, identifiers, types, route reachability"), ("test", "run each file's sample requests and report rule coverage")):
+        command = policy_sub.add_parser(name, help=text)
+        command.add_argument("directory", nargs="?", help="a tenant directory or one file (default: $RMESH_TENANTS_DIR, else policy/tenants)")
+        command.set_defaults(func=_policy)
+
+    evaluate = sub.add_parser("eval", help="compare fixed and adaptive policies on reasoning-gym tasks through the mesh")
+    evaluate.add_argument("--datasets", help="comma-separated (default: all): basic_arithmetic/1-digit, basic_arithmetic/2-digit, basic_arithmetic/3-digit, chain_sum/1-digit, countdown/3-numbers, countdown/5-numbers")
+    evaluate.add_argument("--size", type=int, default=8, help="tasks per dataset")
+    evaluate.add_argument("--policies", help="comma-separated (default: single_pass,best_of_8,beam,adaptive)")
+    evaluate.add_argument("--router", help="an already running mesh with the policy/eval tenants (default: start one)")
+    evaluate.add_argument("--seed", type=int, default=7)
+    evaluate.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
+    evaluate.add_argument("--out", default="bench/out/eval.json")
+    evaluate.add_argument("--plot", default="bench/out/eval.png")
+    evaluate.set_defaults(func=_eval)
+
+    review = sub.add_parser("review", help="list and resolve escalated requests")
+    review.add_argument("--key", help="API key (default: $RMESH_API_KEY); resolving needs a reviewer key")
+    review.add_argument("--json", action="store_true", help="one JSON object per review")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    listing = review_sub.add_parser("list", help="the tenant's reviews, newest first")
+    listing.add_argument("--state", choices=["pending", "approved", "edited", "rejected", "expired"])
+    review_sub.add_parser("show", help="one review").add_argument("id")
+    for name in ("approve", "edit", "reject"):
+        command = review_sub.add_parser(name, help=f"{name} a pending review")
+        command.add_argument("id")
+        command.add_argument("--comment", default="")
+        if name == "edit":
+            command.add_argument("--answer", required=True, help="the replacement answer")
+    for command in (listing, *[review_sub.choices[n] for n in ("show", "approve", "edit", "reject")]):
+        command.set_defaults(func=_review)
+
+    verifier = sub.add_parser("verifier", help="verifier tools")
+    verifier_sub = verifier.add_subparsers(dest="verifier_command", required=True)
+    cal = verifier_sub.add_parser("calibrate", help="fit the learned judge's release threshold on labelled candidates")
+    cal.add_argument("--size", type=int, default=48, help="reasoning-gym tasks (half fit, half held out)")
+    cal.add_argument("--k", type=int, default=4, help="candidates per task")
+    cal.add_argument("--seed", type=int, default=2026)
+    cal.add_argument("--calibration", default="verifier_svc/src/rmesh/verifier_svc/calibration/judge.json", help="calibration file to write (default: the one the verifier package ships)")
+    cal.add_argument("--report", default="bench/out/verifier.json")
+    cal.set_defaults(func=_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""``rmesh-router``: serve the router, or check a tenant directory the way it will load it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rmesh.config import DEFAULT_TENANTS_DIR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmesh-router", description="Reasoning Mesh router: the public Solve and Review API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve on $RMESH_ROUTER_ADDR until SIGTERM")
+    serve.add_argument("--tenants", help=f"tenant policy directory (default: $RMESH_TENANTS_DIR, else {DEFAULT_TENANTS_DIR})")
+    policy = sub.add_parser("policy", help="check tenant policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    for name, text in (
+        ("lint", "schema, CEL compilation, identifiers, types, route reachability"),
+        ("test", "run each file's sample requests and report rule coverage"),
+    ):
+        command = policy_sub.add_parser(name, help=text)
+        command.add_argument("directory", nargs="?", help="a tenant directory or one file (default: as for serve)")
+        command.add_argument("--tenants", help="same as DIRECTORY")
+    return parser
+
+
+def tenants_dir(flag: str | None) -> str:
+    return flag or os.environ.get("RMESH_TENANTS_DIR") or DEFAULT_TENANTS_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "policy":
+        from rmesh.router_svc.policy import cli as policy_cli
+
+        directory = tenants_dir(args.directory or args.tenants)
+        return policy_cli.lint(directory) if args.policy_command == "lint" else policy_cli.test(directory)
+    from rmesh import serving
+    from rmesh.router_svc.serve import start
+
+    env = dict(os.environ)
+    env["RMESH_TENANTS_DIR"] = tenants_dir(args.tenants)
+    return serving.main("rmesh-router", start, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

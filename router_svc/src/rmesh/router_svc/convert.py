@@ -1,0 +1,83 @@
+"""Router-only proto ⇄ domain conversion: the public Solve request and its event stream."""
+
+from __future__ import annotations
+
+from rmesh.api.router.v1 import router_pb2
+from rmesh.convert import (
+    budget_to_proto,
+    check_result_to_proto,
+    checkpoint_to_proto,
+    progress_to_proto,
+    search_to_proto,
+    struct_to_dict,
+    task_from_proto,
+    usage_to_proto,
+)
+from rmesh.router_svc import core as router_core
+from rmesh.solving import Progress
+
+_OUTCOME_KINDS = {
+    router_core.OUTCOME_RELEASED: router_pb2.OUTCOME_KIND_RELEASED,
+    router_core.OUTCOME_MISSING_EVIDENCE: router_pb2.OUTCOME_KIND_MISSING_EVIDENCE,
+    router_core.OUTCOME_NO_ELIGIBLE_ANSWER: router_pb2.OUTCOME_KIND_NO_ELIGIBLE_ANSWER,
+    router_core.OUTCOME_ESCALATED: router_pb2.OUTCOME_KIND_ESCALATED,
+}
+
+
+def router_request_from_proto(r: router_pb2.SolveRequest) -> router_core.RouterRequest:
+    return router_core.RouterRequest(
+        problem=r.problem,
+        task=task_from_proto(r.task),
+        evidence=struct_to_dict(r.evidence),
+        high_impact=r.high_impact,
+    )
+
+
+def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
+    if isinstance(event, router_core.Status):
+        return router_pb2.SolveResponse(status=router_pb2.StatusEvent(message=event.message))
+    if isinstance(event, router_core.Config):
+        return router_pb2.SolveResponse(
+            config=router_pb2.ConfigEvent(
+                strategy=event.strategy,
+                budget=budget_to_proto(event.budget),
+                tenant=event.tenant,
+                required_evidence=list(event.required_evidence),
+                reason=event.reason,
+                policy_revision=event.policy_revision,
+                search=search_to_proto(event.search),
+            )
+        )
+    if isinstance(event, Progress):
+        p = progress_to_proto(event)
+        return router_pb2.SolveResponse(
+            progress=router_pb2.ProgressEvent(
+                stage=p.stage,
+                branches_started=p.branches_started,
+                branches_done=p.branches_done,
+                usage=p.usage,
+                checks_passed=p.checks_passed,
+                checks_total=p.checks_total,
+                round=p.round,
+                branches_pruned=p.branches_pruned,
+                stop_reason=p.stop_reason,
+            )
+        )
+    return router_pb2.SolveResponse(
+        outcome=router_pb2.Outcome(
+            kind=_OUTCOME_KINDS[event.kind],
+            released=event.released,
+            answer=event.answer,
+            checkpoints=[checkpoint_to_proto(cp) for cp in event.checkpoints],
+            missing_evidence=list(event.missing_evidence),
+            next_step=event.next_step,
+            strategy=event.strategy,
+            usage=usage_to_proto(event.usage),
+            checks=[check_result_to_proto(c) for c in event.checks],
+            stop_reason=event.stop_reason,
+            reason=event.reason,
+            policy_revision=event.policy_revision,
+            vote_share=event.vote_share,
+            review_id=event.review_id,
+        )
+    )

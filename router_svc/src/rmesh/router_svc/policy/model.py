@@ -1,0 +1,110 @@
+"""Compiled tenant policy and the decisions it makes. Immutable: a reload swaps whole snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rmesh.domain import Budget, SearchParams
+from rmesh.router_svc.policy.cel import CompiledExpression
+
+ROLE_CALLER = "caller"
+ROLE_REVIEWER = "reviewer"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    sha256: str
+    role: str = ROLE_CALLER
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    when: CompiledExpression | None
+    difficulty: str
+    strategies: tuple[str, ...]
+    budget: Budget
+    search: SearchParams
+    max_cost: float | None = None
+
+
+@dataclass(frozen=True)
+class EvidenceRule:
+    name: str
+    when: CompiledExpression
+    require: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EscalationRule:
+    name: str
+    when: CompiledExpression
+    reason: str
+
+
+@dataclass(frozen=True)
+class Quotas:
+    max_concurrent: int = 8
+    tokens_per_window: int = 200_000
+    window_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    timeout_seconds: float = 86_400.0
+    on_timeout: str = "reject"
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """What request content may reach telemetry; by default none does."""
+
+    trace_content: bool = False
+    sensitive_evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    tenant: str
+    revision: str  # content hash of the file
+    source: str
+    keys: tuple[ApiKey, ...]
+    variables: dict[str, CompiledExpression]
+    routes: tuple[Route, ...]
+    evidence: tuple[EvidenceRule, ...]
+    escalate: tuple[EscalationRule, ...]
+    on_error: dict[str, str]
+    quotas: Quotas = Quotas()
+    review: ReviewSettings = ReviewSettings()
+    privacy: Privacy = Privacy()
+    price_per_1k_completion: float = 0.0
+    tests: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    tenant: str
+    revision: str
+    route: str
+    difficulty: str
+    strategies: tuple[str, ...]
+    budget: Budget
+    search: SearchParams
+    required_evidence: tuple[str, ...]
+    escalate: bool
+    escalation_reason: str
+    matched: tuple[str, ...] = field(default_factory=tuple)  # rule names that matched, in order
+    errors: tuple[str, ...] = field(default_factory=tuple)  # runtime errors and how on_error read them
+
+    @property
+    def strategy(self) -> str:
+        return self.strategies[0]
+
+    @property
+    def why(self) -> str:
+        route = f"route {self.route!r} ({self.difficulty})"
+        extra = [f"evidence/escalation rules matched: {', '.join(m for m in self.matched if m != self.route)}"] if len(self.matched) > 1 else []
+        if self.errors:
+            extra.append("errors: " + "; ".join(self.errors))
+        return "; ".join([route, *extra])

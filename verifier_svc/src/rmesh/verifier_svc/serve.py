@@ -1,0 +1,56 @@
+"""The verifier service: exact checks, the evidence contract and learned scores."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from rmesh.config import Addresses, ServerSettings, SolverConfig, VerifierConfig
+from rmesh.engine import Engine, create_engine
+from rmesh.serving import RunningService, provider_factory, start_server
+from rmesh.verifier_svc import servicer as verifier_servicer
+from rmesh.verifier_svc.core import VerifierCore
+from rmesh.verifier_svc.scorers import GenerativeJudge, SGLangRewardModel, load_calibration
+
+# The judge's calibration that ships with the verifier (written by `rmesh verifier calibrate`).
+SHIPPED_CALIBRATION = pathlib.Path(__file__).resolve().parent / "calibration" / "judge.json"
+
+
+def build_scorer(config: VerifierConfig, engine: Engine | None):
+    """The learned scorer the configuration names, with its calibration if one exists.
+
+    Returns (scorer, calibration, engine it started or None)."""
+    if config.judge == "off":
+        return None, None, None
+    started = None
+    if config.judge == "embedded":
+        if engine is None:
+            engine = started = create_engine(SolverConfig(engine="embedded"))
+        scorer = GenerativeJudge(engine)
+    else:
+        scorer = SGLangRewardModel(config.reward_url)
+    return scorer, load_calibration(config.calibration_path or SHIPPED_CALIBRATION, scorer.name), started
+
+
+async def start_verifier(
+    address: str, settings: ServerSettings, provider: TracerProvider, scorer=None, calibration=None
+) -> RunningService:
+    core = VerifierCore(scorer=scorer, calibration=calibration)
+    servicer = verifier_servicer.VerifierServicer(core)
+    service = await start_server(
+        "verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server)
+    )
+    service.core = core
+    return service
+
+
+async def start(env: Mapping[str, str]) -> list[RunningService]:
+    """The verifier alone; with RMESH_JUDGE=embedded it loads its own copy of the model."""
+    scorer, calibration, engine = build_scorer(VerifierConfig.load(env), None)
+    service = await start_verifier(
+        Addresses.load(env).verifier, ServerSettings.load(env), provider_factory(env)("verifier"), scorer, calibration
+    )
+    service.engine = engine
+    return [service]
