@@ -35,7 +35,7 @@ if [[ -n "${BASE:-}" ]]; then
 elif podman image exists "$OFFICIAL_BASE" || timeout 60 podman pull -q "$OFFICIAL_BASE" >/dev/null 2>&1; then
     BASE=$OFFICIAL_BASE
 else
-    log "no registry answers for $OFFICIAL_BASE; building BASE=$LOCAL_BASE from Debian packages"
+    log "no registry answers for $OFFICIAL_BASE; using BASE=$LOCAL_BASE, built here from Debian packages"
     bash scripts/build-base.sh "$LOCAL_BASE"
     BASE=$LOCAL_BASE
 fi
@@ -49,11 +49,14 @@ mkdir -p "$WHEELS"
 "$PYTHON" -m pip wheel --quiet -w "$WHEELS" --find-links "$WHEELS" -c constraints.txt \
     rmesh-router 'rmesh-solver[embedded]' rmesh-verifier
 
-# 3. One image per target, no network.
+# 3. One image per target, no network (the solver on python:3.11-slim fetches libgomp1).
+WHEELS_SHA=$(cat "$WHEELS"/*.whl | sha256sum | cut -c1-16)
+network=none
+[[ $BASE == "$OFFICIAL_BASE" ]] && network=host
 for service in router verifier solver; do
     started=$(date +%s)
-    podman build --quiet --network=none --pull=never \
-        --build-arg "BASE=$BASE" --target "$service" \
+    podman build --quiet --network="$network" --pull=never \
+        --build-arg "BASE=$BASE" --build-arg "WHEELS_SHA=$WHEELS_SHA" --target "$service" \
         -t "localhost/rmesh-$service:$TAG" -f Containerfile . >/dev/null
     log "localhost/rmesh-$service:$TAG built in $(( $(date +%s) - started )) s"
 done

@@ -7,6 +7,7 @@ and `.ci/run` runs it after `make test`. Under plain `make test` it skips, sayin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -61,6 +62,7 @@ class Containers:
         self.suffix = uuid.uuid4().hex[:8]
         self.network = f"rmesh-test-{self.suffix}"
         self.ports: dict[str, int] = {}
+        self.addresses: dict[str, str] = {}
         podman("network", "create", self.network)
 
     def name(self, service: str) -> str:
@@ -68,6 +70,9 @@ class Containers:
 
     def run(self, service: str, image: str, container_port: int, *options: str) -> None:
         self.ports[service] = free_port()
+        if service in self.addresses:
+            # A restarted service keeps its address, as a Kubernetes Service's stays put.
+            options = ("--ip", self.addresses[service], *options)
         podman(
             "run", "-d", "--name", self.name(service), "--network", self.network,
             "--network-alias", service, "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
@@ -76,6 +81,8 @@ class Containers:
         )
 
     def stop(self, service: str, timeout: int = 20) -> tuple[int, float, str]:
+        networks = json.loads(podman("inspect", "--format", "{{json .NetworkSettings.Networks}}", self.name(service)).stdout)
+        self.addresses[service] = networks[self.network]["IPAddress"]
         started = time.monotonic()
         podman("stop", "-t", str(timeout), self.name(service), timeout=timeout + 30)
         took = time.monotonic() - started
@@ -117,7 +124,7 @@ def images() -> dict[str, dict]:
 def test_each_image_runs_its_service_as_a_non_root_user(images):
     for service, info in images.items():
         config = info["Config"]
-        assert config["User"] == "10001", service
+        assert config["User"] == "10001:10001", service
         assert config["Entrypoint"] == [f"rmesh-{service}"] and config["Cmd"] == ["serve"]
     sizes = {s: info["Size"] / 1e6 for s, info in images.items()}
     assert sizes["router"] < 250 and sizes["verifier"] < 250 and sizes["solver"] < 600, sizes
@@ -175,7 +182,16 @@ async def test_three_containers_serve_solve_on_both_engines_and_stop_gracefully(
         serving(mesh.ports["solver"])
         ticket = yaml.safe_load((ROOT / "examples" / "fulfillment.yaml").read_text())
         async with AsyncMeshClient(router, api_key="demo-key", timeout=300) as client:
-            events = [event async for event in client.solve(ticket)]
+            # The router finds the restarted solver within its 5 s reconnect backoff.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    events = [event async for event in client.solve(ticket)]
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1)
         outcome = events[-1]
         assert [type(e).__name__ for e in events[:2]] == ["StatusEvent", "ConfigEvent"]
         assert type(outcome).__name__ == "Outcome" and outcome.released, outcome

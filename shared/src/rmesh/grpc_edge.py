@@ -274,7 +274,9 @@ def _service_config(retry_services: Iterable[str]) -> str:
 def create_channel(
     address: str, settings: ServerSettings, retry_services: Iterable[str] = (), tracer_provider=None
 ) -> grpc.aio.Channel:
-    options: list[tuple[str, object]] = list(_options(settings))
+    # A peer that restarts (a rollout, a moved container) is found again within seconds: gRPC's
+    # reconnect backoff otherwise grows to two minutes while the peer is away.
+    options: list[tuple[str, object]] = [*_options(settings), ("grpc.max_reconnect_backoff_ms", 5000)]
     retry = list(retry_services)
     if retry:
         options += [("grpc.service_config", _service_config(retry)), ("grpc.enable_retries", 1)]
