@@ -203,3 +203,12 @@ async def test_three_containers_serve_solve_on_both_engines_and_stop_gracefully(
             assert code == 0 and "stopped" in logs, (service, logs)
     finally:
         mesh.close()
+
+
+def test_a_base_that_cannot_be_reached_stops_the_build_naming_base():
+    result = subprocess.run(
+        ["bash", "scripts/images.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "BASE": "registry.invalid/no-such/python:3.11"},
+    )
+    assert result.returncode == 3
+    assert "BASE=registry.invalid/no-such/python:3.11 cannot be found locally or pulled" in result.stderr

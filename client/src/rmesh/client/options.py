@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -17,11 +17,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 * 1024 * 1024
 class ClientOptions:
     address: str = "127.0.0.1:50051"
     # Sent as "authorization: Bearer KEY" on every call.
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     # TLS: on when ``tls`` is true or any PEM below is given; the system roots when none is.
     tls: bool = False
     root_certificates: bytes | None = None
-    private_key: bytes | None = None  # with certificate_chain: mutual TLS
+    private_key: bytes | None = field(default=None, repr=False)  # with certificate_chain: mutual TLS
     certificate_chain: bytes | None = None
     # Overrides the name checked against the server's certificate (tests, IP addresses).
     server_name: str = ""
