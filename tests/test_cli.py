@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -115,3 +116,26 @@ def test_serve_starts_all_three_and_stops_gracefully_on_sigint(tmp_path):
             process.kill()
     assert process.returncode == 0, output
     assert "stopping" in output and output.rstrip().endswith("stopped")
+
+
+@pytest.mark.parametrize(
+    "script, env, line",
+    [
+        ("rmesh-solver", {"RMESH_MODEL_PATH": "/no/such/model.gguf"}, "rmesh-solver: RMESH_MODEL_PATH=/no/such/model.gguf: no such model file"),
+        ("rmesh-solver", {"RMESH_ENGINE": "instant", "RMESH_KV_WAIT_SECONDS": "soon"}, "rmesh-solver: RMESH_KV_WAIT_SECONDS='soon' is not a number"),
+        ("rmesh-verifier", {"RMESH_JUDGE": "maybe"}, "rmesh-verifier: RMESH_JUDGE: 'maybe' is not one of off, embedded, sglang"),
+        ("rmesh-router", {"RMESH_TENANTS_DIR": "/no/such/tenants"}, "rmesh-router: tenant directory /no/such/tenants does not exist (set --tenants or RMESH_TENANTS_DIR)"),
+        ("rmesh", {"RMESH_ENGINE": "gpu"}, "rmesh serve: RMESH_ENGINE: unknown engine 'gpu'; known: embedded, sglang, instant (benchmarks only)"),
+    ],
+)
+def test_a_service_missing_what_it_needs_exits_with_one_line(tmp_path, script, env, line):
+    """Each console script, started without a model, with a bad setting or without its tenants:
+    exit status 2 and one line naming what is missing, no traceback, nothing left listening."""
+    ports = {f"RMESH_{s}_ADDR": "127.0.0.1:0" for s in ("ROUTER", "SOLVER", "VERIFIER")}
+    result = subprocess.run(
+        [str(pathlib.Path(sys.executable).parent / script), "serve"],
+        cwd=tmp_path, env={**os.environ, **ports, **env}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [line]
