@@ -4,11 +4,12 @@ sync and async; precise errors; review calls; retries through gRPC's service con
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
 import pytest
 
-from conftest import service_env
+from conftest import ROOT, service_env
 from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.client import AsyncMeshClient, ClientOptions, ConfigEvent, MeshClient, Outcome, StatusEvent, build_request
 from rmesh.engine.instant import InstantEngine
@@ -114,3 +115,24 @@ async def test_unavailable_is_retried_by_grpc_up_to_max_attempts(attempts, succe
         assert flaky.calls == (3 if succeeds else 1)
     finally:
         await server.stop(0)
+
+
+async def test_the_readme_python_example_runs_as_printed(engine, tmp_path, capsys):
+    """The README's client example, run against a real mesh of its own on the embedded model."""
+    services = await start_services(("verifier", "solver", "router"), service_env(tmp_path), engine=engine)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Calling it from Python"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python\n") + 10)]
+    code = code.replace('"127.0.0.1:50051"', repr(f"127.0.0.1:{services[-1].port}"))
+    previous = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        await asyncio.to_thread(exec, compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(previous)
+        for service in reversed(services):
+            await service.stop(0)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("StatusEvent") and any(line.startswith("Outcome") for line in printed)
+    assert "released: true" in "\n".join(printed)
+    assert printed[-1] == "['carrier', 'return_policy']"

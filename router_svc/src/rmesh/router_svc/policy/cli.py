@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from rmesh.router_svc.policy.engine import decide
 from rmesh.router_svc.policy.loader import PolicyError, load_policy, run_test, sample_view
@@ -11,7 +12,8 @@ from rmesh.router_svc.policy.loader import PolicyError, load_policy, run_test, s
 def _files(directory: str) -> list[pathlib.Path]:
     root = pathlib.Path(directory)
     if not root.exists():
-        raise SystemExit(f"rmesh-router policy: {directory} does not exist (give a tenant directory or set RMESH_TENANTS_DIR)")
+        print(f"rmesh-router policy: {directory} does not exist (give a tenant directory or set RMESH_TENANTS_DIR)", file=sys.stderr)
+        raise SystemExit(2)
     return sorted(root.glob("*.yaml")) if root.is_dir() else [root]
 
 
