@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 
 import grpc
 import pytest
@@ -136,3 +137,29 @@ async def test_the_readme_python_example_runs_as_printed(engine, tmp_path, capsy
     assert printed[0].startswith("StatusEvent") and any(line.startswith("Outcome") for line in printed)
     assert "released: true" in "\n".join(printed)
     assert printed[-1] == "['carrier', 'return_policy']"
+
+
+async def test_tls_with_the_servers_root_certificate(tmp_path):
+    """A TLS server (a self-signed certificate made by openssl): the client with its root
+    certificate gets through; without it, the handshake fails and the call is UNAVAILABLE."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    server = grpc.aio.server()
+    review_pb2_grpc.add_ReviewServiceServicer_to_server(FlakyReviews(failures=0), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    await server.start()
+    try:
+        address = f"localhost:{port}"
+        async with AsyncMeshClient(address, root_certificates=cert.read_bytes(), timeout=10) as mesh:
+            assert mesh.options.secure and await mesh.list_reviews() == []
+        async with AsyncMeshClient(address, tls=True, max_attempts=1, timeout=5) as mesh:
+            with pytest.raises(grpc.RpcError) as untrusted:
+                await mesh.list_reviews()
+            assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
