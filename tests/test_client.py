@@ -163,3 +163,37 @@ async def test_tls_with_the_servers_root_certificate(tmp_path):
             assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(0)
+
+
+def test_the_address_in_options_is_the_one_dialled(monkeypatch):
+    """A client built from ClientOptions dials options.address; it never falls back to a
+    default address carrying the caller's key."""
+    options = ClientOptions(address="mesh.example.internal:443", api_key="k")
+    assert MeshClient(options=options).options.address == "mesh.example.internal:443"
+    assert MeshClient("other:1", options=options).options.address == "other:1"
+    assert AsyncMeshClient.__init__.__defaults__ == (None,)
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        ({"timeout": float("nan")}, "timeout"), ({"timeout": "5"}, "timeout"), ({"max_attempts": True}, "max_attempts"),
+        ({"max_message_bytes": 2**70}, "max_message_bytes"), ({"address": "  "}, "address"),
+        ({"api_key": "demo-key\n"}, "api_key"), ({"tls": "no"}, "tls"), ({"root_certificates": "PEM"}, "root_certificates"),
+    ],
+)
+def test_each_bad_option_is_refused_naming_it(settings, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        ClientOptions(**settings)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, field",
+    [
+        (("x",), {"evidence": ["a"]}, "evidence"), (("x",), {"checks": "arithmetic"}, "checks"),
+        (({"problem": "x"},), {"kind": "arithmetic"}, "kind"), ((None,), {}, "problem"),
+    ],
+)
+def test_bad_request_arguments_name_the_field(args, kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        build_request(*args, **kwargs)

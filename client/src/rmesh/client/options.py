@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import grpc
@@ -11,6 +12,7 @@ ROUTER_SERVICE = "rmesh.api.router.v1.RouterService"
 REVIEW_SERVICE = "rmesh.api.review.v1.ReviewService"
 # The router's default message limit; requests larger than this are refused by the server.
 DEFAULT_MAX_MESSAGE_BYTES = 1 * 1024 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's own ceiling
 
 
 @dataclass(frozen=True)
@@ -33,14 +35,25 @@ class ClientOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
-        if not self.address:
-            raise ValueError("address: required")
-        if not 1 <= self.max_attempts <= 5:
-            raise ValueError("max_attempts: must be 1 to 5 (gRPC caps retries at 5 attempts)")
-        if self.timeout <= 0:
-            raise ValueError("timeout: must be positive")
+        if not isinstance(self.address, str) or not self.address.strip() or any(c.isspace() for c in self.address):
+            raise ValueError("address: must be host:port with no spaces")
+        if not isinstance(self.api_key, str) or any(not c.isprintable() or c.isspace() for c in self.api_key):
+            raise ValueError("api_key: must be a string of printable characters without spaces")
+        if not isinstance(self.tls, bool):
+            raise ValueError("tls: must be True or False")
+        for name in ("root_certificates", "private_key", "certificate_chain"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bytes):
+                raise ValueError(f"{name}: must be PEM bytes")
         if (self.private_key is None) != (self.certificate_chain is None):
             raise ValueError("private_key and certificate_chain: give both for mutual TLS, or neither")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not 0 < self.timeout < math.inf:
+            raise ValueError("timeout: must be a positive, finite number of seconds")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or not 1 <= self.max_attempts <= 5:
+            raise ValueError("max_attempts: must be an integer from 1 to 5 (gRPC caps retries at 5 attempts)")
+        if isinstance(self.max_message_bytes, bool) or not isinstance(self.max_message_bytes, int) or not (
+            1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES
+        ):
+            raise ValueError(f"max_message_bytes: must be an integer from 1024 to {MAX_MESSAGE_BYTES}")
 
     @property
     def secure(self) -> bool:

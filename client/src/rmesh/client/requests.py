@@ -27,13 +27,22 @@ def build_request(
 ) -> router_pb2.SolveRequest:
     """A SolveRequest from a problem text and keywords, a dict in the API's JSON shape, or a
     ready message. A dict that does not fit the API raises ValueError naming the field."""
-    if isinstance(problem, router_pb2.SolveRequest):
-        return problem
-    if isinstance(problem, Mapping):
+    if isinstance(problem, (router_pb2.SolveRequest, Mapping)):
+        given = [name for name, value in (("kind", kind), ("checks", checks), ("evidence", evidence), ("high_impact", high_impact)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: give these inside the request, not beside a whole request")
+        if isinstance(problem, router_pb2.SolveRequest):
+            return problem
         try:
             return json_format.ParseDict(dict(problem), router_pb2.SolveRequest())
         except json_format.ParseError as exc:
             raise ValueError(f"request does not fit the API: {exc}") from None
+    if not isinstance(problem, str):
+        raise ValueError(f"problem: must be a string, a dict in the API's JSON shape or a SolveRequest, not {type(problem).__name__}")
+    if evidence is not None and not isinstance(evidence, Mapping):
+        raise ValueError("evidence: must be a mapping of key to string")
+    if isinstance(checks, (str, bytes, Mapping)) or not all(isinstance(c, Mapping) for c in checks):
+        raise ValueError("checks: must be a list of mappings such as {'name': 'arithmetic', 'params': {...}}")
     body: dict[str, Any] = {"problem": problem, "high_impact": high_impact}
     if kind or checks:
         body["task"] = {"kind": kind, "checks": [dict(c) for c in checks]}

@@ -17,8 +17,12 @@ from rmesh.client.requests import build_request, event_of, resolve_request, revi
 class MeshClient:
     """One channel to the router; close it with ``close()`` or ``with``."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, options: ClientOptions | None = None, **settings: Any) -> None:
-        self.options = replace(options or ClientOptions(), address=address, **settings)
+    def __init__(self, address: str | None = None, *, options: ClientOptions | None = None, **settings: Any) -> None:
+        """``address`` (default: ``options.address``, else 127.0.0.1:50051) and keyword
+        settings override the fields of ``options``."""
+        if address is not None:
+            settings["address"] = address
+        self.options = replace(options or ClientOptions(), **settings)
         o = self.options
         if o.secure:
             self._channel = grpc.secure_channel(o.address, o.credentials(), options=o.channel_options())
