@@ -112,6 +112,41 @@ def test_unknown_identifiers_are_refused(expression, reason):
     assert reason in error.reason and error.rule == "route r"
 
 
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [("(" * 1000 + "true" + ")" * 1000, "nests deeper than 64"), ("!" * 3000 + "true", "nests deeper than 64"),
+     ("request.high_impact || " * 400 + "true", "longer than 4000 characters")],
+    ids=["brackets", "negations", "length"],
+)
+def test_expressions_too_deep_or_long_are_refused_at_their_rule(expression, reason):
+    """A tenant file cannot crash the loader (or the router's reload) with a huge expression."""
+    error = refused(policy_text(routes=guarded("deep", yaml.safe_dump(expression, default_style="'", width=10**6).strip())))
+    assert reason in error.reason and error.rule == "route deep" and error.line == 6
+
+
+def test_a_file_that_breaks_the_loader_is_refused_and_reload_goes_on(tmp_path, monkeypatch):
+    """Whatever a file makes the loader raise, that file is refused, the others load, and later
+    reloads still happen."""
+    from rmesh.router_svc.policy import store as store_module
+
+    (tmp_path / "good.yaml").write_text(policy_text())
+    (tmp_path / "bad.yaml").write_text(policy_text().replace("tenant: t", "tenant: b"))
+    real = store_module.load_policy
+
+    def explode_on_bad(path, *args, **kwargs):
+        if pathlib.Path(path).name == "bad.yaml":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "load_policy", explode_on_bad)
+    store = PolicyStore(tmp_path)
+    assert set(store.snapshot.policies) == {"t"} and not store.status.ok
+    assert any("bad.yaml: could not be loaded (RecursionError" in e for e in store.status.errors)
+    (tmp_path / "late.yaml").write_text(policy_text().replace("tenant: t", "tenant: late"))
+    store.reload()
+    assert set(store.snapshot.policies) == {"t", "late"}
+
+
 def test_missing_catch_all_route_is_refused():
     error = refused(policy_text(routes="""
       - name: only

@@ -130,11 +130,40 @@ class CompiledExpression:
         return result
 
 
+# A policy expression is a rule, not a program: longer or deeper ones are refused at load, before
+# the parser's recursion can fail on them.
+MAX_EXPRESSION_CHARS = 4000
+MAX_NESTING = 64
+
+
+def _nesting(source: str) -> int:
+    """The deepest bracket nesting, or the longest run of prefix operators, whichever is more."""
+    depth = deepest = run = 0
+    for char in source:
+        if char in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")]}":
+            depth -= 1
+        if char in "!-":
+            run += 1
+            deepest = max(deepest, run)
+        elif not char.isspace():
+            run = 0
+    return deepest
+
+
 def compile_expression(source: str, known_variables: list[str]) -> CompiledExpression:
+    if len(source) > MAX_EXPRESSION_CHARS:
+        raise CelCompileError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    if _nesting(source) > MAX_NESTING:
+        raise CelCompileError(f"expression nests deeper than {MAX_NESTING} levels")
     try:
         tree = _ENV.compile(source)
     except celpy.CELParseError as exc:
         raise CelCompileError(f"syntax error: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise CelCompileError("expression nests too deeply to parse") from None
     unknown_functions = sorted(_functions(tree) - FUNCTIONS)
     if unknown_functions:
         raise CelCompileError(f"unknown function {unknown_functions[0]!r}; cel-python provides: {', '.join(sorted(FUNCTIONS))}")

@@ -94,6 +94,11 @@ class PolicyStore:
                 self._failed[name] = exc.message
                 errors.append(exc.message)
                 log.error("tenant file refused, last good version keeps serving: %s", exc.message)
+            except Exception as exc:  # a file must never stop the reload of the others
+                message = f"{name}: could not be loaded ({type(exc).__name__}: {str(exc)[:200]})"
+                self._failed[name] = message
+                errors.append(message)
+                log.error("tenant file refused, last good version keeps serving: %s", message)
         tenants: dict[str, TenantPolicy] = {}
         for name, policy in sorted(by_file.items()):
             if policy.tenant in tenants:
@@ -131,6 +136,10 @@ class PolicyStore:
         while True:
             await asyncio.sleep(interval)
             before = self._snapshot
-            status = self.reload()
+            try:
+                status = self.reload()
+            except Exception:
+                log.exception("reloading %s failed; the live policy is unchanged, retrying", self.directory)
+                continue
             if on_change and (self._snapshot is not before):
                 await on_change(status)
