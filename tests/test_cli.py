@@ -126,6 +126,11 @@ def test_serve_starts_all_three_and_stops_gracefully_on_sigint(tmp_path):
         ("rmesh-verifier", {"RMESH_JUDGE": "maybe"}, "rmesh-verifier: RMESH_JUDGE: 'maybe' is not one of off, embedded, sglang"),
         ("rmesh-router", {"RMESH_TENANTS_DIR": "/no/such/tenants"}, "rmesh-router: tenant directory /no/such/tenants does not exist (set --tenants or RMESH_TENANTS_DIR)"),
         ("rmesh", {"RMESH_ENGINE": "gpu"}, "rmesh serve: RMESH_ENGINE: unknown engine 'gpu'; known: embedded, sglang, instant (benchmarks only)"),
+        ("rmesh-verifier", {"RMESH_MAX_MESSAGE_BYTES": "-1"}, "rmesh-verifier: RMESH_MAX_MESSAGE_BYTES='-1' is out of range: from 1024 to 2147483647"),
+        ("rmesh-verifier", {"RMESH_METRICS_ADDR": "garbage"}, "rmesh-verifier: RMESH_METRICS_ADDR='garbage' is not host:port with a port from 0 to 65535"),
+        ("rmesh-router", {"RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"), "RMESH_REVIEW_DB": "postgresql://u:pw-secret@127.0.0.1:1/db"},
+         "rmesh-router: RMESH_REVIEW_DB=postgresql://127.0.0.1/db: cannot open the review store (connection failed: "
+         'connection to server at "127.0.0.1", port 1 failed: Connection refused)'),
     ],
 )
 def test_a_service_missing_what_it_needs_exits_with_one_line(tmp_path, script, env, line):

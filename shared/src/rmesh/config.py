@@ -5,6 +5,7 @@ Tests pass their own mapping instead of touching ``os.environ``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,15 +25,43 @@ def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
 
-def _number(e: Mapping[str, str], name: str, default, kind=int):
-    """``kind(e[name])``, or ``default`` when unset; a value that is not a number is a ConfigError."""
+def _number(e: Mapping[str, str], name: str, default, kind=int, low: float = 0, high: float = 2**63 - 1):
+    """``kind(e[name])``, or ``default`` when unset. A value that is not a finite number from
+    ``low`` to ``high`` is a ConfigError naming the variable."""
     raw = e.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        shown = (str(int(low)), str(int(high))) if kind is int else (f"{low:g}", f"{high:g}")
+        raise ConfigError(f"{name}={raw!r} is out of range: from {shown[0]} to {shown[1]}")
+    return value
+
+
+def address_setting(e: Mapping[str, str], name: str, default: str) -> str:
+    value = e.get(name) or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in value):
+        raise ConfigError(f"{name}={value!r} is not host:port with a port from 0 to 65535")
+    return value
+
+
+def _geometry(e: Mapping[str, str], name: str, default: str) -> str:
+    value = e.get(name) or default
+    parts = value.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and 0 < int(p) < 1 << 20 for p in parts):
+        raise ConfigError(f"{name}={value!r} is not four positive integers: layers,kv_heads,head_dim,bytes_per_element")
+    return value
+
+
+def _choice(e: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = e.get(name, default)
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(a for a in allowed if a)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -45,9 +74,9 @@ class Addresses:
     def load(cls, env: Mapping[str, str] | None = None) -> "Addresses":
         e = _env(env)
         return cls(
-            router=e.get("RMESH_ROUTER_ADDR", DEFAULT_ROUTER_ADDR),
-            solver=e.get("RMESH_SOLVER_ADDR", DEFAULT_SOLVER_ADDR),
-            verifier=e.get("RMESH_VERIFIER_ADDR", DEFAULT_VERIFIER_ADDR),
+            router=address_setting(e, "RMESH_ROUTER_ADDR", DEFAULT_ROUTER_ADDR),
+            solver=address_setting(e, "RMESH_SOLVER_ADDR", DEFAULT_SOLVER_ADDR),
+            verifier=address_setting(e, "RMESH_VERIFIER_ADDR", DEFAULT_VERIFIER_ADDR),
         )
 
 
@@ -63,8 +92,8 @@ class ServerSettings:
     def load(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
         e = _env(env)
         return cls(
-            max_message_bytes=_number(e, "RMESH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
-            grace_seconds=_number(e, "RMESH_GRACE_SECONDS", 20.0, float),
+            max_message_bytes=_number(e, "RMESH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, int, 1024, 2**31 - 1),
+            grace_seconds=_number(e, "RMESH_GRACE_SECONDS", 20.0, float, 0, 3600),
         )
 
 
@@ -108,15 +137,15 @@ class SolverConfig:
             engine=e.get("RMESH_ENGINE", "embedded"),
             sglang_url=e.get("RMESH_SGLANG_URL", "http://127.0.0.1:30000"),
             model_path=e.get("RMESH_MODEL_PATH", ""),
-            n_ctx=_number(e, "RMESH_N_CTX", 4096),
-            max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 8),
-            threads=_number(e, "RMESH_THREADS", 0),
-            answer_style=e.get("RMESH_ANSWER_STYLE", ""),
-            sglang_kv_geometry=e.get("RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
+            n_ctx=_number(e, "RMESH_N_CTX", 4096, int, 256, 1 << 20),
+            max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 8, int, 1, 256),
+            threads=_number(e, "RMESH_THREADS", 0, int, 0, 1024),
+            answer_style=_choice(e, "RMESH_ANSWER_STYLE", "", ("", "extractive", "free")),
+            sglang_kv_geometry=_geometry(e, "RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
             kv_budget_bytes=_number(e, "RMESH_KV_BUDGET_BYTES", 0),
-            kv_wait_seconds=_number(e, "RMESH_KV_WAIT_SECONDS", 5.0, float),
+            kv_wait_seconds=_number(e, "RMESH_KV_WAIT_SECONDS", 5.0, float, 0, 3600),
             instant_text=e.get("RMESH_INSTANT_TEXT", ""),
-            instant_delay_seconds=_number(e, "RMESH_INSTANT_DELAY_SECONDS", 0.0, float),
+            instant_delay_seconds=_number(e, "RMESH_INSTANT_DELAY_SECONDS", 0.0, float, 0, 3600),
         )
 
 
@@ -156,5 +185,5 @@ class RouterConfig:
         return cls(
             tenants_dir=e.get("RMESH_TENANTS_DIR") or DEFAULT_TENANTS_DIR,
             review_db=e.get("RMESH_REVIEW_DB", ".rmesh/reviews.sqlite3"),
-            reload_interval=_number(e, "RMESH_POLICY_RELOAD_SECONDS", 1.0, float),
+            reload_interval=_number(e, "RMESH_POLICY_RELOAD_SECONDS", 1.0, float, 0, 86400),
         )

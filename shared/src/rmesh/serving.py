@@ -19,7 +19,7 @@ import grpc
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from rmesh import grpc_edge, metrics
-from rmesh.config import ServerSettings
+from rmesh.config import ServerSettings, address_setting
 from rmesh.errors import ConfigError, MeshError
 from rmesh.telemetry import tracer_provider
 
@@ -91,10 +91,14 @@ StartFn = Callable[[Mapping[str, str]], Awaitable[list[RunningService]]]
 async def run_forever(start: StartFn, env: Mapping[str, str]) -> None:
     """Serve until SIGINT or SIGTERM, then drain: NOT_SERVING first, then stop with grace."""
     settings = ServerSettings.load(env)
-    services = await start(env)
     if env.get("RMESH_METRICS_ADDR"):
-        port = metrics.serve_metrics(env["RMESH_METRICS_ADDR"])
-        log.info("metrics on http://%s:%d/metrics", env["RMESH_METRICS_ADDR"].rpartition(":")[0] or "127.0.0.1", port)
+        address = address_setting(env, "RMESH_METRICS_ADDR", "")
+        try:
+            port = metrics.serve_metrics(address)
+        except OSError as exc:
+            raise ConfigError(f"RMESH_METRICS_ADDR={address}: cannot listen ({exc.strerror or exc})") from None
+        log.info("metrics on http://%s:%d/metrics", address.rpartition(":")[0], port)
+    services = await start(env)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,12 +11,13 @@ import json
 import pathlib
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from rmesh.errors import FailedPrecondition, InvalidRequest, NotFound
+from rmesh.errors import ConfigError, FailedPrecondition, InvalidRequest, NotFound
 
 PENDING, APPROVED, EDITED, REJECTED, EXPIRED = "pending", "approved", "edited", "rejected", "expired"
 ACTION_STATES = {"approve": APPROVED, "edit": EDITED, "reject": REJECTED}
@@ -299,7 +300,14 @@ class PostgresReviewStore(ReviewStore):
 
 
 def open_store(url: str) -> ReviewStore:
-    """``postgresql://…`` for PostgreSQL; ``sqlite:///path`` or a plain path for SQLite."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresReviewStore(url)
-    return SQLiteReviewStore(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+    """``postgresql://…`` for PostgreSQL; ``sqlite:///path`` or a plain path for SQLite. A store
+    that cannot be opened is a ConfigError naming RMESH_REVIEW_DB (never its password)."""
+    try:
+        if url.startswith(("postgresql://", "postgres://")):
+            return PostgresReviewStore(url)
+        return SQLiteReviewStore(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+    except Exception as exc:
+        parts = urllib.parse.urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}" if parts.scheme.startswith("postgres") else url
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"RMESH_REVIEW_DB={shown}: cannot open the review store ({reason})") from None

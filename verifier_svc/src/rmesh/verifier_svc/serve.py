@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from rmesh.config import Addresses, ServerSettings, SolverConfig, VerifierConfig
 from rmesh.engine import Engine, create_engine
+from rmesh.errors import ConfigError
 from rmesh.serving import RunningService, provider_factory, start_server
 from rmesh.verifier_svc import servicer as verifier_servicer
 from rmesh.verifier_svc.core import VerifierCore
@@ -31,7 +32,14 @@ def build_scorer(config: VerifierConfig, engine: Engine | None):
         scorer = GenerativeJudge(engine)
     else:
         scorer = SGLangRewardModel(config.reward_url)
-    return scorer, load_calibration(config.calibration_path or SHIPPED_CALIBRATION, scorer.name), started
+    path = config.calibration_path or SHIPPED_CALIBRATION
+    if config.calibration_path and not pathlib.Path(path).is_file():
+        raise ConfigError(f"RMESH_JUDGE_CALIBRATION={path}: no such file")
+    try:
+        calibration = load_calibration(path, scorer.name)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"RMESH_JUDGE_CALIBRATION={path}: not a calibration file ({type(exc).__name__}: {exc})") from None
+    return scorer, calibration, started
 
 
 async def start_verifier(
