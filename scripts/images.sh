@@ -26,6 +26,10 @@ log() { printf '[images] %s\n' "$*" >&2; }
 source scripts/podman-env.sh
 
 # 1. The base image.
+if [[ -n "${BASE:-}" && ! $BASE =~ ^[A-Za-z0-9][A-Za-z0-9._/:@-]*$ ]]; then
+    log "BASE=$BASE is not an image reference"
+    exit 3
+fi
 if [[ -n "${BASE:-}" ]]; then
     if ! podman image exists "$BASE" && ! podman pull -q "$BASE" >/dev/null 2>&1; then
         log "BASE=$BASE cannot be found locally or pulled from its registry; set BASE to an image"

@@ -73,6 +73,11 @@ def test_each_service_runs_its_own_image_as_non_root_on_a_read_only_root():
     assert {s: c["image"] for s, c in containers.items()} == {
         "router": "rmesh-router:0.2.0", "solver": "rmesh-solver:0.2.0", "verifier": "rmesh-verifier:0.2.0"
     }
+    pods = [d["spec"]["template"]["spec"] for n, d in deployments(render({})).items() if n.rsplit("-", 1)[1] in containers]
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "tmp"] == ["256Mi"]
     for container in containers.values():
         assert container["args"] == ["serve"]
         security = container["securityContext"]

@@ -148,6 +148,12 @@ def test_each_image_carries_only_its_own_service(images):
     }
 
 
+def test_no_image_holds_a_setuid_or_setgid_program(images):
+    for image in IMAGES.values():
+        found = podman("run", "--rm", "--read-only", "--entrypoint", "find", image, "/", "-xdev", "-type", "f", "-perm", "/6000")
+        assert found.stdout.strip() == "", (image, found.stdout)
+
+
 def test_the_router_image_without_tenants_exits_with_one_line(images):
     result = podman("run", "--rm", "--read-only", IMAGES["router"], check=False)
     assert result.returncode == 2
