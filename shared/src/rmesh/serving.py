@@ -115,6 +115,10 @@ async def run_forever(start: StartFn, env: Mapping[str, str]) -> None:
 def main(prog: str, start: StartFn, env: Mapping[str, str] | None = None) -> int:
     """Run ``start`` until a signal; a start-up problem is one line on stderr and exit code 2."""
     env = dict(os.environ if env is None else env)
+    # Until the event loop takes over, SIGTERM stops start-up like Ctrl-C does. Without this a
+    # container's PID 1 ignores SIGTERM (the kernel drops it when no handler is set) while a
+    # model loads, and is only killed when the stop timeout runs out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_forever(start, env))
