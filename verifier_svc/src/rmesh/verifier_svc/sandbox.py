@@ -1,13 +1,15 @@
 """Run untrusted Python in a separate, fenced-in process.
 
 Layers, each enough to stop a different escape:
-- its own process group, killed whole at the wall-clock timeout;
+- bubblewrap (``bwrap``): new user, PID, network, IPC, UTS and mount namespaces; the child sees
+  /usr read-only, a fresh /proc and /dev, a private /tmp and its own working directory, and no
+  other file of the host; it runs as uid 65534 with an empty environment and dies with its
+  parent. When bubblewrap is missing or cannot set up the namespaces the check fails closed:
+  nothing runs without it;
+- its own session, killed whole at the wall-clock timeout;
 - resource limits: CPU seconds, address space, file size (output included), open files,
   and process count;
-- a fresh network namespace when the verifier runs as root (no interfaces, no network), and an
-  unprivileged user (nobody) when the interpreter is reachable by it;
-- a private temporary directory as working directory and home, removed afterwards;
-- an audit hook installed before the candidate's code runs that refuses writes outside that
+- an audit hook installed before the candidate's code runs that refuses writes outside its
   directory, sockets, new processes, signals and native libraries (ctypes).
 Output is captured to a file under the size limit and truncated when read back.
 """
@@ -23,25 +25,17 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-NOBODY = 65534
-
 # The child fences itself in before it reads the candidate's code: limits, network namespace,
 # unprivileged user, then the audit hook. (No preexec_fn: forking a threaded server and running
 # Python between fork and exec is unsafe.)
 RUNNER = r'''
-import ctypes, json, os, resource, sys
+import json, os, resource, sys
 config = json.loads(sys.argv[1])
-if os.geteuid() == 0:
-    ctypes.CDLL(None, use_errno=True).unshare(0x40000000)
 resource.setrlimit(resource.RLIMIT_CPU, (config["cpu"], config["cpu"] + 1))
 resource.setrlimit(resource.RLIMIT_AS, (config["memory"], config["memory"]))
 resource.setrlimit(resource.RLIMIT_FSIZE, (config["output"], config["output"]))
 resource.setrlimit(resource.RLIMIT_NOFILE, (config["files"], config["files"]))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if config["drop"]:
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
 resource.setrlimit(resource.RLIMIT_NPROC, (config["processes"], config["processes"]))
 ROOT = os.path.realpath(os.getcwd())
 BLOCKED = {
@@ -101,40 +95,58 @@ class Outcome:
     output: str
 
 
+_SIGNALS = {int(s) for s in signal.Signals}
+# Where the sandbox sees its directory.
+INSIDE = "/work"
+SANDBOX_UID = 65534
+
+
 def _interpreter() -> str:
-    """Debian's interpreter where it exists: an unprivileged user can run it."""
+    """An interpreter under /usr, the only part of the host the sandbox sees."""
     configured = os.environ.get("RMESH_SANDBOX_PYTHON")
-    if configured:
-        return configured
-    for candidate in ("/usr/bin/python3", shutil.which("python3") or ""):
-        if candidate and os.access(candidate, os.X_OK):
+    candidates = [configured] if configured else ["/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and os.path.realpath(candidate).startswith("/usr/"):
             return candidate
-    import sys
-
-    return sys.executable
+    return ""
 
 
-def _reachable_by_nobody(path: str) -> bool:
-    """True when every directory on the way to ``path`` lets others through."""
-    current = pathlib.Path(os.path.realpath(path))
-    for parent in [*current.parents][::-1]:
-        if not parent.stat().st_mode & 0o001:
-            return False
-    return bool(current.stat().st_mode & 0o005 == 0o005)
+def _bwrap_command(bwrap: str, interpreter: str, workdir: str, status_fd: int, config: dict) -> list[str]:
+    command = [
+        bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+        "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", INSIDE, "--setenv", "LANG", "C.UTF-8",
+        "--ro-bind", "/usr", "/usr",
+    ]
+    for name in ("lib", "lib64", "bin", "sbin"):
+        if os.path.islink(f"/{name}"):
+            command += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
+    command += [
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--bind", workdir, INSIDE, "--chdir", INSIDE,
+        "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--json-status-fd", str(status_fd),
+        interpreter, "-I", "-S", "-B", "runner.py", json.dumps(config),
+    ]
+    return command
+
+
+def _unavailable(reason: str) -> Outcome:
+    return Outcome(False, f"sandbox unavailable, check not run: {reason}", "")
 
 
 def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Outcome:
+    bwrap = os.environ.get("RMESH_SANDBOX_BWRAP") or shutil.which("bwrap") or ""
+    if not bwrap or not os.access(bwrap, os.X_OK):
+        return _unavailable("bubblewrap (bwrap) is not installed")
     interpreter = _interpreter()
-    drop = os.geteuid() == 0 and _reachable_by_nobody(interpreter)
+    if not interpreter:
+        return _unavailable("no python3 under /usr (set RMESH_SANDBOX_PYTHON)")
     workdir = tempfile.mkdtemp(prefix="rmesh-sandbox-")
+    status_read, status_write = os.pipe()
     try:
         root = pathlib.Path(workdir)
         (root / "solution.py").write_text(solution)
         (root / "tests.py").write_text(tests)
         (root / "runner.py").write_text(RUNNER)
-        if drop:
-            for path in [root, *root.iterdir()]:
-                os.chown(path, NOBODY, NOBODY)
         output_path = root / "output.txt"
         with open(output_path, "wb") as output:
             config = {
@@ -143,18 +155,20 @@ def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Ou
                 "output": limits.output_bytes,
                 "files": limits.open_files,
                 "processes": limits.processes,
-                "drop": drop,
             }
             process = subprocess.Popen(
-                [interpreter, "-I", "-S", "-B", "runner.py", json.dumps(config)],
+                _bwrap_command(bwrap, interpreter, workdir, status_write, config),
                 cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"},
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=(status_write,),
             )
+            os.close(status_write)
+            status_write = -1
             try:
                 code = process.wait(timeout=limits.wall_seconds)
                 timed_out = False
@@ -167,11 +181,24 @@ def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Ou
                 except ProcessLookupError:
                     pass
                 process.wait()
+        with os.fdopen(status_read, "rb") as status:
+            status_read = -1
+            started = b'"child-pid"' in status.read(65536)
         output_size = output_path.stat().st_size
         with open(output_path, "rb") as handle:
             shown = handle.read(limits.shown_output_chars).decode("utf-8", errors="replace")
     finally:
+        for fd in (status_read, status_write):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
+    if not started:
+        # bubblewrap could not build the sandbox (no user namespaces, a seccomp profile that
+        # forbids them): say so; nothing of the candidate ran.
+        why = next((line for line in shown.splitlines() if line.startswith("bwrap:")), "bwrap could not start")
+        return _unavailable(why[:200])
+    if code is not None and code > 128 and code - 128 in _SIGNALS:
+        code = -(code - 128)  # bubblewrap reports a child killed by signal N as 128 + N
     return _judge(code, timed_out, shown, output_size, limits)
 
 
