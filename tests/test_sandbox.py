@@ -5,7 +5,9 @@ host data back. Without bubblewrap nothing runs."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import socket
+import tempfile
 
 import pytest
 
@@ -98,12 +100,18 @@ def test_without_bubblewrap_nothing_runs(monkeypatch, tmp_path):
     assert not ran.exists()
 
 
-def test_when_bubblewrap_cannot_build_the_sandbox_nothing_runs(monkeypatch, tmp_path):
+def test_when_bubblewrap_cannot_build_the_sandbox_nothing_runs(monkeypatch):
     """A bwrap that fails to set up (as under a seccomp profile without user namespaces)."""
-    fake = tmp_path / "bwrap"
+    # Where the unprivileged user the sandbox starts as can run it.
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="rmesh-fake-bwrap-"))
+    folder.chmod(0o755)
+    fake = folder / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("RMESH_SANDBOX_BWRAP", str(fake))
-    outcome = run_python_tests("pass", "pass")
+    try:
+        outcome = run_python_tests("pass", "pass")
+    finally:
+        shutil.rmtree(folder)
     assert not outcome.passed
     assert outcome.reason == "sandbox unavailable, check not run: bwrap: No permissions to creating new namespace"

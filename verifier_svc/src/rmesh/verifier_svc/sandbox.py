@@ -148,6 +148,18 @@ def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Ou
         (root / "tests.py").write_text(tests)
         (root / "runner.py").write_text(RUNNER)
         output_path = root / "output.txt"
+        output_path.touch()
+        # As root, bubblewrap itself runs as nobody (setpriv switches before it starts): the
+        # sandbox's uid then maps to an unprivileged user outside too, whose process limit the
+        # kernel enforces (it never limits root's), so a fork bomb stops at the limit.
+        as_nobody: list[str] = []
+        if os.geteuid() == 0:
+            setpriv = shutil.which("setpriv")
+            if not setpriv:
+                return _unavailable("setpriv (util-linux) is needed to start bubblewrap unprivileged")
+            as_nobody = [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
+            for path in [root, *root.iterdir()]:
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
         with open(output_path, "wb") as output:
             config = {
                 "cpu": limits.cpu_seconds,
@@ -156,17 +168,20 @@ def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Ou
                 "files": limits.open_files,
                 "processes": limits.processes,
             }
-            process = subprocess.Popen(
-                _bwrap_command(bwrap, interpreter, workdir, status_write, config),
-                cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=(status_write,),
-            )
+            try:
+                process = subprocess.Popen(
+                    as_nobody + _bwrap_command(bwrap, interpreter, workdir, status_write, config),
+                    cwd=workdir,
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(status_write,),
+                )
+            except OSError as exc:
+                return _unavailable(f"cannot start bubblewrap ({exc.strerror or exc})")
             os.close(status_write)
             status_write = -1
             try:
