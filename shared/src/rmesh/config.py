@@ -161,11 +161,8 @@ class VerifierConfig:
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "VerifierConfig":
         e = _env(env)
-        judge = e.get("RMESH_JUDGE", "off")
-        if judge not in ("off", "embedded", "sglang"):
-            raise ConfigError(f"RMESH_JUDGE: {judge!r} is not one of off, embedded, sglang")
         return cls(
-            judge=judge,
+            judge=_choice(e, "RMESH_JUDGE", "off", ("off", "embedded", "sglang")),
             reward_url=e.get("RMESH_REWARD_URL", "http://127.0.0.1:30001"),
             calibration_path=e.get("RMESH_JUDGE_CALIBRATION", ""),
         )

@@ -124,10 +124,7 @@ def main(prog: str, start: StartFn, env: Mapping[str, str] | None = None) -> int
         asyncio.run(run_forever(start, env))
     except KeyboardInterrupt:
         pass
-    except (ConfigError, MeshError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OSError as exc:
+    except (ConfigError, MeshError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RuntimeError as exc:
