@@ -288,3 +288,45 @@ async def test_router_killed_with_reviews_pending_and_budget_held_loses_and_leak
         if process.returncode is None:
             process.terminate()
             await process.wait()
+
+
+# -- honest quota ---------------------------------------------------------------------------------
+
+
+async def test_every_ending_charges_what_the_request_used_not_its_reservation(tmp_path):
+    """Success, deadline, cancel and a solver outage each charge the tokens really generated;
+    the demo route reserves 1200 tokens per request."""
+    services = await start_services(
+        ("verifier", "solver", "router"), service_env(tmp_path), engine=InstantEngine(delay_seconds=1.0)
+    )
+    named = {s.name: s for s in services}
+    router = f"127.0.0.1:{named['router'].port}"
+    ledger = named["router"].core.admission.ledger("demo")
+    try:
+        outcome = (await solve(router))[-1].outcome
+        assert outcome.released and 0 < outcome.usage.completion_tokens < 1200
+        assert ledger.used(time.monotonic(), 60) == outcome.usage.completion_tokens
+        charged = ledger.used(time.monotonic(), 60)
+
+        error, _ = await status_of(router, timeout=0.5)  # ends inside the engine's 1 s think time
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.6)
+        assert ledger.reserved == 0 and ledger.active == 0
+        assert ledger.used(time.monotonic(), 60) == charged  # nothing was generated
+
+        async with grpc.aio.insecure_channel(router) as channel:
+            call = router_pb2_grpc.RouterServiceStub(channel).Solve(arithmetic(), metadata=AUTH, timeout=30)
+            await call.read()  # accepted
+            await asyncio.sleep(0.3)
+            call.cancel()
+        await asyncio.sleep(0.5)
+        assert ledger.reserved == 0 and ledger.active == 0
+        assert ledger.used(time.monotonic(), 60) == charged
+
+        await named["solver"].stop(0)
+        error, _ = await status_of(router, timeout=20)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert ledger.reserved == 0 and ledger.used(time.monotonic(), 60) == charged
+    finally:
+        for service in reversed(services):
+            await service.stop(0)

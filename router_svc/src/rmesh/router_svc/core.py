@@ -301,10 +301,13 @@ class RouterCore:
                     if isinstance(item, SolveResult):
                         result = item
                     else:
-                        yield replace(item, usage=spent + item.usage)
+                        so_far = spent + item.usage
+                        record(so_far.completion_tokens)
+                        yield replace(item, usage=so_far)
                 if result is None:
                     raise RuntimeError("solver stream ended without a result")
                 spent = spent + result.usage
+                record(spent.completion_tokens)
                 if self.reviews is not None:
                     await self._record_rung(policy.tenant, kind, strategy, result.eligible)
                 left = decision.budget.max_tokens - spent.completion_tokens
@@ -320,7 +323,6 @@ class RouterCore:
                     checks_passed=result.verdict.checks_passed if result.verdict else 0,
                     checks_total=len(result.verdict.checks) if result.verdict else 0,
                 )
-            record(spent.completion_tokens)
         result = replace(result, usage=spent, strategy=decision.strategies[rung])
         yield await self._gate(decision.revision, request.task, evidence, decision.required_evidence, result)
 

@@ -1,7 +1,9 @@
 """Per-tenant admission: a cap on concurrent Solve calls and a token quota per time window.
 
 A request reserves its whole token budget when admitted and is reconciled with what it really
-used when it ends, so concurrent requests can never overspend the window between them.
+used when it ends, so concurrent requests can never overspend the window between them. The
+request reports its use as it goes: whether it ends in an answer, an error, a cancel or a
+deadline, it is charged what it used by then, never its whole reservation.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Admission:
 
     @contextmanager
     def admit(self, tenant: str, quotas: Quotas, tokens: int):
-        """Reserve ``tokens``; yields a callback that records what the request actually used."""
+        """Reserve ``tokens``; yields a callback the request calls with what it has used so far."""
         ledger = self.ledger(tenant)
         now = self._clock()
         if ledger.active >= quotas.max_concurrent:
@@ -61,7 +63,7 @@ class Admission:
             )
         ledger.active += 1
         ledger.reserved += tokens
-        actual = {"tokens": tokens}  # until told otherwise, assume the whole reservation was used
+        actual = {"tokens": 0}  # what the request has reported using so far
 
         def record(used_tokens: int) -> None:
             actual["tokens"] = max(0, min(tokens, used_tokens))
