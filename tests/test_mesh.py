@@ -47,6 +47,8 @@ async def test_fulfillment_ticket_is_released_with_cited_evidence(mesh):
     config, outcome = events[1].config, events[-1].outcome
     assert config.strategy == "best_of_n" and list(config.required_evidence) == ["order", "carrier", "return_policy"]
     assert outcome.released and outcome.kind == router_pb2.OUTCOME_KIND_RELEASED, outcome.reason
+    assert outcome.assurance == router_pb2.ASSURANCE_EVIDENCE_GROUNDED
+    assert outcome.reason.startswith("released: every required evidence key is cited")
     # The embedded default answers extractively: only evidence values, quoted verbatim.
     evidence = yaml.safe_load((ROOT / "examples" / "fulfillment.yaml").read_text())["evidence"]
     remaining = outcome.answer

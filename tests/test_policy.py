@@ -223,7 +223,7 @@ def test_runtime_errors_fail_closed_by_default():
 
 def test_a_decision_is_remembered_for_requests_that_agree_on_what_the_policy_reads():
     policy = parse_policy(policy_text(), "t.yaml")
-    assert policy_reads(policy) == (("task", "kind"),)
+    assert policy_reads(policy) == (("high_impact",), ("task", "kind"))
     cache = DecisionCache()
     first = cache.decide(policy, sample_view("t", {"problem": "2+2", "task": {"kind": "arithmetic"}}))
     # Another problem and evidence, the same kind: nothing the policy reads differs.
@@ -239,7 +239,7 @@ def test_a_decision_is_remembered_for_requests_that_agree_on_what_the_policy_rea
 
 def test_long_read_parts_are_decided_afresh_and_the_cache_is_bounded():
     policy = parse_policy(policy_text(routes=guarded("refunds", 'request.problem.contains("refund")')), "t.yaml")
-    assert policy_reads(policy) == (("problem",),)
+    assert policy_reads(policy) == (("high_impact",), ("problem",))
     cache = DecisionCache(size=2)
     long_problem = "refund " + "x" * 5000
     assert cache.decide(policy, sample_view("t", {"problem": long_problem})).route == "refunds"
@@ -393,13 +393,19 @@ async def test_config_event_names_the_route_why_and_revision(mesh):
     assert config.policy_revision == mesh.services["router"].policies.snapshot.policies["demo"].revision
 
 
-async def test_high_impact_unverifiable_request_is_escalated_without_search(mesh):
+async def test_high_impact_unverifiable_request_is_drafted_within_budget_then_escalated(mesh):
+    """The escalation rule matches, but a reviewer needs something to approve: the route's search
+    runs first, and the review holds its draft."""
     jobs = mesh.engine.stats.jobs_started
     events = await stream(mesh.address("router"), router_pb2.SolveRequest(problem="Approve a refund of 900?", high_impact=True))
     outcome = events[-1].outcome
-    assert outcome.kind == router_pb2.OUTCOME_KIND_ESCALATED and not outcome.released
+    assert outcome.kind == router_pb2.OUTCOME_KIND_ESCALATED and not outcome.released and not outcome.answer
     assert outcome.next_step == "await_human_review" and "high impact" in outcome.reason
-    assert mesh.engine.stats.jobs_started == jobs
+    assert outcome.review_id and outcome.assurance == router_pb2.ASSURANCE_UNSPECIFIED
+    assert mesh.engine.stats.jobs_started > jobs and 0 < outcome.usage.completion_tokens <= 1200
+    review = mesh.services["router"].reviews.get("demo", outcome.review_id)
+    assert review.caller == "demo-caller" and review.draft["strategy"] == outcome.strategy
+    assert review.draft["usage"][1] == outcome.usage.completion_tokens
 
 
 async def test_reviewer_key_cannot_call_solve(mesh):

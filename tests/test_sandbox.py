@@ -4,14 +4,37 @@ host data back. Without bubblewrap nothing runs."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import pathlib
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
-from rmesh.verifier_svc.sandbox import Limits, run_python_tests
+from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
+from rmesh.config import ServerSettings, VerifierConfig
+from rmesh.telemetry import tracer_provider
+from rmesh.verifier_svc.serve import start_verifier
+from rmesh.domain import Candidate, CheckSpec, TaskSpec
+from rmesh.errors import InvalidRequest
+from rmesh.verifier_svc.core import MAX_SANDBOX_RUNS, VerifierCore
+from rmesh.verifier_svc.sandbox import Limits, run_python_tests, set_concurrency
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
+RMESH_ROUTER = str(pathlib.Path(sys.executable).parent / "rmesh-router")
+
+
+def service_metadata() -> list:
+    return []
+
 
 # The escape trick that turned the audit hook off before bubblewrap fenced the child in.
 UNHOOK = "import sys\nsys.modules['__main__'].BLOCKED.clear()\nsys.modules['__main__'].PATH_EVENTS.clear()\n"
@@ -115,3 +138,119 @@ def test_when_bubblewrap_cannot_build_the_sandbox_nothing_runs(monkeypatch):
         shutil.rmtree(folder)
     assert not outcome.passed
     assert outcome.reason == "sandbox unavailable, check not run: bwrap: No permissions to creating new namespace"
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "import ctypes\nlibc = ctypes.CDLL(None)\nFOUND = [libc.system(b'cat MARKER > got.txt 2>&1'), open('got.txt').read()]\n",
+        "import subprocess\nFOUND = subprocess.run(['cat', 'MARKER'], capture_output=True, text=True).stderr\n",
+        "import os\npid = os.posix_spawn('/usr/bin/cat', ['cat', 'MARKER'], {})\nFOUND = os.waitpid(pid, 0)\n",
+        "import os\npid = os.fork()\nif pid == 0:\n    os.execv('/usr/bin/cat', ['cat', 'MARKER'])\nFOUND = os.waitpid(pid, 0)\n",
+        "import os\nFOUND = [open('/proc/1/environ').read(), os.readlink('/proc/1/exe'), open('/proc/1/cmdline').read()]\n",
+    ],
+    ids=["ctypes", "subprocess", "posix_spawn", "fork", "proc-1"],
+)
+def test_native_code_and_new_processes_see_no_more_than_the_sandbox(marker, monkeypatch, how):
+    monkeypatch.setenv("RMESH_TEST_CANARY", SECRET)
+    passed, seen = attempt("FOUND = None\n" + how.replace("MARKER", str(marker)))
+    assert not passed and SECRET not in seen
+    assert "RMESH_TEST_CANARY" not in seen and "PYTEST_CURRENT_TEST" not in seen  # nor the verifier's environment
+
+
+def test_a_unix_socket_of_a_local_service_is_out_of_reach(tmp_path):
+    path = tmp_path / "service.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        path.chmod(0o777)
+        listener.listen(1)
+        listener.settimeout(0.5)
+        passed, seen = attempt(
+            "import socket\ns = socket.socket(socket.AF_UNIX)\n"
+            f"try:\n    s.connect({str(path)!r})\n    FOUND = 'connected'\nexcept OSError as exc:\n    FOUND = type(exc).__name__\n"
+        )
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    assert not passed and "'connected'" not in seen
+
+
+# -- bounded: the caller's deadline and the concurrency limit ---------------------------------------
+
+
+def test_a_run_is_killed_at_the_callers_deadline():
+    started = time.monotonic()
+    outcome = run_python_tests("import time\ntime.sleep(30)", "pass", Limits(wall_seconds=5), deadline=time.monotonic() + 1.0)
+    took = time.monotonic() - started
+    assert not outcome.passed and outcome.reason == "killed at the caller's deadline"
+    assert took < 2.5
+    late = run_python_tests("pass", "pass", deadline=time.monotonic() - 1)
+    assert late.reason == "not run: the caller's deadline has passed"
+
+
+def test_runs_past_the_concurrency_limit_wait_only_until_their_deadline():
+    set_concurrency(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(run_python_tests, "import time\ntime.sleep(2)", "pass", Limits(wall_seconds=5))
+            time.sleep(0.3)
+            queued = pool.submit(run_python_tests, "pass", "pass", Limits(), time.monotonic() + 0.8)
+            assert queued.result().reason == "not run: every sandbox slot stayed busy until the caller's deadline"
+            assert slow.result().passed
+        assert run_python_tests("pass", "pass").passed  # the slot is free again
+    finally:
+        set_concurrency(2)
+
+
+def test_one_verify_call_is_bounded_in_sandboxed_runs():
+    core = VerifierCore()
+    task = TaskSpec(checks=(CheckSpec("python_tests", {"tests": "pass"}),))
+    candidates = [Candidate(id=str(i), final_answer="x = 1") for i in range(MAX_SANDBOX_RUNS + 1)]
+    with pytest.raises(InvalidRequest) as info:
+        core.verify(task, {}, (), candidates)
+    assert info.value.field == "candidates" and f"at most {MAX_SANDBOX_RUNS} per call" in info.value.reason
+
+
+# -- opt-in and fail closed, in policy lint and on a running verifier ------------------------------
+
+
+def _opted_in(tmp_path: pathlib.Path) -> pathlib.Path:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    text = (ROOT / "policy" / "tenants" / "demo.yaml").read_text() + "allow_python_tests: true\n"
+    (tenants / "demo.yaml").write_text(text)
+    return tenants
+
+
+def test_lint_fails_a_tenant_allowing_python_tests_where_the_sandbox_cannot_run(tmp_path):
+    tenants = _opted_in(tmp_path)
+    line = (tenants / "demo.yaml").read_text().splitlines().index("allow_python_tests: true") + 1
+    env = {**os.environ, "RMESH_SANDBOX_BWRAP": str(tmp_path / "no-bwrap")}
+    broken = subprocess.run([RMESH, "policy", "lint", str(tenants)], capture_output=True, text=True, env=env, timeout=60)
+    assert broken.returncode == 1
+    assert f"FAIL {tenants / 'demo.yaml'}:{line}: allow_python_tests: the python_tests sandbox is unavailable" in broken.stdout
+    working = subprocess.run([RMESH, "policy", "lint", str(tenants)], capture_output=True, text=True, timeout=60)
+    assert working.returncode == 0 and "python_tests sandbox available" in working.stdout
+
+
+async def test_a_verifier_reports_its_sandbox_and_can_leave_python_tests_out(tmp_path):
+    tenants = _opted_in(tmp_path)
+    for setting, listed, status in (("on", True, "SERVING"), ("off", False, None)):
+        service = await start_verifier(
+            "127.0.0.1:0", ServerSettings(), tracer_provider("v", {}), config=VerifierConfig(python_tests=setting)
+        )
+        address = f"127.0.0.1:{service.port}"
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                names = (await verifier_pb2_grpc.VerifierServiceStub(channel).ListCheckers(
+                    verifier_pb2.ListCheckersRequest(), metadata=service_metadata(), timeout=5)).names
+                assert ("python_tests" in names) is listed
+            lint = await asyncio.to_thread(
+                subprocess.run, [RMESH_ROUTER, "policy", "lint", str(tenants), "--verifier", address],
+                capture_output=True, text=True, timeout=60,
+            )
+            if status == "SERVING":
+                assert lint.returncode == 0 and "python_tests sandbox available" in lint.stdout
+            else:
+                assert lint.returncode == 1 and "does not offer python_tests (RMESH_PYTHON_TESTS=off)" in lint.stdout
+        finally:
+            await service.stop(0)

@@ -157,6 +157,10 @@ class VerifierConfig:
     judge: str = "off"  # "off", "embedded" or "sglang"
     reward_url: str = "http://127.0.0.1:30001"
     calibration_path: str = ""  # empty: the calibration shipped inside the verifier package
+    # Whether this verifier offers python_tests (caller code in the sandbox) at all.
+    python_tests: str = "on"
+    # Sandboxes running at once; more wait for a slot until their caller's deadline.
+    sandbox_concurrency: int = 2
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "VerifierConfig":
@@ -165,6 +169,8 @@ class VerifierConfig:
             judge=_choice(e, "RMESH_JUDGE", "off", ("off", "embedded", "sglang")),
             reward_url=e.get("RMESH_REWARD_URL", "http://127.0.0.1:30001"),
             calibration_path=e.get("RMESH_JUDGE_CALIBRATION", ""),
+            python_tests=_choice(e, "RMESH_PYTHON_TESTS", "on", ("on", "off")),
+            sandbox_concurrency=_number(e, "RMESH_SANDBOX_CONCURRENCY", 2, int, 1, 256),
         )
 
 

@@ -243,9 +243,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from rmesh.router_svc.__main__ import main as router_main
+    """As ``rmesh-router policy``; lint checks python_tests against this machine's sandbox, where
+    ``rmesh serve`` runs the verifier."""
+    from rmesh.router_svc.__main__ import tenants_dir
+    from rmesh.router_svc.policy import cli as policy_cli
 
-    return router_main(["policy", args.policy_command, *([args.directory] if args.directory else [])])
+    directory = tenants_dir(args.directory)
+    if args.policy_command == "lint":
+        from rmesh.verifier_svc.sandbox import probe
+
+        return policy_cli.lint(directory, probe)
+    return policy_cli.test(directory)
 
 
 def build_parser() -> argparse.ArgumentParser:

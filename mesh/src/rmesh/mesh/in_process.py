@@ -52,7 +52,8 @@ class InProcessVerifier:
         with self.tracer.start_as_current_span("rmesh.api.verifier.v1.VerifierService/Verify (in process)"):
             try:
                 verdicts, _ = await self.core.verify_scored(
-                    task, evidence, required, candidates, problem=problem, learned=learned or LEARNED_NONE, aggregation=aggregation
+                    task, evidence, required, candidates, problem=problem, learned=learned or LEARNED_NONE,
+                    aggregation=aggregation, deadline=DEADLINE.get(),
                 )
             except Exception as exc:
                 raise error_from_peer(exc, "verifier") from None

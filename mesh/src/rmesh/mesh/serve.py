@@ -48,8 +48,9 @@ async def start_services(
         if "verifier" in names:
             # In one process the judge shares the solver's engine (its queue serialises them).
             shared = engine if solver_config.engine == "embedded" else None
-            scorer, calibration, judge_engine = build_scorer(VerifierConfig.load(env), shared)
-            service = await start_verifier(verifier_addr, settings, provider("verifier"), scorer, calibration)
+            verifier_config = VerifierConfig.load(env)
+            scorer, calibration, judge_engine = build_scorer(verifier_config, shared)
+            service = await start_verifier(verifier_addr, settings, provider("verifier"), scorer, calibration, verifier_config)
             service.engine = judge_engine
             verifier_addr = bound_address(verifier_addr, service.port)
             started.append(service)

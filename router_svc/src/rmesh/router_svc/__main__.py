@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = policy_sub.add_parser(name, help=text)
         command.add_argument("directory", nargs="?", help="a tenant directory or one file (default: as for serve)")
         command.add_argument("--tenants", help="same as DIRECTORY")
+        if name == "lint":
+            command.add_argument(
+                "--verifier",
+                metavar="ADDR",
+                help="a running verifier: a file with allow_python_tests fails unless its sandbox is SERVING",
+            )
     return parser
 
 
@@ -36,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from rmesh.router_svc.policy import cli as policy_cli
 
         directory = tenants_dir(args.directory or args.tenants)
-        return policy_cli.lint(directory) if args.policy_command == "lint" else policy_cli.test(directory)
+        if args.policy_command == "lint":
+            probe = policy_cli.verifier_sandbox(args.verifier) if args.verifier else None
+            return policy_cli.lint(directory, probe)
+        return policy_cli.test(directory)
     from rmesh import serving
     from rmesh.router_svc.serve import start
 

@@ -14,6 +14,7 @@ from rmesh.convert import (
     usage_to_proto,
 )
 from rmesh.router_svc import core as router_core
+from rmesh.router_svc.policy import model
 from rmesh.solving import Progress
 
 _OUTCOME_KINDS = {
@@ -21,6 +22,14 @@ _OUTCOME_KINDS = {
     router_core.OUTCOME_MISSING_EVIDENCE: router_pb2.OUTCOME_KIND_MISSING_EVIDENCE,
     router_core.OUTCOME_NO_ELIGIBLE_ANSWER: router_pb2.OUTCOME_KIND_NO_ELIGIBLE_ANSWER,
     router_core.OUTCOME_ESCALATED: router_pb2.OUTCOME_KIND_ESCALATED,
+}
+ASSURANCES = {
+    "": router_pb2.ASSURANCE_UNSPECIFIED,
+    model.UNVERIFIED: router_pb2.ASSURANCE_UNVERIFIED,
+    model.CALIBRATED_SCORE: router_pb2.ASSURANCE_CALIBRATED_SCORE,
+    model.EVIDENCE_GROUNDED: router_pb2.ASSURANCE_EVIDENCE_GROUNDED,
+    model.EXACT_CHECKS: router_pb2.ASSURANCE_EXACT_CHECKS,
+    model.HUMAN_APPROVED: router_pb2.ASSURANCE_HUMAN_APPROVED,
 }
 
 
@@ -30,6 +39,7 @@ def router_request_from_proto(r: router_pb2.SolveRequest) -> router_core.RouterR
         task=task_from_proto(r.task),
         evidence=struct_to_dict(r.evidence),
         high_impact=r.high_impact,
+        await_review=r.await_review,
     )
 
 
@@ -63,8 +73,11 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
                 stop_reason=p.stop_reason,
             )
         )
-    return router_pb2.SolveResponse(
-        outcome=router_pb2.Outcome(
+    return router_pb2.SolveResponse(outcome=outcome_to_proto(event))
+
+
+def outcome_to_proto(event: router_core.Outcome) -> router_pb2.Outcome:
+    return router_pb2.Outcome(
             kind=_OUTCOME_KINDS[event.kind],
             released=event.released,
             answer=event.answer,
@@ -79,5 +92,5 @@ def router_event_to_proto(event: router_core.Event) -> router_pb2.SolveResponse:
             policy_revision=event.policy_revision,
             vote_share=event.vote_share,
             review_id=event.review_id,
-        )
+            assurance=ASSURANCES[event.assurance],
     )

@@ -16,10 +16,22 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from rmesh.domain import Budget, Checkpoint, CheckResult, SearchParams, TaskSpec, Usage
-from rmesh.errors import InvalidRequest
+from rmesh.domain import Budget, Checkpoint, CheckResult, Precheck, SearchParams, TaskSpec, Usage, Verdict
+from rmesh.errors import InvalidRequest, PermissionDenied
+from rmesh.router_svc import reviews as reviews_module
 from rmesh.router_svc.policy.engine import DecisionCache, request_view
-from rmesh.router_svc.policy.model import TenantPolicy
+from rmesh.router_svc.policy.model import (
+    CALIBRATED_SCORE,
+    ESCALATE,
+    EVIDENCE_GROUNDED,
+    EXACT_CHECKS,
+    HUMAN_APPROVED,
+    UNVERIFIED,
+    Decision,
+    TenantPolicy,
+    assurance_rank,
+)
+from rmesh.router_svc.reviews import Review
 from rmesh.router_svc.ladder import plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.router_svc.rung_log import RungLog
@@ -40,6 +52,7 @@ MAX_EVIDENCE_VALUE_CHARS = 16_000
 MAX_EVIDENCE_TOTAL_CHARS = 64_000
 MAX_CHECKS = 32
 MAX_KIND_CHARS = 128
+PYTHON_TESTS = "python_tests"
 _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 # C0 and C1 control characters other than tab and line breaks: terminal escapes, NUL, bells.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -58,6 +71,7 @@ class RouterRequest:
     # Values as received; validated to be strings here.
     evidence: Mapping[str, Any] = field(default_factory=dict)
     high_impact: bool = False
+    await_review: bool = False  # wait for a human decision when escalated
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,7 @@ class Outcome:
     policy_revision: str = ""
     vote_share: float = 0.0
     review_id: str = ""
+    assurance: str = ""  # what stands behind a released answer (policy.model's levels)
 
     @property
     def released(self) -> bool:
@@ -210,8 +225,13 @@ class RouterCore:
         """Wait for the prior's pending writes (at shutdown, and in tests before reading them)."""
         await self._rungs.drain()
 
-    async def solve(self, policy: TenantPolicy, request: RouterRequest) -> AsyncIterator[Event]:
+    async def solve(
+        self, policy: TenantPolicy, request: RouterRequest, caller: str = "", deadline: float | None = None
+    ) -> AsyncIterator[Event]:
+        """``caller`` is the name of the key that sent the request (its reviews are its own);
+        ``deadline`` the call's monotonic deadline, which bounds waiting for a review."""
         evidence = validate(request)
+        allowed_checks(policy, request.task)
         yield Status("accepted")
         view = request_view(
             problem=request.problem,
@@ -224,7 +244,7 @@ class RouterCore:
         decision = self._decisions.decide(policy, view)
         _annotate_span(policy, decision.route, request.problem, evidence)
         history: list[tuple[str, bool]] = []
-        if self.reviews is not None and not decision.escalate:
+        if self.reviews is not None:
             precheck, history = await asyncio.gather(
                 self.verifier.precheck(request.task, evidence, decision.required_evidence),
                 self._rung_history(policy.tenant, request.task.kind or "default"),
@@ -241,37 +261,15 @@ class RouterCore:
             decision.revision,
             decision.search,
         )
-        common = dict(strategy=decision.strategy, policy_revision=decision.revision)
-        if decision.escalate:
-            # Unverifiable and high-impact: a person decides, not a deeper search.
-            review_id = ""
-            if self.reviews is not None:
-                review = await asyncio.to_thread(
-                    self.reviews.create,
-                    policy.tenant,
-                    request.problem,
-                    decision.escalation_reason,
-                    evidence,
-                    decision.revision,
-                    policy.review.timeout_seconds,
-                    policy.review.on_timeout,
-                )
-                review_id = review.id
-            yield Outcome(
-                kind=OUTCOME_ESCALATED,
-                next_step=NEXT_STEP_HUMAN_REVIEW,
-                reason=f"escalated to human review: {decision.escalation_reason}",
-                review_id=review_id,
-                **common,
-            )
-            return
         if precheck.missing_evidence:
+            # Escalated or not, nothing is drafted without the evidence the answer must cite.
             yield Outcome(
                 kind=OUTCOME_MISSING_EVIDENCE,
                 missing_evidence=precheck.missing_evidence,
                 next_step=precheck.next_step,
                 reason="required evidence is missing; no model call was made",
-                **common,
+                strategy=decision.strategy,
+                policy_revision=decision.revision,
             )
             return
         kind = request.task.kind or "default"
@@ -324,35 +322,40 @@ class RouterCore:
                     checks_total=len(result.verdict.checks) if result.verdict else 0,
                 )
         result = replace(result, usage=spent, strategy=decision.strategies[rung])
-        yield await self._gate(decision.revision, request.task, evidence, decision.required_evidence, result)
+        gate = await self._gate(decision, request, evidence, result, precheck)
+        below = gate.eligible and assurance_rank(gate.assurance) < assurance_rank(decision.min_assurance)
+        if decision.escalate or (below and decision.below_min_assurance == ESCALATE):
+            why = decision.escalation_reason if decision.escalate else (
+                f"its assurance ({gate.assurance}) is below the route's minimum ({decision.min_assurance})"
+            )
+            async for event in self._escalate(policy, request, caller, evidence, decision, gate, why, deadline):
+                yield event
+            return
+        yield gate.outcome(decision, below)
 
     async def _gate(
         self,
-        revision: str,
-        task: TaskSpec,
+        decision: Decision,
+        request: RouterRequest,
         evidence: dict[str, str],
-        required: tuple[str, ...],
         result: SolveResult,
-    ) -> Outcome:
-        common = dict(
-            strategy=result.strategy,
-            usage=result.usage,
-            stop_reason=result.stop_reason,
-            policy_revision=revision,
-            vote_share=result.vote_share,
-        )
+        precheck: Precheck,
+    ) -> Gate:
+        """Re-verify the solver's choice. With a calibration configured and no exact check, the
+        calibrated learned score gates release here too."""
         if result.best is None:
-            return Outcome(kind=OUTCOME_NO_ELIGIBLE_ANSWER, reason="the engine produced no candidate", **common)
-        (verdict,) = await self.verifier.verify(task, evidence, required, [result.best])
+            return Gate(result, None, "", "the engine produced no candidate")
+        calibrated = precheck.learned_max_n > 0 and not request.task.checks
+        (verdict,) = await self.verifier.verify(
+            request.task,
+            evidence,
+            decision.required_evidence,
+            [result.best],
+            problem=request.problem if calibrated else "",
+            learned="outcome" if calibrated else "",
+        )
         if verdict.release:
-            return Outcome(
-                kind=OUTCOME_RELEASED,
-                answer=result.best.final_answer,
-                checkpoints=result.best.checkpoints,
-                checks=verdict.checks,
-                reason="every exact check passed and every required evidence key is cited",
-                **common,
-            )
+            return Gate(result, verdict, assurance_of(request.task, decision.required_evidence, calibrated), "")
         problems = []
         if verdict.missing_evidence:
             problems.append("missing evidence " + ", ".join(verdict.missing_evidence))
@@ -367,11 +370,218 @@ class RouterCore:
             problems.append("does not cite " + ", ".join(verdict.uncited_required))
         if not result.best.well_formed:
             problems.append("answer did not follow the response template")
+        if calibrated and not problems and verdict.learned_score is not None:
+            problems.append(f"calibrated learned score {verdict.learned_score:.3f} is below the release threshold")
+        return Gate(result, verdict, "", "; ".join(problems) or "not released")
+
+    async def _escalate(
+        self,
+        policy: TenantPolicy,
+        request: RouterRequest,
+        caller: str,
+        evidence: dict[str, str],
+        decision: Decision,
+        gate: Gate,
+        why: str,
+        deadline: float | None,
+    ) -> AsyncIterator[Event]:
+        """A person decides on the draft: the review holds it; the caller may wait for the decision."""
+        draft = gate.draft(decision)
+        review_id = ""
+        if self.reviews is not None:
+            review = await asyncio.to_thread(
+                self.reviews.create,
+                policy.tenant,
+                request.problem,
+                why,
+                evidence,
+                decision.revision,
+                policy.review.timeout_seconds,
+                policy.review.on_timeout,
+                caller=caller,
+                draft=draft,
+            )
+            review_id = review.id
+        pending = Outcome(
+            kind=OUTCOME_ESCALATED,
+            next_step=NEXT_STEP_HUMAN_REVIEW,
+            reason=f"escalated to human review: {why}",
+            review_id=review_id,
+            strategy=gate.result.strategy,
+            usage=gate.result.usage,
+            checks=gate.verdict.checks if gate.verdict else (),
+            stop_reason=gate.result.stop_reason,
+            policy_revision=decision.revision,
+        )
+        if not (request.await_review and review_id):
+            yield pending
+            return
+        yield Status(f"escalated to human review {review_id}: awaiting the decision")
+        while deadline is None or deadline - time.monotonic() > REVIEW_POLL_SECONDS + REVIEW_ANSWER_MARGIN_SECONDS:
+            await asyncio.sleep(REVIEW_POLL_SECONDS)
+            review = await asyncio.to_thread(self.reviews.get, policy.tenant, review_id)
+            decided = outcome_of_review(review)
+            if decided is not None:
+                yield decided
+                return
+        yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+# How often a waiting Solve re-reads its review, and the time kept back to send the last event.
+REVIEW_POLL_SECONDS = 0.2
+REVIEW_ANSWER_MARGIN_SECONDS = 0.3
+NEXT_STEP_ADD_CHECK = "add_exact_check_or_evidence"
+
+
+def allowed_checks(policy: TenantPolicy, task: TaskSpec) -> None:
+    """Checkers that run caller code are the tenant's opt-in, never a default."""
+    for index, spec in enumerate(task.checks):
+        if spec.name == PYTHON_TESTS and not policy.allow_python_tests:
+            raise PermissionDenied(
+                f"task.checks[{index}].name: python_tests runs caller code and is not enabled for tenant "
+                f"{policy.tenant} (allow_python_tests in its policy file)"
+            )
+
+
+def assurance_of(task: TaskSpec, required: tuple[str, ...], calibrated: bool) -> str:
+    """The strongest thing behind an answer the gate released."""
+    if task.checks:
+        return EXACT_CHECKS
+    if required:
+        return EVIDENCE_GROUNDED
+    if calibrated:
+        return CALIBRATED_SCORE
+    return UNVERIFIED
+
+
+_ASSURANCE_WORDS = {
+    EXACT_CHECKS: "every exact check passed",
+    EVIDENCE_GROUNDED: "every required evidence key is cited and every stated number or date is in it",
+    CALIBRATED_SCORE: "its calibrated learned score cleared the release threshold",
+    UNVERIFIED: "unverified: no exact check, no required evidence and no calibrated score stands behind it",
+    HUMAN_APPROVED: "approved by a human reviewer",
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The release gate's reading of the solver's choice."""
+
+    result: SolveResult
+    verdict: Verdict | None
+    assurance: str  # set only when the verdict allows release
+    problems: str
+
+    @property
+    def eligible(self) -> bool:
+        return self.verdict is not None and self.verdict.release
+
+    def outcome(self, decision: Decision, below_minimum: bool) -> Outcome:
+        result, verdict = self.result, self.verdict
+        common = dict(
+            strategy=result.strategy,
+            usage=result.usage,
+            stop_reason=result.stop_reason,
+            policy_revision=decision.revision,
+            vote_share=result.vote_share,
+            checks=verdict.checks if verdict else (),
+        )
+        if self.eligible and not below_minimum:
+            return Outcome(
+                kind=OUTCOME_RELEASED,
+                answer=result.best.final_answer,
+                checkpoints=result.best.checkpoints,
+                reason="released: " + _ASSURANCE_WORDS[self.assurance],
+                assurance=self.assurance,
+                **common,
+            )
+        if self.eligible:
+            return Outcome(
+                kind=OUTCOME_NO_ELIGIBLE_ANSWER,
+                next_step=NEXT_STEP_ADD_CHECK,
+                reason=(
+                    f"not released: its assurance ({self.assurance}) is below the minimum ({decision.min_assurance})"
+                    + (" for a high-impact request" if decision.high_impact else "")
+                ),
+                **common,
+            )
+        if verdict is None:
+            return Outcome(kind=OUTCOME_NO_ELIGIBLE_ANSWER, reason=self.problems, **common)
         return Outcome(
             kind=OUTCOME_NO_ELIGIBLE_ANSWER,
             missing_evidence=verdict.missing_evidence,
             next_step=verdict.next_step,
-            checks=verdict.checks,
-            reason="no eligible answer within budget: " + ("; ".join(problems) or "not released"),
+            reason="no eligible answer within budget: " + self.problems,
             **common,
         )
+
+    def draft(self, decision: Decision) -> dict:
+        """What a review holds, as stored."""
+        best, verdict = self.result.best, self.verdict
+        usage = self.result.usage
+        return {
+            "answer": best.final_answer if best else "",
+            "checkpoints": [[cp.text, list(cp.cites)] for cp in best.checkpoints] if best else [],
+            "checks": [[c.name, c.passed, c.detail] for c in verdict.checks] if verdict else [],
+            "assurance": self.assurance,
+            "strategy": self.result.strategy,
+            "usage": [usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens],
+            "gate_reason": _ASSURANCE_WORDS[self.assurance] if self.eligible else self.problems,
+            # The least a release without a person must have (on_timeout: approve).
+            "min_assurance": decision.min_assurance,
+        }
+
+
+def draft_parts(draft: Mapping[str, Any]) -> tuple[tuple[Checkpoint, ...], tuple[CheckResult, ...], Usage]:
+    checkpoints = tuple(Checkpoint(text, tuple(cites)) for text, cites in draft.get("checkpoints", []))
+    checks = tuple(CheckResult(name, bool(passed), detail) for name, passed, detail in draft.get("checks", []))
+    usage = Usage(*draft.get("usage", [0, 0, 0]))
+    return checkpoints, checks, usage
+
+
+def outcome_of_review(review: Review) -> Outcome | None:
+    """The final outcome a resolved or expired review gives its request; None while pending."""
+    if review.state == reviews_module.PENDING:
+        return None
+    draft = review.draft
+    checkpoints, checks, usage = draft_parts(draft)
+    common = dict(
+        strategy=draft.get("strategy", ""), usage=usage, policy_revision=review.policy_revision, review_id=review.id
+    )
+    who = review.reviewer
+    if review.state == reviews_module.APPROVED:
+        return Outcome(
+            kind=OUTCOME_RELEASED, answer=draft.get("answer", ""), checkpoints=checkpoints, checks=checks,
+            assurance=HUMAN_APPROVED, reason=f"released: the draft was approved by reviewer {who}", **common,
+        )
+    if review.state == reviews_module.EDITED:
+        return Outcome(
+            kind=OUTCOME_RELEASED, answer=review.answer, assurance=HUMAN_APPROVED,
+            reason=f"released: the answer was written by reviewer {who}", **common,
+        )
+    if review.state == reviews_module.REJECTED:
+        return Outcome(
+            kind=OUTCOME_NO_ELIGIBLE_ANSWER, checks=checks,
+            reason=f"not released: rejected by reviewer {who}" + (f" ({review.comment})" if review.comment else ""), **common,
+        )
+    # Expired: the tenant's on_timeout decides, and approves only a draft the gate allowed at
+    # the route's minimum assurance (a high-impact draft is never released unreviewed).
+    assurance = draft.get("assurance", "")
+    enough = bool(assurance) and assurance_rank(assurance) >= assurance_rank(draft.get("min_assurance", UNVERIFIED))
+    if review.resolution == "approve" and draft.get("answer") and enough:
+        return Outcome(
+            kind=OUTCOME_RELEASED, answer=draft["answer"], checkpoints=checkpoints, checks=checks,
+            assurance=draft["assurance"],
+            reason="released unreviewed: the review expired and the tenant's on_timeout approves the draft; "
+            + _ASSURANCE_WORDS[draft["assurance"]],
+            **common,
+        )
+    return Outcome(
+        kind=OUTCOME_NO_ELIGIBLE_ANSWER, checks=checks,
+        reason="not released: the review expired without a decision"
+        + (
+            " and the tenant's on_timeout rejects" if review.resolution != "approve"
+            else "; on_timeout approves only a draft that meets the route's minimum assurance"
+        ),
+        **common,
+    )

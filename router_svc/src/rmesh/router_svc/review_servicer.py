@@ -12,7 +12,10 @@ from rmesh.errors import InvalidRequest, MeshError
 from rmesh.grpc_edge import abort, abort_internal, unary_edge
 from rmesh.router_svc.policy.model import ROLE_REVIEWER
 from rmesh.router_svc.policy.store import PolicyStore
+from rmesh.convert import check_result_to_proto, checkpoint_to_proto, usage_to_proto
 from rmesh.router_svc import reviews
+from rmesh.router_svc.convert import ASSURANCES, outcome_to_proto
+from rmesh.router_svc.core import draft_parts, outcome_of_review
 
 SERVICE_NAME = review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name
 WATCH_INTERVAL_SECONDS = 0.2
@@ -39,7 +42,21 @@ def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
+def draft_to_proto(draft: dict) -> review_pb2.Draft:
+    checkpoints, checks, usage = draft_parts(draft)
+    return review_pb2.Draft(
+        answer=draft.get("answer", ""),
+        checkpoints=[checkpoint_to_proto(cp) for cp in checkpoints],
+        checks=[check_result_to_proto(c) for c in checks],
+        assurance=ASSURANCES[draft.get("assurance", "")],
+        strategy=draft.get("strategy", ""),
+        usage=usage_to_proto(usage),
+        gate_reason=draft.get("gate_reason", ""),
+    )
+
+
 def review_to_proto(r: reviews.Review) -> review_pb2.Review:
+    decided = outcome_of_review(r)
     return review_pb2.Review(
         id=r.id,
         tenant=r.tenant,
@@ -54,6 +71,9 @@ def review_to_proto(r: reviews.Review) -> review_pb2.Review:
         reviewer=r.reviewer,
         comment=r.comment,
         answer=r.answer,
+        draft=draft_to_proto(r.draft),
+        outcome=outcome_to_proto(decided) if decided is not None else None,
+        caller=r.caller,
     )
 
 
@@ -63,40 +83,43 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         self.policies = policies
 
     def _caller(self, context, role: str | None = None):
+        """The tenant, the key, and whose reviews it sees: a caller key only its own requests'
+        (None: a reviewer sees the whole tenant's)."""
         metadata = dict(context.invocation_metadata() or ())
         authorization = metadata.get("authorization")
         try:
-            return self.policies.authenticate(authorization, role or "caller")
+            policy, key = self.policies.authenticate(authorization, role or "caller")
         except MeshError:
             if role is not None:
                 raise
-            return self.policies.authenticate(authorization, ROLE_REVIEWER)
+            policy, key = self.policies.authenticate(authorization, ROLE_REVIEWER)
+        return policy, key, (None if key.role == ROLE_REVIEWER else key.name)
 
     @unary_edge
     async def ListReviews(self, request, context):
-        policy, _ = self._caller(context)
+        policy, _, own = self._caller(context)
         if request.state and request.state not in _STATE_NAMES:
             raise InvalidRequest("state", f"unknown state {request.state}")
         limit = request.limit or 100
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit", "must be between 1 and 1000")
-        found = await asyncio.to_thread(self.store.list, policy.tenant, _STATE_NAMES.get(request.state, ""), limit)
+        found = await asyncio.to_thread(self.store.list, policy.tenant, _STATE_NAMES.get(request.state, ""), limit, own)
         return review_pb2.ListReviewsResponse(reviews=[review_to_proto(r) for r in found])
 
     @unary_edge
     async def GetReview(self, request, context):
-        policy, _ = self._caller(context)
+        policy, _, own = self._caller(context)
         _review_id(request.id)
-        review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
+        review = await asyncio.to_thread(self.store.get, policy.tenant, request.id, own)
         return review_pb2.GetReviewResponse(review=review_to_proto(review))
 
     async def WatchReview(self, request, context):
         try:
-            policy, _ = self._caller(context)
+            policy, _, own = self._caller(context)
             _review_id(request.id)
             last = None
             while True:
-                review = await asyncio.to_thread(self.store.get, policy.tenant, request.id)
+                review = await asyncio.to_thread(self.store.get, policy.tenant, request.id, own)
                 if review != last:
                     yield review_pb2.WatchReviewResponse(review=review_to_proto(review))
                     last = review
@@ -110,7 +133,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
     @unary_edge
     async def ResolveReview(self, request, context):
-        policy, key = self._caller(context, ROLE_REVIEWER)
+        policy, key, _ = self._caller(context, ROLE_REVIEWER)
         _review_id(request.id)
         action = _ACTIONS.get(request.action)
         if action is None:

@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS reviews (
     reviewer TEXT NOT NULL DEFAULT '',
     comment TEXT NOT NULL DEFAULT '',
     answer TEXT NOT NULL DEFAULT '',
-    resolution TEXT NOT NULL DEFAULT ''
+    resolution TEXT NOT NULL DEFAULT '',
+    caller TEXT NOT NULL DEFAULT '',
+    draft TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS reviews_by_tenant ON reviews (tenant, state, created_at);
 CREATE TABLE IF NOT EXISTS rung_outcomes (
@@ -52,8 +54,11 @@ CREATE INDEX IF NOT EXISTS rung_outcomes_by_kind ON rung_outcomes (tenant, kind,
 """
 _COLUMNS = (
     "id, tenant, state, problem, reason, evidence, policy_revision, created_at, expires_at, "
-    "on_timeout, resolved_at, reviewer, comment, answer, resolution"
+    "on_timeout, resolved_at, reviewer, comment, answer, resolution, caller, draft"
 )
+# Columns added after the first release, with their definitions: a store written by an older
+# router gains them when it is opened.
+_ADDED_COLUMNS = {"caller": "TEXT NOT NULL DEFAULT ''", "draft": "TEXT NOT NULL DEFAULT '{}'"}
 
 
 @dataclass(frozen=True)
@@ -73,11 +78,15 @@ class Review:
     comment: str = ""
     answer: str = ""
     resolution: str = ""  # the action that resolved it, for idempotency
+    caller: str = ""  # the caller key whose request was escalated
+    # What the search produced before escalation (answer, checkpoints, checks, assurance, ...).
+    draft: dict = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row) -> "Review":
         values = list(row)
         values[5] = json.loads(values[5])
+        values[16] = json.loads(values[16] or "{}")
         return cls(*values)
 
 
@@ -107,6 +116,8 @@ class ReviewStore:
         timeout_seconds: float,
         on_timeout: str,
         now: float | None = None,
+        caller: str = "",
+        draft: dict | None = None,
     ) -> Review:
         now = time.time() if now is None else now
         review = Review(
@@ -120,29 +131,41 @@ class ReviewStore:
             created_at=now,
             expires_at=now + timeout_seconds,
             on_timeout=on_timeout,
+            caller=caller,
+            draft=dict(draft or {}),
         )
         with self._transaction() as cur:
             cur.execute(
-                self._sql(f"INSERT INTO reviews ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                self._sql(f"INSERT INTO reviews ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                 (
                     review.id, review.tenant, review.state, review.problem, review.reason, json.dumps(review.evidence),
                     review.policy_revision, review.created_at, review.expires_at, review.on_timeout, None, "", "", "", "",
+                    review.caller, json.dumps(review.draft),
                 ),
             )
         return review
 
-    def get(self, tenant: str, review_id: str) -> Review:
+    def get(self, tenant: str, review_id: str, caller: str | None = None) -> Review:
+        """One review of ``tenant``; with ``caller``, only if that caller key's request made it."""
+        query = f"SELECT {_COLUMNS} FROM reviews WHERE id = ? AND tenant = ?"
+        args: list = [review_id, tenant]
+        if caller is not None:
+            query += " AND caller = ?"
+            args.append(caller)
         with self._transaction() as cur:
-            cur.execute(self._sql(f"SELECT {_COLUMNS} FROM reviews WHERE id = ? AND tenant = ?"), (review_id, tenant))
+            cur.execute(self._sql(query), args)
             row = cur.fetchone()
         if row is None:
             # Another tenant's review is indistinguishable from none at all.
             raise NotFound(f"id: no review {review_id!r}")
         return Review.from_row(row)
 
-    def list(self, tenant: str, state: str = "", limit: int = 100) -> list[Review]:
+    def list(self, tenant: str, state: str = "", limit: int = 100, caller: str | None = None) -> list[Review]:
         query = f"SELECT {_COLUMNS} FROM reviews WHERE tenant = ?"
         args: list = [tenant]
+        if caller is not None:
+            query += " AND caller = ?"
+            args.append(caller)
         if state:
             query += " AND state = ?"
             args.append(state)
@@ -179,6 +202,10 @@ class ReviewStore:
             review = Review.from_row(row)
             if review.state == PENDING and review.expires_at <= now:
                 review = self._expire(cur, review, now)
+            if review.state == PENDING and action == "approve" and not review.draft.get("answer"):
+                raise FailedPrecondition(
+                    f"id: review {review_id} has no draft answer to approve; EDIT with an answer or REJECT"
+                )
             if review.state != PENDING:
                 if review.resolution == action and review.answer == answer and review.state != EXPIRED:
                     return review  # the same resolution again is the same resolution
@@ -253,6 +280,10 @@ class SQLiteReviewStore(ReviewStore):
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+            present = {row[1] for row in connection.execute("PRAGMA table_info(reviews)")}
+            for column, definition in _ADDED_COLUMNS.items():
+                if column not in present:
+                    connection.execute(f"ALTER TABLE reviews ADD COLUMN {column} {definition}")
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
@@ -287,6 +318,8 @@ class PostgresReviewStore(ReviewStore):
         with psycopg.connect(url, autocommit=True) as connection:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 connection.execute(statement)
+            for column, definition in _ADDED_COLUMNS.items():
+                connection.execute(f"ALTER TABLE reviews ADD COLUMN IF NOT EXISTS {column} {definition}")
 
     def _lock_clause(self) -> str:
         return " FOR UPDATE"

@@ -33,11 +33,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.policies = policies
 
     async def Solve(self, request, context: grpc.aio.ServicerContext):
-        begin_call(context)
+        deadline = begin_call(context)
         metadata = dict(context.invocation_metadata() or ())
         try:
-            policy, _key = self.policies.authenticate(metadata.get("authorization"))
-            async for event in self.core.solve(policy, convert.router_request_from_proto(request)):
+            policy, key = self.policies.authenticate(metadata.get("authorization"))
+            async for event in self.core.solve(policy, convert.router_request_from_proto(request), key.name, deadline):
                 _count(policy.tenant, event)
                 yield convert.router_event_to_proto(event)
         except MeshError as exc:

@@ -26,6 +26,7 @@ from rmesh.domain import (
 from rmesh.errors import FailedPrecondition, InvalidRequest
 from rmesh.verifier_svc.checkers import REGISTRY, ExactChecker
 from rmesh.verifier_svc.checkers.arithmetic import ExpressionError, evaluate
+from rmesh.verifier_svc.sandbox import CALL_DEADLINE
 from rmesh.verifier_svc.scorers import AGGREGATIONS, Calibration, Scorer, aggregate
 
 
@@ -37,6 +38,8 @@ class PreparedCheck:
 
 MAX_CANDIDATES = 256
 MAX_CHECKS = 32
+# Sandboxed runs (candidates x checks that run code) one Verify call may ask for.
+MAX_SANDBOX_RUNS = 32
 # Up to this much candidate text, non-blocking checks run on the event loop.
 INLINE_TEXT_CHARS = 20_000
 MAX_CHECKPOINTS = 64
@@ -92,6 +95,7 @@ class VerifierCore:
         problem: str = "",
         learned: str = LEARNED_NONE,
         aggregation: str = "min",
+        deadline: float | None = None,
     ) -> tuple[list[Verdict], ScoringInfo]:
         """Exact verdicts (in a worker thread: checkers may run sandboxed code), then, when asked,
         a learned score per candidate in one batched scorer call.
@@ -101,9 +105,9 @@ class VerifierCore:
         if learned and aggregation not in AGGREGATIONS:
             aggregate([], aggregation)  # raises InvalidRequest naming the field
         if self.blocking(task, candidates):
-            verdicts = await asyncio.to_thread(self.verify, task, evidence, required, candidates)
+            verdicts = await asyncio.to_thread(self.verify, task, evidence, required, candidates, deadline)
         else:
-            verdicts = self.verify(task, evidence, required, candidates)
+            verdicts = self.verify(task, evidence, required, candidates, deadline)
         if not learned:
             return verdicts, ScoringInfo()
         if self.scorer is None:
@@ -186,10 +190,21 @@ class VerifierCore:
         evidence: Mapping[str, str],
         required: Sequence[str],
         candidates: Sequence[Candidate],
+        deadline: float | None = None,
     ) -> list[Verdict]:
+        """Judge every candidate; sandboxed checks stop at ``deadline`` (monotonic)."""
         check_candidate_sizes(candidates)
         checks = self.prepare(task)
-        return [self._judge(c, checks, evidence, required) for c in candidates]
+        runs = len(candidates) * sum(1 for c in checks if getattr(c.checker, "sandboxed", False))
+        if runs > MAX_SANDBOX_RUNS:
+            raise InvalidRequest(
+                "candidates", f"{runs} sandboxed runs (candidates x code checks); at most {MAX_SANDBOX_RUNS} per call"
+            )
+        token = CALL_DEADLINE.set(deadline)
+        try:
+            return [self._judge(c, checks, evidence, required) for c in candidates]
+        finally:
+            CALL_DEADLINE.reset(token)
 
     def _judge(
         self,

@@ -9,6 +9,8 @@ Layers, each enough to stop a different escape:
 - its own session, killed whole at the wall-clock timeout;
 - resource limits: CPU seconds, address space, file size (output included), open files,
   and process count;
+- a bounded number of sandboxes at once (``set_concurrency``); a run waits for a slot only
+  until the caller's deadline, and is killed at that deadline;
 - an audit hook installed before the candidate's code runs that refuses writes outside its
   directory, sockets, new processes, signals and native libraries (ctypes).
 Output is captured to a file under the size limit and truncated when read back.
@@ -16,6 +18,7 @@ Output is captured to a file under the size limit and truncated when read back.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import pathlib
@@ -23,7 +26,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, replace
 
 # The child fences itself in before it reads the candidate's code: limits, network namespace,
 # unprivileged user, then the audit hook. (No preexec_fn: forking a threaded server and running
@@ -96,6 +101,18 @@ class Outcome:
 
 
 _SIGNALS = {int(s) for s in signal.Signals}
+# The monotonic time by which the current Verify call must answer; None when unbounded. The
+# verifier sets it around its checks (worker threads inherit it from the call's context).
+CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rmesh_sandbox_deadline", default=None)
+# Below this much time left a run is not started: it could not finish.
+MIN_RUN_SECONDS = 0.1
+_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+
+
+def set_concurrency(limit: int) -> None:
+    """How many sandboxes may run at once in this process (RMESH_SANDBOX_CONCURRENCY)."""
+    global _slots
+    _slots = threading.BoundedSemaphore(max(1, limit))
 # Where the sandbox sees its directory.
 INSIDE = "/work"
 SANDBOX_UID = 65534
@@ -133,7 +150,37 @@ def _unavailable(reason: str) -> Outcome:
     return Outcome(False, f"sandbox unavailable, check not run: {reason}", "")
 
 
-def run_python_tests(solution: str, tests: str, limits: Limits = Limits()) -> Outcome:
+def run_python_tests(solution: str, tests: str, limits: Limits = Limits(), deadline: float | None = None) -> Outcome:
+    """Run ``tests`` against ``solution`` in a sandbox; never past ``deadline`` (default: the
+    current call's), and never more than the concurrency limit at once."""
+    deadline = CALL_DEADLINE.get() if deadline is None else deadline
+    left = None if deadline is None else deadline - time.monotonic()
+    if left is not None and left < MIN_RUN_SECONDS:
+        return Outcome(False, "not run: the caller's deadline has passed", "")
+    slots = _slots
+    if not slots.acquire(timeout=left):
+        return Outcome(False, "not run: every sandbox slot stayed busy until the caller's deadline", "")
+    try:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < MIN_RUN_SECONDS:
+            return Outcome(False, "not run: the caller's deadline has passed", "")
+        if left is not None and left < limits.wall_seconds:
+            outcome = _run(solution, tests, replace(limits, wall_seconds=left))
+            if outcome.reason.startswith("timed out"):
+                return Outcome(False, "killed at the caller's deadline", outcome.output)
+            return outcome
+        return _run(solution, tests, limits)
+    finally:
+        slots.release()
+
+
+def probe() -> str:
+    """Why the sandbox cannot run here, or "" when it works (a trivial test passes)."""
+    outcome = run_python_tests("x = 1", "assert x == 1", Limits(wall_seconds=20.0, cpu_seconds=5), deadline=None)
+    return "" if outcome.passed else outcome.reason
+
+
+def _run(solution: str, tests: str, limits: Limits) -> Outcome:
     bwrap = os.environ.get("RMESH_SANDBOX_BWRAP") or shutil.which("bwrap") or ""
     if not bwrap or not os.access(bwrap, os.X_OK):
         return _unavailable("bubblewrap (bwrap) is not installed")
@@ -222,7 +269,7 @@ def _judge(code: int | None, timed_out: bool, output: str, output_size: int, lim
         # Python ignores SIGXFSZ, so the write fails with EFBIG rather than killing the process.
         return Outcome(False, f"output larger than {limits.output_bytes} bytes (truncated)", output)
     if timed_out:
-        return Outcome(False, f"timed out after {limits.wall_seconds:.0f}s of wall clock", output)
+        return Outcome(False, f"timed out after {limits.wall_seconds:.1f}s of wall clock", output)
     if code == 0:
         return Outcome(True, "all tests passed", output)
     if code is not None and code < 0:

@@ -9,7 +9,7 @@ import grpc
 from rmesh import convert
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.errors import InvalidRequest
-from rmesh.grpc_edge import unary_edge
+from rmesh.grpc_edge import begin_call, unary_edge
 from rmesh.verifier_svc.core import LEARNED_NONE, LEARNED_OUTCOME, LEARNED_PROCESS, VerifierCore
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
@@ -46,6 +46,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     @unary_edge
     async def Verify(self, request, context: grpc.aio.ServicerContext):
+        deadline = begin_call(context)
         verdicts, info = await self.core.verify_scored(
             convert.task_from_proto(request.task),
             dict(request.evidence),
@@ -54,6 +55,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             problem=request.problem,
             learned=_learned_mode(request.learned_score),
             aggregation=request.aggregation or "min",
+            deadline=deadline,
         )
         return verifier_pb2.VerifyResponse(
             verdicts=[convert.verdict_to_proto(v) for v in verdicts],

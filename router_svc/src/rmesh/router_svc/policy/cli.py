@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from collections.abc import Callable
 
 from rmesh.router_svc.policy.engine import decide
 from rmesh.router_svc.policy.loader import PolicyError, load_policy, run_test, sample_view
@@ -17,8 +18,14 @@ def _files(directory: str) -> list[pathlib.Path]:
     return sorted(root.glob("*.yaml")) if root.is_dir() else [root]
 
 
-def lint(directory: str) -> int:
+SandboxProbe = Callable[[], str]
+
+
+def lint(directory: str, sandbox: SandboxProbe | None = None) -> int:
+    """Check every file; with ``sandbox`` (which returns why the python_tests sandbox cannot
+    run, or ""), a file that allows python_tests fails where the sandbox is unavailable."""
     failures = 0
+    problem: str | None = None
     for file in _files(directory):
         try:
             policy = load_policy(file, run_tests=False)
@@ -26,8 +33,48 @@ def lint(directory: str) -> int:
             failures += 1
             print(f"FAIL {exc.message}")
             continue
-        print(f"ok   {file}: tenant {policy.tenant}, revision {policy.revision}, {len(policy.routes)} routes")
+        note = ""
+        if policy.allow_python_tests:
+            if sandbox is None:
+                note = "; allow_python_tests not checked against a sandbox (give --verifier ADDR)"
+            else:
+                problem = sandbox() if problem is None else problem
+                if problem:
+                    failures += 1
+                    line = _line_of(file, "allow_python_tests")
+                    print(f"FAIL {file}:{line}: allow_python_tests: the python_tests sandbox is unavailable: {problem}")
+                    continue
+                note = "; python_tests sandbox available"
+        print(f"ok   {file}: tenant {policy.tenant}, revision {policy.revision}, {len(policy.routes)} routes{note}")
     return 1 if failures else 0
+
+
+def _line_of(file: pathlib.Path, key: str) -> int:
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if line.startswith(f"{key}:"):
+            return number
+    return 1
+
+
+def verifier_sandbox(address: str) -> SandboxProbe:
+    """Ask a running verifier whether its sandbox works (its ``rmesh.sandbox`` health entry)."""
+
+    def probe() -> str:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rmesh.sandbox"), timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return f"the verifier at {address} does not offer python_tests (RMESH_PYTHON_TESTS=off)"
+                return f"the verifier at {address} did not answer ({exc.code().name})"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"the verifier at {address} reports its sandbox NOT_SERVING"
+        return ""
+
+    return probe
 
 
 def test(directory: str) -> int:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from rmesh.router_svc.policy.cel import LazyVariables, to_activation, truthy
-from rmesh.router_svc.policy.model import Decision, TenantPolicy
+from rmesh.router_svc.policy.model import CALIBRATED_SCORE, Decision, TenantPolicy, assurance_rank
 
 MATCH, SKIP = "match", "skip"
 DECISION_CACHE_SIZE = 4096
@@ -62,6 +62,10 @@ def decide(policy: TenantPolicy, request: Mapping[str, Any]) -> Decision:
     escalation = next((r for r in policy.escalate if holds("escalate", r.name, r.when)), None)
     if escalation is not None:
         matched.append(escalation.name)
+    high_impact = bool(request.get("high_impact")) or route.high_impact or bool(escalation and escalation.high_impact)
+    min_assurance = route.min_assurance
+    if high_impact and assurance_rank(min_assurance) < assurance_rank(CALIBRATED_SCORE):
+        min_assurance = CALIBRATED_SCORE  # a high-impact answer is never released unverified
     budget = route.budget
     if route.max_cost is not None and policy.price_per_1k_completion > 0:
         affordable = math.floor(route.max_cost / policy.price_per_1k_completion * 1000)
@@ -77,6 +81,9 @@ def decide(policy: TenantPolicy, request: Mapping[str, Any]) -> Decision:
         required_evidence=tuple(required),
         escalate=escalation is not None,
         escalation_reason=escalation.reason if escalation else "",
+        min_assurance=min_assurance,
+        below_min_assurance=route.below_min_assurance,
+        high_impact=high_impact,
         matched=tuple(matched),
         errors=tuple(errors),
     )
@@ -87,7 +94,8 @@ def policy_reads(policy: TenantPolicy) -> tuple[tuple[str, ...], ...]:
     task's fields when the task is only read field by field."""
     expressions = [r.when for r in policy.routes] + [r.when for r in policy.evidence]
     expressions += [r.when for r in policy.escalate] + list(policy.variables.values())
-    reads: set[tuple[str, ...]] = set()
+    # The caller's high_impact flag raises the minimum assurance whatever the rules read.
+    reads: set[tuple[str, ...]] = {("high_impact",)}
     for expression in expressions:
         for path in expression.request_paths if expression is not None else ():
             reads.add(path[:2] if path[0] == "task" and len(path) > 1 and path[1] in _TASK_FIELDS else path[:1])

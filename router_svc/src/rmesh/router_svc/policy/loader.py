@@ -17,6 +17,8 @@ from rmesh.errors import FailedPrecondition
 from rmesh.router_svc.policy.cel import CelCompileError, CompiledExpression, compile_expression, is_type_error, sample_request, to_activation, truthy
 from rmesh.router_svc.policy.engine import decide, request_view
 from rmesh.router_svc.policy.model import (
+    UNVERIFIED,
+    WITHHOLD,
     ApiKey,
     EscalationRule,
     EvidenceRule,
@@ -123,6 +125,9 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
                 budget=Budget(**budget_doc),
                 search=SearchParams(**item.get("search", {})),
                 max_cost=max_cost,
+                min_assurance=item.get("min_assurance", UNVERIFIED),
+                below_min_assurance=item.get("below_min_assurance", WITHHOLD),
+                high_impact=bool(item.get("high_impact", False)),
             )
         )
     if routes[-1].when is not None:
@@ -135,7 +140,12 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
     escalate = []
     for i, item in enumerate(doc.get("escalate", [])):
         rule = f"escalate {item['name']}"
-        escalate.append(EscalationRule(item["name"], compile_at(("escalate", i, "when"), rule, item["when"], known), item["reason"]))
+        escalate.append(
+            EscalationRule(
+                item["name"], compile_at(("escalate", i, "when"), rule, item["when"], known), item["reason"],
+                bool(item.get("high_impact", False)),
+            )
+        )
 
     # Type probe: evaluate every expression once on a typical request; type errors fail the load.
     probe = {**sample_request(), "tenant": doc["tenant"]}
@@ -161,6 +171,11 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
 
     quotas = Quotas(**doc.get("quotas", {}))
     review = ReviewSettings(**doc.get("review", {}))
+    if review.on_timeout == "approve":
+        # An unanswered review must not release a high-impact draft nobody looked at.
+        high = [f"route {r.name}" for r in routes if r.high_impact] + [f"escalate {r.name}" for r in escalate if r.high_impact]
+        if high:
+            raise fail(("review", "on_timeout"), "review.on_timeout", f"approve is not allowed: {', '.join(high)} is marked high_impact")
     privacy_doc = doc.get("privacy", {})
     privacy = Privacy(bool(privacy_doc.get("trace_content", False)), tuple(privacy_doc.get("sensitive_evidence", ())))
     policy = TenantPolicy(
@@ -178,6 +193,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         privacy=privacy,
         price_per_1k_completion=float(doc.get("pricing", {}).get("per_1k_completion_tokens", 0.0)),
         tests=tuple(doc.get("tests", [])),
+        allow_python_tests=bool(doc.get("allow_python_tests", False)),
     )
     for i, test in enumerate(policy.tests if run_tests else ()):
         failure = run_test(policy, test)
@@ -215,6 +231,8 @@ def run_test(policy: TenantPolicy, test: dict) -> str | None:
         "strategy": decision.strategy,
         "required_evidence": sorted(decision.required_evidence),
         "escalate": decision.escalate,
+        "min_assurance": decision.min_assurance,
+        "high_impact": decision.high_impact,
     }
     wanted = {k: (sorted(v) if k == "required_evidence" else v) for k, v in expect.items()}
     diffs = [f"{k}: expected {wanted[k]!r}, got {got[k]!r}" for k in wanted if got[k] != wanted[k]]

@@ -10,6 +10,19 @@ from rmesh.router_svc.policy.cel import CompiledExpression
 ROLE_CALLER = "caller"
 ROLE_REVIEWER = "reviewer"
 
+# What can stand behind a released answer, weakest first (human approval outranks them all).
+UNVERIFIED = "unverified"
+CALIBRATED_SCORE = "calibrated_score"
+EVIDENCE_GROUNDED = "evidence_grounded"
+EXACT_CHECKS = "exact_checks"
+HUMAN_APPROVED = "human_approved"
+ASSURANCE_ORDER = (UNVERIFIED, CALIBRATED_SCORE, EVIDENCE_GROUNDED, EXACT_CHECKS, HUMAN_APPROVED)
+WITHHOLD, ESCALATE = "withhold", "escalate"
+
+
+def assurance_rank(level: str) -> int:
+    return ASSURANCE_ORDER.index(level)
+
 
 @dataclass(frozen=True)
 class ApiKey:
@@ -27,6 +40,9 @@ class Route:
     budget: Budget
     search: SearchParams
     max_cost: float | None = None
+    min_assurance: str = UNVERIFIED
+    below_min_assurance: str = WITHHOLD
+    high_impact: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class EscalationRule:
     name: str
     when: CompiledExpression
     reason: str
+    high_impact: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class TenantPolicy:
     privacy: Privacy = Privacy()
     price_per_1k_completion: float = 0.0
     tests: tuple[dict, ...] = ()
+    allow_python_tests: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,10 @@ class Decision:
     required_evidence: tuple[str, ...]
     escalate: bool
     escalation_reason: str
+    # The weakest assurance the answer may be released with, and what happens below it.
+    min_assurance: str = UNVERIFIED
+    below_min_assurance: str = WITHHOLD
+    high_impact: bool = False  # the request, its route or its escalation rule is high-impact
     matched: tuple[str, ...] = field(default_factory=tuple)  # rule names that matched, in order
     errors: tuple[str, ...] = field(default_factory=tuple)  # runtime errors and how on_error read them
 

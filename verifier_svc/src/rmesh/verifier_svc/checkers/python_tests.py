@@ -27,6 +27,7 @@ class PythonTestsChecker:
     numeric_answer: bool = False
     expression_answer: bool = False
     blocking: bool = True
+    sandboxed: bool = True  # runs caller code: counted against the per-call sandbox bound
 
     def prepare(self, params: dict[str, Any], field_path: str) -> str:
         tests = params.get("tests")

@@ -2,6 +2,8 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from rmesh.api.common.v1 import common_pb2 as _common_pb2
+from rmesh.api.router.v1 import router_pb2 as _router_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -38,7 +40,7 @@ REVIEW_ACTION_EDIT: ReviewAction
 REVIEW_ACTION_REJECT: ReviewAction
 
 class Review(_message.Message):
-    __slots__ = ("id", "tenant", "state", "problem", "reason", "evidence", "policy_revision", "created_at", "expires_at", "resolved_at", "reviewer", "comment", "answer")
+    __slots__ = ("id", "tenant", "state", "problem", "reason", "evidence", "policy_revision", "created_at", "expires_at", "resolved_at", "reviewer", "comment", "answer", "draft", "outcome", "caller")
     class EvidenceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,9 @@ class Review(_message.Message):
     REVIEWER_FIELD_NUMBER: _ClassVar[int]
     COMMENT_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: ReviewState
@@ -72,7 +77,28 @@ class Review(_message.Message):
     reviewer: str
     comment: str
     answer: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[ReviewState, str]] = ..., problem: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., policy_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
+    draft: Draft
+    outcome: _router_pb2.Outcome
+    caller: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[ReviewState, str]] = ..., problem: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., policy_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., answer: _Optional[str] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., outcome: _Optional[_Union[_router_pb2.Outcome, _Mapping]] = ..., caller: _Optional[str] = ...) -> None: ...
+
+class Draft(_message.Message):
+    __slots__ = ("answer", "checkpoints", "checks", "assurance", "strategy", "usage", "gate_reason")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    ASSURANCE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    GATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    checkpoints: _containers.RepeatedCompositeFieldContainer[_common_pb2.Checkpoint]
+    checks: _containers.RepeatedCompositeFieldContainer[_common_pb2.CheckResult]
+    assurance: _router_pb2.Assurance
+    strategy: str
+    usage: _common_pb2.Usage
+    gate_reason: str
+    def __init__(self, answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., assurance: _Optional[_Union[_router_pb2.Assurance, str]] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., gate_reason: _Optional[str] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("state", "limit")

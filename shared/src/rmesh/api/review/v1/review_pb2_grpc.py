@@ -27,8 +27,9 @@ if _version_not_supported:
 
 
 class ReviewServiceStub:
-    """Reviews of requests the policy escalated. Callers see only their own tenant's reviews;
-    resolving needs a key with the reviewer role ("authorization: Bearer KEY").
+    """Reviews of requests the policy escalated. A caller key sees the reviews of its own requests;
+    a reviewer key sees all of its tenant's and is the only one that may resolve them
+    ("authorization: Bearer KEY").
     """
 
     def __init__(self, channel):
@@ -60,8 +61,9 @@ class ReviewServiceStub:
 
 
 class ReviewServiceServicer:
-    """Reviews of requests the policy escalated. Callers see only their own tenant's reviews;
-    resolving needs a key with the reviewer role ("authorization: Bearer KEY").
+    """Reviews of requests the policy escalated. A caller key sees the reviews of its own requests;
+    a reviewer key sees all of its tenant's and is the only one that may resolve them
+    ("authorization: Bearer KEY").
     """
 
     def ListReviews(self, request, context):
@@ -125,8 +127,9 @@ def add_ReviewServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ReviewService:
-    """Reviews of requests the policy escalated. Callers see only their own tenant's reviews;
-    resolving needs a key with the reviewer role ("authorization: Bearer KEY").
+    """Reviews of requests the policy escalated. A caller key sees the reviews of its own requests;
+    a reviewer key sees all of its tenant's and is the only one that may resolve them
+    ("authorization: Bearer KEY").
     """
 
     @staticmethod

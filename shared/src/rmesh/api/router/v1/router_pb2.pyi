@@ -17,23 +17,40 @@ class OutcomeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_KIND_MISSING_EVIDENCE: _ClassVar[OutcomeKind]
     OUTCOME_KIND_NO_ELIGIBLE_ANSWER: _ClassVar[OutcomeKind]
     OUTCOME_KIND_ESCALATED: _ClassVar[OutcomeKind]
+
+class Assurance(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ASSURANCE_UNSPECIFIED: _ClassVar[Assurance]
+    ASSURANCE_UNVERIFIED: _ClassVar[Assurance]
+    ASSURANCE_CALIBRATED_SCORE: _ClassVar[Assurance]
+    ASSURANCE_EVIDENCE_GROUNDED: _ClassVar[Assurance]
+    ASSURANCE_EXACT_CHECKS: _ClassVar[Assurance]
+    ASSURANCE_HUMAN_APPROVED: _ClassVar[Assurance]
 OUTCOME_KIND_UNSPECIFIED: OutcomeKind
 OUTCOME_KIND_RELEASED: OutcomeKind
 OUTCOME_KIND_MISSING_EVIDENCE: OutcomeKind
 OUTCOME_KIND_NO_ELIGIBLE_ANSWER: OutcomeKind
 OUTCOME_KIND_ESCALATED: OutcomeKind
+ASSURANCE_UNSPECIFIED: Assurance
+ASSURANCE_UNVERIFIED: Assurance
+ASSURANCE_CALIBRATED_SCORE: Assurance
+ASSURANCE_EVIDENCE_GROUNDED: Assurance
+ASSURANCE_EXACT_CHECKS: Assurance
+ASSURANCE_HUMAN_APPROVED: Assurance
 
 class SolveRequest(_message.Message):
-    __slots__ = ("problem", "task", "evidence", "high_impact")
+    __slots__ = ("problem", "task", "evidence", "high_impact", "await_review")
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     HIGH_IMPACT_FIELD_NUMBER: _ClassVar[int]
+    AWAIT_REVIEW_FIELD_NUMBER: _ClassVar[int]
     problem: str
     task: _common_pb2.Task
     evidence: _struct_pb2.Struct
     high_impact: bool
-    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., high_impact: _Optional[bool] = ...) -> None: ...
+    await_review: bool
+    def __init__(self, problem: _Optional[str] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., evidence: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., high_impact: _Optional[bool] = ..., await_review: _Optional[bool] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
     __slots__ = ("message",)
@@ -82,7 +99,7 @@ class ProgressEvent(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., branches_started: _Optional[int] = ..., branches_done: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks_passed: _Optional[int] = ..., checks_total: _Optional[int] = ..., round: _Optional[int] = ..., branches_pruned: _Optional[int] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision", "vote_share", "review_id")
+    __slots__ = ("kind", "released", "answer", "checkpoints", "missing_evidence", "next_step", "strategy", "usage", "checks", "stop_reason", "reason", "policy_revision", "vote_share", "review_id", "assurance")
     KIND_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +114,7 @@ class Outcome(_message.Message):
     POLICY_REVISION_FIELD_NUMBER: _ClassVar[int]
     VOTE_SHARE_FIELD_NUMBER: _ClassVar[int]
     REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSURANCE_FIELD_NUMBER: _ClassVar[int]
     kind: OutcomeKind
     released: bool
     answer: str
@@ -111,7 +129,8 @@ class Outcome(_message.Message):
     policy_revision: str
     vote_share: float
     review_id: str
-    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., vote_share: _Optional[float] = ..., review_id: _Optional[str] = ...) -> None: ...
+    assurance: Assurance
+    def __init__(self, kind: _Optional[_Union[OutcomeKind, str]] = ..., released: _Optional[bool] = ..., answer: _Optional[str] = ..., checkpoints: _Optional[_Iterable[_Union[_common_pb2.Checkpoint, _Mapping]]] = ..., missing_evidence: _Optional[_Iterable[str]] = ..., next_step: _Optional[str] = ..., strategy: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[_common_pb2.CheckResult, _Mapping]]] = ..., stop_reason: _Optional[str] = ..., reason: _Optional[str] = ..., policy_revision: _Optional[str] = ..., vote_share: _Optional[float] = ..., review_id: _Optional[str] = ..., assurance: _Optional[_Union[Assurance, str]] = ...) -> None: ...
 
 class SolveResponse(_message.Message):
     __slots__ = ("status", "config", "progress", "outcome")
