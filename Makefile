@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The project's distributions, each a top-level folder with its own pyproject.toml.
 DISTS := shared router_svc solver_svc verifier_svc client mesh
 
-.PHONY: setup run test test-images images fuzz proto lint bench clean
+.PHONY: setup run certs test test-images images fuzz proto lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ proto: $(STAMP)
 ## Start router, solver and verifier on localhost in the foreground; Ctrl-C stops them.
 run: $(STAMP)
 	$(BIN)/rmesh serve
+
+## A local CA and certificates for mutual TLS between the services (build/certs; development only).
+certs:
+	bash scripts/dev-certs.sh build/certs
 
 ## Run the whole test suite (the container tests skip here: see test-images).
 test: $(STAMP)

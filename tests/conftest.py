@@ -13,7 +13,9 @@ import pytest_asyncio
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from rmesh.config import ServerSettings
 from rmesh.engine.llama import LlamaEngine
+from rmesh.grpc_edge import SERVICE_TOKEN_HEADER, service_token_interceptors
 from rmesh.mesh.serve import start_services
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -24,6 +26,16 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 DEMO_KEY = "demo-key"
+# The mesh's shared service token in tests: the solver and the verifier answer only callers with it.
+SERVICE_TOKEN = "test-service-token-3b9e0c51"
+SERVICE_METADATA = [(SERVICE_TOKEN_HEADER, SERVICE_TOKEN)]
+# Server settings for services a test starts one by one.
+SETTINGS = ServerSettings(service_token=SERVICE_TOKEN)
+
+
+def inner_channel(address: str) -> grpc.aio.Channel:
+    """A channel to the solver or the verifier that presents the mesh's service token."""
+    return grpc.aio.insecure_channel(address, interceptors=service_token_interceptors(SERVICE_TOKEN))
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +57,7 @@ def service_env(tmp: pathlib.Path, **extra: str) -> dict[str, str]:
         "RMESH_VERIFIER_ADDR": "127.0.0.1:0",
         "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
         "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
+        "RMESH_SERVICE_TOKEN": SERVICE_TOKEN,
         **extra,
     }
 
@@ -59,7 +72,9 @@ class Mesh:
         return f"127.0.0.1:{self.services[name].port}"
 
     def channel(self, name: str = "router") -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.address(name))
+        if name == "router":
+            return grpc.aio.insecure_channel(self.address(name))
+        return inner_channel(self.address(name))
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import service_env
+from conftest import SERVICE_TOKEN, service_env
 from sglang_standin import FakeSGLang, StandIn
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
@@ -220,6 +220,7 @@ def _process_env(tmp: pathlib.Path, **extra: str) -> dict:
         "RMESH_TENANTS_DIR": str(ROOT / "policy" / "tenants"),
         "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
         "RMESH_ENGINE": "instant",
+        "RMESH_SERVICE_TOKEN": SERVICE_TOKEN,
         **extra,
     }
 

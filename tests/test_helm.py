@@ -30,6 +30,7 @@ def test_every_scenario_is_listed():
         "multi-router-postgres-values.yaml",
         "tracing-values.yaml",
         "images-values.yaml",
+        "secure-values.yaml",
     }
 
 
@@ -136,3 +137,44 @@ def test_tracing_values_reach_the_services():
     env = env_of(deployments(docs)["rm-reasoning-mesh-solver"])
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
     assert env["RMESH_SERVICE_NAME_PREFIX"] == "mesh"
+
+
+def test_by_default_a_generated_service_token_fences_the_solver_and_verifier_in():
+    docs = render({})
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "rm-reasoning-mesh-service-token")
+    assert len(secret["data"]["token"]) >= 48
+    for name, deployment in deployments(docs).items():
+        if name.endswith("sglang"):
+            continue
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        token = next(e for e in container["env"] if e["name"] == "RMESH_SERVICE_TOKEN")
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "rm-reasoning-mesh-service-token", "key": "token"}
+        # Probes read the plaintext health-only port, which works with mesh TLS on as well.
+        assert env_of(deployment)["RMESH_HEALTH_ADDR"] == "0.0.0.0:8081"
+        assert container["readinessProbe"]["grpc"]["port"] == 8081 == container["livenessProbe"]["grpc"]["port"]
+    verifier = env_of(deployments(docs)["rm-reasoning-mesh-verifier"])
+    assert verifier["RMESH_PYTHON_TESTS"] == "on" and verifier["RMESH_SANDBOX_CONCURRENCY"] == "2"
+
+
+def test_the_secure_scenario_uses_mutual_tls_and_a_separate_code_verifier():
+    docs = render(yaml.safe_load((CHART / "ci" / "secure-values.yaml").read_text()))
+    assert not [d for d in docs if d["kind"] == "Secret"]  # no token: the mesh runs on mutual TLS
+    found = deployments(docs)
+    for name in ("router", "solver", "verifier", "code-verifier"):
+        deployment = found[f"rm-reasoning-mesh-{name}"]
+        env = env_of(deployment)
+        assert env["RMESH_MESH_TLS_CA"] == "/etc/rmesh/mesh-tls/ca.crt" and "RMESH_SERVICE_TOKEN" not in env
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["mesh-tls"]["secret"]["secretName"] == "rmesh-mesh-tls"
+    assert env_of(found["rm-reasoning-mesh-router"])["RMESH_TLS_CERT"] == "/etc/rmesh/public-tls/tls.crt"
+    for caller in ("router", "solver"):
+        assert env_of(found[f"rm-reasoning-mesh-{caller}"])["RMESH_CODE_VERIFIER_ADDR"] == "rm-reasoning-mesh-code-verifier:50053"
+    assert env_of(found["rm-reasoning-mesh-verifier"])["RMESH_PYTHON_TESTS"] == "off"
+    code = found["rm-reasoning-mesh-code-verifier"]["spec"]["template"]["spec"]
+    assert env_of(found["rm-reasoning-mesh-code-verifier"])["RMESH_PYTHON_TESTS"] == "on"
+    assert code["runtimeClassName"] == "gvisor" and code["securityContext"]["seccompProfile"]["type"] == "Localhost"
+    assert code["containers"][0]["image"] == "rmesh-verifier:0.2.0"
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert "rm-reasoning-mesh-code-verifier" in policies
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["rm-reasoning-mesh-code-verifier"]["spec"]["ports"][0]["port"] == 50053

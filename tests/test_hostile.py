@@ -11,7 +11,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import yaml
-from conftest import service_env
+from conftest import SERVICE_TOKEN, service_env
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,6 +19,7 @@ from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.api.solver.v1 import solver_pb2, solver_pb2_grpc
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
+from rmesh.grpc_edge import SERVICE_TOKEN_HEADER
 from rmesh.engine.instant import InstantEngine
 from rmesh.mesh.serve import start_services
 
@@ -107,7 +108,12 @@ async def send(addresses: dict, case: dict) -> tuple[list, grpc.aio.AioRpcError 
     message_type, stub_of, streaming = CALLS[call]
     key = expand(case.get("key", "demo-key"))
     metadata = [("authorization", f"Bearer {key}")] if key else []
-    address = addresses[SERVICE_OF[call.split(".")[0]]]
+    service = SERVICE_OF[call.split(".")[0]]
+    address = addresses[service]
+    if service in ("solver", "verifier"):
+        # The mesh's own services present its token; a case may present none, or a wrong one.
+        token = {"mesh": SERVICE_TOKEN, "none": None}.get(case.get("service_token", "mesh"), case.get("service_token"))
+        metadata += [(SERVICE_TOKEN_HEADER, token)] if token else []
     async with grpc.aio.insecure_channel(address) as channel:
         try:
             if "raw" in case:

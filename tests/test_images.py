@@ -17,6 +17,7 @@ import time
 import uuid
 
 import grpc
+from conftest import SERVICE_TOKEN
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,7 +80,7 @@ class Containers:
             "run", "-d", "--name", self.name(service), "--network", self.network,
             "--network-alias", service, "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
             "-p", f"127.0.0.1:{self.ports[service]}:{container_port}",
-            "-e", "RMESH_GRACE_SECONDS=5", *options, image,
+            "-e", "RMESH_GRACE_SECONDS=5", "-e", f"RMESH_SERVICE_TOKEN={SERVICE_TOKEN}", *options, image,
         )
 
     def stop(self, service: str, timeout: int = 20) -> tuple[int, float, str]:

@@ -15,7 +15,7 @@ import time
 import grpc
 import pytest
 
-from conftest import ROOT, service_env
+from conftest import ROOT, SERVICE_TOKEN, service_env
 from rmesh.client import AsyncMeshClient
 from rmesh.engine.instant import InstantEngine
 from rmesh.mesh.serve import start_services
@@ -110,6 +110,7 @@ async def test_the_installed_router_serves_solve_and_stops_on_sigterm(router_ven
         RMESH_VERIFIER_ADDR=f"127.0.0.1:{peers[0].port}",
         RMESH_REVIEW_DB=str(tmp_path / "reviews.sqlite3"),
         RMESH_GRACE_SECONDS="2",
+        RMESH_SERVICE_TOKEN=SERVICE_TOKEN,
     )
     router = subprocess.Popen(
         [str(router_venv / "bin" / "rmesh-router"), "serve", "--tenants", str(ROOT / "policy" / "tenants")],

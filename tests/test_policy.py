@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 
+from conftest import SETTINGS
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.errors import ResourceExhausted
@@ -422,7 +423,7 @@ async def test_broken_file_during_traffic_keeps_the_last_good_policy(mesh, tmp_p
     policies = PolicyStore(tenants)
     good = policies.snapshot.policies["demo"].revision
     router = await start_router(
-        "127.0.0.1:0", ServerSettings(), tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
+        "127.0.0.1:0", SETTINGS, tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
         policies, reload_interval=0.1,
     )
     address = f"127.0.0.1:{router.port}"
@@ -469,7 +470,7 @@ async def test_over_quota_is_resource_exhausted_with_a_quota_detail(mesh, tmp_pa
     text = (ROOT / "policy" / "tenants" / "demo.yaml").read_text().replace("tokens_per_window: 200000", "tokens_per_window: 1000")
     (tenants / "demo.yaml").write_text(text)
     router = await start_router(
-        "127.0.0.1:0", ServerSettings(), tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
+        "127.0.0.1:0", SETTINGS, tracer_provider("r", {}), mesh.address("solver"), mesh.address("verifier"),
         PolicyStore(tenants), reload_interval=0,
     )
     try:

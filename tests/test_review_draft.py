@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import pathlib
 import shutil
+import socket
+import sys
+from asyncio.subprocess import DEVNULL, PIPE
 
 import grpc
 import pytest
@@ -19,9 +24,11 @@ from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.engine.instant import InstantEngine
 from rmesh.mesh.serve import start_services
+from rmesh.peers import wait_serving
 from rmesh.router_svc.policy.loader import PolicyError, parse_policy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
 OTHER_CALLER = "demo-second-caller-key"
 TIMEOUT_TENANT = f"""
 tenant: lenient
@@ -178,3 +185,56 @@ def test_lint_refuses_on_timeout_approve_beside_a_high_impact_rule():
         parse_policy(text, "lenient.yaml")
     assert info.value.rule == "review.on_timeout" and "escalate refunds" in info.value.reason
     assert info.value.line == text.splitlines().index("review: {timeout_seconds: 1, on_timeout: approve}") + 1
+
+
+async def test_the_readmes_review_commands_end_to_end(tmp_path):
+    """As the README shows it, on `rmesh serve` with the shipped tenants and the embedded model:
+    a high-impact request waits on its stream, a reviewer edits it with `rmesh review`, and the
+    waiting `rmesh solve` prints the released answer."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RMESH_")},
+        "RMESH_ROUTER_ADDR": f"127.0.0.1:{free_port()}",
+        "RMESH_SOLVER_ADDR": f"127.0.0.1:{free_port()}",
+        "RMESH_VERIFIER_ADDR": f"127.0.0.1:{free_port()}",
+        "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
+    }
+    server = await asyncio.create_subprocess_exec(RMESH, "serve", cwd=ROOT, env=env, stdout=DEVNULL, stderr=DEVNULL)
+    try:
+        await wait_serving(env["RMESH_ROUTER_ADDR"], 120)
+        solving = await asyncio.create_subprocess_exec(
+            RMESH, "solve", "--problem", "Approve a refund of 900?", "--high-impact", "--await-review", "--timeout", "600",
+            "--json", cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE,
+        )
+        review_id = ""
+        for _ in range(600):
+            listing = await run(RMESH, "review", "--key", "demo-key", "--json", "list", "--state", "pending", env=env)
+            pending = [json.loads(line) for line in listing.splitlines() if line.startswith("{")]
+            if pending:
+                review_id = pending[0]["id"]
+                break
+            await asyncio.sleep(0.2)
+        assert review_id
+        shown = await run(RMESH, "review", "--key", "demo-reviewer-key", "show", review_id, env=env)
+        assert "draft:" in shown
+        await run(RMESH, "review", "--key", "demo-reviewer-key", "edit", review_id, "--answer", "Refund 450.", "--comment", "partial", env=env)
+        stdout, stderr = await asyncio.wait_for(solving.communicate(), 60)
+        outcome = json.loads(stdout.decode().strip().splitlines()[-1])
+        assert solving.returncode == 0, stderr.decode()
+        assert outcome["released"] and outcome["answer"] == "Refund 450." and outcome["assurance"] == "ASSURANCE_HUMAN_APPROVED"
+        assert outcome["review_id"] == review_id
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def run(*command: str, env: dict) -> str:
+    process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

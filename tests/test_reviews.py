@@ -16,6 +16,7 @@ import uuid
 import grpc
 import pytest
 
+from conftest import SERVICE_TOKEN
 from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.errors import FailedPrecondition, InvalidRequest, NotFound
@@ -66,6 +67,46 @@ def test_resolving_is_idempotent_and_final(store):
     assert store.get(t, review.id).reviewer == "alice"
 
 
+def test_the_draft_and_the_caller_are_kept_and_a_caller_sees_only_its_own(store):
+    t = tenant()
+    draft = {"answer": "Refund 450.", "checkpoints": [["Order 7", ["order"]]], "checks": [], "assurance": "unverified"}
+    mine = store.create(t, "p", "r", {}, "rev", 3600, "reject", caller="app-a", draft=draft)
+    theirs = store.create(t, "p", "r", {}, "rev", 3600, "reject", caller="app-b")
+    assert store.get(t, mine.id, "app-a").draft == draft
+    with pytest.raises(NotFound):
+        store.get(t, mine.id, "app-b")
+    assert [r.id for r in store.list(t, caller="app-b")] == [theirs.id]
+    assert {r.id for r in store.list(t)} == {mine.id, theirs.id}  # a reviewer sees the tenant's
+
+
+def test_approving_needs_a_draft_answer(store):
+    t = tenant()
+    review = store.create(t, "p", "r", {}, "rev", 3600, "reject", draft={"answer": ""})
+    with pytest.raises(FailedPrecondition) as info:
+        store.resolve(t, review.id, "approve", "alice")
+    assert "has no draft answer to approve; EDIT with an answer or REJECT" in info.value.message
+    assert store.resolve(t, review.id, "edit", "alice", answer="Written by hand.").state == "edited"
+
+
+def test_a_store_written_before_drafts_gains_the_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE reviews (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL, problem TEXT NOT NULL, "
+            "reason TEXT NOT NULL, evidence TEXT NOT NULL, policy_revision TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+            "expires_at DOUBLE PRECISION NOT NULL, on_timeout TEXT NOT NULL, resolved_at DOUBLE PRECISION, "
+            "reviewer TEXT NOT NULL DEFAULT '', comment TEXT NOT NULL DEFAULT '', answer TEXT NOT NULL DEFAULT '', "
+            "resolution TEXT NOT NULL DEFAULT '')"
+        )
+        connection.execute("INSERT INTO reviews VALUES ('old', 't', 'pending', 'p', 'r', '{}', 'rev', 1, 9e12, 'reject', NULL, '', '', '', '')")
+    store = SQLiteReviewStore(path)
+    old = store.get("t", "old")
+    assert old.caller == "" and old.draft == {} and old.state == "pending"
+    assert store.create("t", "p", "r", {}, "rev", 60, "reject", caller="c", draft={"answer": "x"}).draft == {"answer": "x"}
+
+
 def test_edit_needs_an_answer(store):
     t = tenant()
     review = store.create(t, "p", "r", {}, "rev", 3600, "reject")
@@ -91,7 +132,7 @@ def test_reviews_expire_with_the_tenants_outcome(store):
 
 def test_racing_reviewers_make_one_resolution(store):
     t = tenant()
-    review = store.create(t, "p", "r", {}, "rev", 3600, "reject")
+    review = store.create(t, "p", "r", {}, "rev", 3600, "reject", draft={"answer": "5"})
     from concurrent.futures import ThreadPoolExecutor
 
     def attempt(action: str):
@@ -240,6 +281,7 @@ async def test_router_killed_mid_review_loses_nothing(mesh, tmp_path):
         "RMESH_SOLVER_ADDR": mesh.address("solver"),
         "RMESH_VERIFIER_ADDR": mesh.address("verifier"),
         "RMESH_REVIEW_DB": str(tmp_path / "reviews.sqlite3"),
+        "RMESH_SERVICE_TOKEN": SERVICE_TOKEN,
     }
     rmesh = str(pathlib.Path(sys.executable).parent / "rmesh")
 

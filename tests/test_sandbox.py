@@ -18,7 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from conftest import SERVICE_METADATA, SETTINGS, inner_channel, service_env
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from rmesh.api.router.v1 import router_pb2
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
+from rmesh.client import AsyncMeshClient
+from rmesh.engine.instant import InstantEngine
+from rmesh.mesh.serve import start_services
 from rmesh.config import ServerSettings, VerifierConfig
 from rmesh.telemetry import tracer_provider
 from rmesh.verifier_svc.serve import start_verifier
@@ -30,10 +38,6 @@ from rmesh.verifier_svc.sandbox import Limits, run_python_tests, set_concurrency
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
 RMESH_ROUTER = str(pathlib.Path(sys.executable).parent / "rmesh-router")
-
-
-def service_metadata() -> list:
-    return []
 
 
 # The escape trick that turned the audit hook off before bubblewrap fenced the child in.
@@ -236,13 +240,13 @@ async def test_a_verifier_reports_its_sandbox_and_can_leave_python_tests_out(tmp
     tenants = _opted_in(tmp_path)
     for setting, listed, status in (("on", True, "SERVING"), ("off", False, None)):
         service = await start_verifier(
-            "127.0.0.1:0", ServerSettings(), tracer_provider("v", {}), config=VerifierConfig(python_tests=setting)
+            "127.0.0.1:0", SETTINGS, tracer_provider("v", {}), config=VerifierConfig(python_tests=setting)
         )
         address = f"127.0.0.1:{service.port}"
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 names = (await verifier_pb2_grpc.VerifierServiceStub(channel).ListCheckers(
-                    verifier_pb2.ListCheckersRequest(), metadata=service_metadata(), timeout=5)).names
+                    verifier_pb2.ListCheckersRequest(), metadata=SERVICE_METADATA, timeout=5)).names
                 assert ("python_tests" in names) is listed
             lint = await asyncio.to_thread(
                 subprocess.run, [RMESH_ROUTER, "policy", "lint", str(tenants), "--verifier", address],
@@ -254,3 +258,75 @@ async def test_a_verifier_reports_its_sandbox_and_can_leave_python_tests_out(tmp
                 assert lint.returncode == 1 and "does not offer python_tests (RMESH_PYTHON_TESTS=off)" in lint.stdout
         finally:
             await service.stop(0)
+
+
+async def test_a_separate_code_verifier_gets_the_tasks_with_code_checks(tmp_path):
+    """The chart's codeVerifier layout: the general verifier offers no python_tests at all; the
+    router and the solver send tasks with a code check to the code verifier."""
+    tenants = _opted_in(tmp_path)
+    (code,) = await start_services(("verifier",), service_env(tmp_path))
+    rest = await start_services(
+        ("verifier", "solver", "router"),
+        service_env(
+            tmp_path, RMESH_TENANTS_DIR=str(tenants), RMESH_PYTHON_TESTS="off", RMESH_CODE_VERIFIER_ADDR=f"127.0.0.1:{code.port}"
+        ),
+        engine=InstantEngine(),
+    )
+    try:
+        assert "python_tests" not in rest[0].core.checker_names
+        router = f"127.0.0.1:{rest[-1].port}"
+        async with AsyncMeshClient(router, api_key="demo-key", timeout=60) as client:
+            tested = await client.outcome("Return five.", checks=[{"name": "python_tests", "params": {"tests": "assert True"}}])
+            failing = await client.outcome("Return five.", checks=[{"name": "python_tests", "params": {"tests": "assert False, 'no'"}}])
+            plain = await client.outcome("What is 2 + 3?", checks=[{"name": "arithmetic", "params": {"expression": "2 + 3"}}])
+        assert tested.released and tested.assurance == router_pb2.ASSURANCE_EXACT_CHECKS
+        assert not failing.released and "python_tests" in failing.reason
+        assert plain.released and plain.answer == "5"
+    finally:
+        for service in reversed(rest):
+            await service.stop(0)
+        await code.stop(0)
+
+
+ATTACKS = {
+    "host file": "FOUND = open(MARKER).read()",
+    "environment": "import os\nFOUND = [dict(os.environ), open('/proc/self/environ').read()]",
+    "process 1": "FOUND = [open('/proc/1/environ').read(), open('/proc/1/cmdline').read()]",
+    "ctypes": "import ctypes\nctypes.CDLL(None).system(('cat ' + MARKER + ' > got 2>&1').encode())\nFOUND = open('got').read()",
+    "subprocess": "import subprocess\nFOUND = subprocess.run(['cat', MARKER], capture_output=True, text=True)",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "huge allocation": "FOUND = bytearray(8 << 30)",
+}
+
+
+async def test_attacks_through_a_running_verifier_fail_and_reveal_nothing(tmp_path, marker, monkeypatch, caplog):
+    """Each attack as a candidate of one Verify call on a real verifier: every check fails, the
+    verifier keeps serving, and the secrets appear in no response, span or log line."""
+    monkeypatch.setenv("RMESH_TEST_CANARY", SECRET)
+    spans = InMemorySpanExporter()
+    (service,) = await start_services(("verifier",), service_env(tmp_path), extra_processors=[SimpleSpanProcessor(spans)])
+    address = f"127.0.0.1:{service.port}"
+    try:
+        request = verifier_pb2.VerifyRequest()
+        request.task.checks.add(name="python_tests").params.update({"tests": "assert False, repr(FOUND)"})
+        for name, code in ATTACKS.items():
+            prefix = UNHOOK + f"MARKER = {str(marker)!r}\nFOUND = None\n"
+            request.candidates.add(id=name, final_answer=prefix + "try:\n" + "".join(f"    {line}\n" for line in code.splitlines())
+                                   + "except BaseException as exc:\n    FOUND = repr(exc)\n")
+        async with inner_channel(address) as channel:
+            stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+            reply = await stub.Verify(request, timeout=120)
+            assert [v.checks[-1].passed for v in reply.verdicts] == [False] * len(ATTACKS)
+            assert SECRET.encode() not in reply.SerializeToString()
+            benign = verifier_pb2.VerifyRequest()
+            benign.task.checks.add(name="python_tests").params.update({"tests": "assert f() == 2"})
+            benign.candidates.add(id="ok", final_answer="def f():\n    return 2\n")
+            assert (await stub.Verify(benign, timeout=30)).verdicts[0].checks[0].passed
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        exported = "".join(str(dict(span.attributes or {})) + str([e.attributes for e in span.events]) for span in spans.get_finished_spans())
+        assert spans.get_finished_spans() and SECRET not in exported
+        assert SECRET not in caplog.text
+    finally:
+        await service.stop(0)

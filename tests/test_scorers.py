@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 
+from conftest import SETTINGS, inner_channel
 from rmesh.api.verifier.v1 import verifier_pb2, verifier_pb2_grpc
 from rmesh.config import ServerSettings
 from rmesh.domain import Candidate, Checkpoint, CheckSpec, TaskSpec
@@ -96,9 +97,9 @@ async def test_verifier_without_a_scorer_refuses_learned_scoring(mesh):
 
 
 async def test_process_scores_over_grpc_with_the_embedded_judge(engine, tmp_path):
-    service = await start_verifier("127.0.0.1:0", ServerSettings(), tracer_provider("v", {}), GenerativeJudge(engine), None)
+    service = await start_verifier("127.0.0.1:0", SETTINGS, tracer_provider("v", {}), GenerativeJudge(engine), None)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        async with inner_channel(f"127.0.0.1:{service.port}") as channel:
             stub = verifier_pb2_grpc.VerifierServiceStub(channel)
             request = verifier_pb2.VerifyRequest(
                 problem="What is 6 * 7 - 5?", learned_score=verifier_pb2.LEARNED_SCORE_MODE_PROCESS, aggregation="prod"
@@ -189,10 +190,10 @@ async def test_solver_caps_n_at_what_the_calibration_supports(engine, tmp_path):
 
     judge = GenerativeJudge(engine)
     verifier = await start_verifier(
-        "127.0.0.1:0", ServerSettings(), tracer_provider("v", {}), judge, Calibration(judge.name, 0.5, 2, 0.6, 0.1, {})
+        "127.0.0.1:0", SETTINGS, tracer_provider("v", {}), judge, Calibration(judge.name, 0.5, 2, 0.6, 0.1, {})
     )
     solver = await start_solver(
-        "127.0.0.1:0", ServerSettings(), tracer_provider("s", {}), f"127.0.0.1:{verifier.port}", engine, own_engine=False
+        "127.0.0.1:0", SETTINGS, tracer_provider("s", {}), f"127.0.0.1:{verifier.port}", engine, own_engine=False
     )
     try:
         request = SolveRequest(
@@ -202,7 +203,7 @@ async def test_solver_caps_n_at_what_the_calibration_supports(engine, tmp_path):
             budget=Budget(1200, 6, 4, 60, 120),
             search=SearchParams(samples=6, learned_score="outcome"),
         )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{solver.port}") as channel:
+        async with inner_channel(f"127.0.0.1:{solver.port}") as channel:
             stub = solver_pb2_grpc.SolverServiceStub(channel)
             messages = [m async for m in stub.Solve(convert.solve_request_to_proto(request), timeout=120)]
         result = messages[-1].result

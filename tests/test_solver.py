@@ -9,6 +9,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from conftest import SETTINGS, inner_channel
 from rmesh import convert
 from rmesh.api.solver.v1 import solver_pb2_grpc
 from rmesh.config import ServerSettings
@@ -35,7 +36,7 @@ def arithmetic(expression: str, strategy: str, budget: Budget, search: SearchPar
 
 
 async def solve(address: str, request: SolveRequest, timeout: float = 120):
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with inner_channel(address) as channel:
         stub = solver_pb2_grpc.SolverServiceStub(channel)
         messages = [m async for m in stub.Solve(convert.solve_request_to_proto(request), timeout=timeout)]
     progress = [m.progress for m in messages if m.HasField("progress")]
@@ -188,7 +189,7 @@ async def test_process_kv_budget_refuses_with_a_quota_detail(mesh):
     provider = tracer_provider("rmesh-solver-small", {})
     service = await start_solver(
         "127.0.0.1:0",
-        ServerSettings(),
+        SETTINGS,
         provider,
         mesh.address("verifier"),
         mesh.engine,

@@ -36,8 +36,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* A service's image: pass (dict "root" $ "values" <the service's values>). */}}
 {{- define "reasoning-mesh.image" -}}
-{{- $image := index .root.Values .component "image" -}}
+{{- $image := .values.image -}}
 {{ $image.repository }}:{{ $image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- end }}
 
@@ -54,4 +55,9 @@ http://{{ include "reasoning-mesh.fullname" . }}-sglang:{{ .Values.engine.sglang
 
 {{- define "reasoning-mesh.policyConfigMap" -}}
 {{- default (printf "%s-policy" (include "reasoning-mesh.fullname" .)) .Values.policy.existingConfigMap }}
+{{- end }}
+
+{{/* The Secret holding the mesh's shared service token. */}}
+{{- define "reasoning-mesh.tokenSecret" -}}
+{{- default (printf "%s-service-token" (include "reasoning-mesh.fullname" .)) .Values.meshAuth.tokenSecret }}
 {{- end }}

@@ -5,6 +5,8 @@ Tests pass their own mapping instead of touching ``os.environ``.
 
 from __future__ import annotations
 
+import pathlib
+
 import math
 import os
 from collections.abc import Mapping
@@ -69,6 +71,8 @@ class Addresses:
     router: str
     solver: str
     verifier: str
+    # A second verifier for tasks with code checks (python_tests); empty: the one verifier.
+    code_verifier: str = ""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "Addresses":
@@ -77,6 +81,7 @@ class Addresses:
             router=address_setting(e, "RMESH_ROUTER_ADDR", DEFAULT_ROUTER_ADDR),
             solver=address_setting(e, "RMESH_SOLVER_ADDR", DEFAULT_SOLVER_ADDR),
             verifier=address_setting(e, "RMESH_VERIFIER_ADDR", DEFAULT_VERIFIER_ADDR),
+            code_verifier=address_setting(e, "RMESH_CODE_VERIFIER_ADDR", "") if e.get("RMESH_CODE_VERIFIER_ADDR") else "",
         )
 
 
@@ -87,14 +92,58 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # Seconds in-flight calls get to finish after SIGTERM; below Kubernetes' default 30 s.
     grace_seconds: float = 20.0
+    # The secret the mesh's services present to the solver and the verifier when no mesh TLS
+    # is configured (the ``x-rmesh-service-token`` metadata).
+    service_token: str = ""
+    # Mutual TLS between the services: this service's certificate and key, and the CA that
+    # signs every mesh certificate (PEM bytes; all three or none).
+    mesh_tls: "MeshTLS | None" = None
+    # TLS on the router's public port (certificate and key, PEM bytes), or None.
+    public_tls: tuple[bytes, bytes] | None = None
+    # A plaintext port that serves only gRPC health, for probes that cannot speak mesh TLS.
+    health_address: str = ""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
         e = _env(env)
+        token = e.get("RMESH_SERVICE_TOKEN", "")
+        if token and len(token) < MIN_SERVICE_TOKEN_CHARS:
+            raise ConfigError(f"RMESH_SERVICE_TOKEN: shorter than {MIN_SERVICE_TOKEN_CHARS} characters")
+        mesh = [e.get(f"RMESH_MESH_TLS_{part}", "") for part in ("CERT", "KEY", "CA")]
+        if any(mesh) and not all(mesh):
+            raise ConfigError("RMESH_MESH_TLS_CERT, RMESH_MESH_TLS_KEY and RMESH_MESH_TLS_CA: set all three or none")
+        public = [e.get("RMESH_TLS_CERT", ""), e.get("RMESH_TLS_KEY", "")]
+        if any(public) and not all(public):
+            raise ConfigError("RMESH_TLS_CERT and RMESH_TLS_KEY: set both or neither")
         return cls(
             max_message_bytes=_number(e, "RMESH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, int, 1024, 2**31 - 1),
             grace_seconds=_number(e, "RMESH_GRACE_SECONDS", 20.0, float, 0, 3600),
+            service_token=token,
+            mesh_tls=MeshTLS(*(_pem(e, f"RMESH_MESH_TLS_{part}") for part in ("CERT", "KEY", "CA"))) if all(mesh) else None,
+            public_tls=(_pem(e, "RMESH_TLS_CERT"), _pem(e, "RMESH_TLS_KEY")) if all(public) else None,
+            health_address=address_setting(e, "RMESH_HEALTH_ADDR", "") if e.get("RMESH_HEALTH_ADDR") else "",
         )
+
+
+MIN_SERVICE_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class MeshTLS:
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+
+def _pem(e: Mapping[str, str], name: str) -> bytes:
+    path = e[name]
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}={path}: cannot read ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{name}={path}: not a PEM file")
+    return data
 
 
 @dataclass(frozen=True)

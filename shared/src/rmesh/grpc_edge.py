@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hmac
 import inspect
 import json
 import logging
@@ -209,16 +210,89 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+SERVICE_TOKEN_HEADER = "x-rmesh-service-token"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _refuse(handler, message: str):
+    """``handler`` with its behaviour replaced by an UNAUTHENTICATED refusal."""
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - an async generator that never yields a message
+
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=unary)
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=stream)
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=lambda it, context: unary(None, context))
+    return handler._replace(stream_stream=lambda it, context: stream(None, context))
+
+
+class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
+    """An inner service (solver, verifier) answers only the mesh: every call but health must
+    carry the shared service token. Compared in constant time."""
+
+    def __init__(self, service: str, token: str) -> None:
+        self.service = service
+        self.token = token.encode()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        sent = dict(handler_call_details.invocation_metadata or ()).get(SERVICE_TOKEN_HEADER)
+        if sent is None:
+            return _refuse(
+                handler,
+                f"{SERVICE_TOKEN_HEADER}: missing; the {self.service} answers only the mesh's own services "
+                "(a service token, or a mesh client certificate)",
+            )
+        if not hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self.token):
+            return _refuse(handler, f"{SERVICE_TOKEN_HEADER}: not the mesh's service token")
+        return handler
+
+
+def inner_service_guard(service: str, settings: ServerSettings) -> list[grpc.aio.ServerInterceptor]:
+    """What fences an inner service in. Fail closed: with neither mesh TLS nor a service token
+    the service refuses to start rather than answer anyone."""
+    if settings.mesh_tls is None and not settings.service_token:
+        raise errors.ConfigError(
+            f"RMESH_SERVICE_TOKEN: the {service} answers only the mesh's services; set a shared service token "
+            "(or RMESH_MESH_TLS_CERT, RMESH_MESH_TLS_KEY and RMESH_MESH_TLS_CA for mutual TLS)"
+        )
+    return [ServiceTokenInterceptor(service, settings.service_token)] if settings.service_token else []
+
+
+def _server_credentials(settings: ServerSettings, inner: bool) -> grpc.ServerCredentials | None:
+    if inner and settings.mesh_tls is not None:
+        tls = settings.mesh_tls
+        # The TLS handshake refuses a peer without a certificate the mesh CA signed.
+        return grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True)
+    if not inner and settings.public_tls is not None:
+        cert, key = settings.public_tls
+        return grpc.ssl_server_credentials([(key, cert)])
+    return None
+
+
 def create_server(
     address: str,
     settings: ServerSettings,
     add_servicers: Callable[[grpc.aio.Server], Iterable[str]],
     tracer_provider=None,
+    inner: str = "",
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer, list[str]]:
     """A grpc.aio server with health, reflection, tracing and message limits; not started.
-    Returns the server, its bound port, its health servicer and the service names added."""
+    ``inner`` names an inner service (solver, verifier): only the mesh may call it. Returns the
+    server, its bound port, its health servicer and the service names added."""
+    guard = inner_service_guard(inner, settings) if inner else []
     server = grpc.aio.server(
         interceptors=[
+            *guard,
             MalformedRequestInterceptor(),
             # Health checks stay out of traces (probes every few seconds), and out of the
             # tracing wrapper, which would turn health's context.write Watch into UNKNOWN.
@@ -233,10 +307,21 @@ def create_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    port = server.add_insecure_port(address)
+    credentials = _server_credentials(settings, bool(inner))
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return server, port, health_servicer, service_names
+
+
+def create_health_server(address: str, health_servicer) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with only ``health_servicer``: for probes that cannot speak mesh TLS."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
@@ -280,6 +365,31 @@ def create_channel(
     retry = list(retry_services)
     if retry:
         options += [("grpc.service_config", _service_config(retry)), ("grpc.enable_retries", 1)]
-    return grpc.aio.insecure_channel(
-        address, options=options, interceptors=aio_client_interceptors(tracer_provider=tracer_provider)
-    )
+    interceptors = list(aio_client_interceptors(tracer_provider=tracer_provider))
+    if settings.service_token:
+        interceptors += service_token_interceptors(settings.service_token)
+    if settings.mesh_tls is not None:
+        tls = settings.mesh_tls
+        credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(SERVICE_TOKEN_HEADER, token)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
+
+
+def service_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that present the mesh's service token on every call."""
+
+    class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return await continuation(_with_token(details, token), request)
+
+    class Stream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, details, request):
+            return await continuation(_with_token(details, token), request)
+
+    return [Unary(), Stream()]

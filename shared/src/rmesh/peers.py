@@ -73,6 +73,40 @@ class VerifierClient:
         return [convert.verdict_from_proto(v) for v in reply.verdicts]
 
 
+# Checkers that run caller code; with a code verifier configured, only it sees these tasks.
+CODE_CHECKS = frozenset({"python_tests"})
+
+
+class CodeAwareVerifier:
+    """Two verifiers behind one port: tasks with a code check go to ``code`` (a verifier deployed
+    apart, say under a sandboxing runtime class), every other task to ``general``."""
+
+    def __init__(self, general, code) -> None:
+        self.general = general
+        self.code = code
+
+    def _for(self, task: TaskSpec):
+        return self.code if any(spec.name in CODE_CHECKS for spec in task.checks) else self.general
+
+    async def precheck(self, task: TaskSpec, evidence: Mapping[str, str], required: Sequence[str]) -> Precheck:
+        return await self._for(task).precheck(task, evidence, required)
+
+    async def verify(self, task: TaskSpec, evidence, required, candidates, **options) -> list[Verdict]:
+        return await self._for(task).verify(task, evidence, required, candidates, **options)
+
+
+def verifier_port(address: str, code_address: str, settings, tracer_provider=None) -> tuple[object, list[grpc.aio.Channel]]:
+    """The verifier client a service calls, and the channels to close with it: one verifier, or
+    with ``code_address`` a separate one for code checks."""
+    from rmesh.grpc_edge import create_channel
+
+    channel = create_channel(address, settings, [VERIFIER_SERVICE], tracer_provider=tracer_provider)
+    if not code_address:
+        return VerifierClient(channel), [channel]
+    code_channel = create_channel(code_address, settings, [VERIFIER_SERVICE], tracer_provider=tracer_provider)
+    return CodeAwareVerifier(VerifierClient(channel), VerifierClient(code_channel)), [channel, code_channel]
+
+
 class SolverClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = solver_pb2_grpc.SolverServiceStub(channel)

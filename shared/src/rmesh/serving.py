@@ -41,11 +41,14 @@ class RunningService:
     policies: object = None
     reviews: object = None
     core: object = None  # the service's core; a router's pending writes are drained on stop
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only port, if any
 
     async def stop(self, grace: float) -> None:
         for task in self.tasks:
             task.cancel()
         await grpc_edge.graceful_stop(self.server, self.health, self.service_names, grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if hasattr(self.core, "drain"):
             await self.core.drain()
         for channel in self.channels:
@@ -61,11 +64,21 @@ async def start_server(
     settings: ServerSettings,
     provider: TracerProvider,
     add: Callable[[grpc.aio.Server], list[str]],
+    inner: bool = False,
 ) -> RunningService:
-    """Bind ``address``, register the servicers ``add`` puts on the server, and mark them SERVING."""
-    server, port, health, names = grpc_edge.create_server(address, settings, add, tracer_provider=provider)
+    """Bind ``address``, register the servicers ``add`` puts on the server, and mark them SERVING.
+    An ``inner`` service (solver, verifier) answers only the mesh's own services."""
+    server, port, health, names = grpc_edge.create_server(
+        address, settings, add, tracer_provider=provider, inner=name if inner else ""
+    )
+    health_server = None
+    if settings.health_address:
+        health_server, _ = grpc_edge.create_health_server(settings.health_address, health)
     await server.start()
     service = RunningService(name, server, port, health, names, provider)
+    if health_server is not None:
+        await health_server.start()
+        service.health_server = health_server
     await grpc_edge.set_serving(health, names, True)
     log.info("%s serving on %s (port %d)", name, address, port)
     return service

@@ -24,11 +24,13 @@ def build_request(
     checks: Sequence[Mapping[str, Any]] = (),
     evidence: Mapping[str, str] | None = None,
     high_impact: bool = False,
+    await_review: bool = False,
 ) -> router_pb2.SolveRequest:
     """A SolveRequest from a problem text and keywords, a dict in the API's JSON shape, or a
     ready message. A dict that does not fit the API raises ValueError naming the field."""
     if isinstance(problem, (router_pb2.SolveRequest, Mapping)):
-        given = [name for name, value in (("kind", kind), ("checks", checks), ("evidence", evidence), ("high_impact", high_impact)) if value]
+        keywords = (("kind", kind), ("checks", checks), ("evidence", evidence), ("high_impact", high_impact), ("await_review", await_review))
+        given = [name for name, value in keywords if value]
         if given:
             raise ValueError(f"{', '.join(given)}: give these inside the request, not beside a whole request")
         if isinstance(problem, router_pb2.SolveRequest):
@@ -43,7 +45,7 @@ def build_request(
         raise ValueError("evidence: must be a mapping of key to string")
     if isinstance(checks, (str, bytes, Mapping)) or not all(isinstance(c, Mapping) for c in checks):
         raise ValueError("checks: must be a list of mappings such as {'name': 'arithmetic', 'params': {...}}")
-    body: dict[str, Any] = {"problem": problem, "high_impact": high_impact}
+    body: dict[str, Any] = {"problem": problem, "high_impact": high_impact, "await_review": await_review}
     if kind or checks:
         body["task"] = {"kind": kind, "checks": [dict(c) for c in checks]}
     if evidence:

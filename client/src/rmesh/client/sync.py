@@ -51,11 +51,14 @@ class MeshClient:
         checks: Sequence[Mapping[str, Any]] = (),
         evidence: Mapping[str, str] | None = None,
         high_impact: bool = False,
+        await_review: bool = False,
         timeout: float | None = None,
     ) -> Iterator[router_pb2.StatusEvent | router_pb2.ConfigEvent | router_pb2.ProgressEvent | router_pb2.Outcome]:
         """Stream the request's events; the last one is its Outcome. Leaving the loop early
         cancels the call on the router."""
-        request = build_request(problem, kind=kind, checks=checks, evidence=evidence, high_impact=high_impact)
+        request = build_request(
+            problem, kind=kind, checks=checks, evidence=evidence, high_impact=high_impact, await_review=await_review
+        )
         call = self._router.Solve(request, metadata=self.options.metadata(), timeout=self._timeout(timeout))
         try:
             for message in call:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -41,7 +42,7 @@ def load_request(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"rmesh solve: {args.file} is not valid YAML: {exc}") from None
         if not isinstance(request, dict):
             raise SystemExit(f"rmesh solve: {args.file} must hold a mapping")
-        unknown = set(request) - {"problem", "task", "evidence", "high_impact"}
+        unknown = set(request) - {"problem", "task", "evidence", "high_impact", "await_review"}
         if unknown:
             raise SystemExit(f"rmesh solve: {args.file}: unknown fields {', '.join(sorted(unknown))}")
     if args.problem is not None:
@@ -55,6 +56,10 @@ def load_request(args: argparse.Namespace) -> dict[str, Any]:
     for key in args.drop_evidence:
         evidence.pop(key, None)
     request["evidence"] = evidence
+    if args.high_impact:
+        request["high_impact"] = True
+    if args.await_review:
+        request["await_review"] = True
     return request
 
 
@@ -102,6 +107,10 @@ def _describe(event: dict[str, Any]) -> str:
         )
     lines = [f"outcome   {event['kind']} released={event['released']} ({event['reason']})"]
     if event["released"]:
+        lines.append(f"  assurance: {event['assurance'].removeprefix('ASSURANCE_').lower()}")
+    if event.get("review_id"):
+        lines.append(f"  review: {event['review_id']}")
+    if event["released"]:
         for cp in event["checkpoints"]:
             lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}")
         lines.append(f"  answer: {event['answer']}")
@@ -115,10 +124,21 @@ def _describe(event: dict[str, Any]) -> str:
 
 
 def _client(key: str):
+    """A client for the router at $RMESH_ROUTER_ADDR; over TLS when $RMESH_CLIENT_CA names the
+    CA (PEM) that signed the router's certificate."""
     from rmesh.client import MeshClient
     from rmesh.config import Addresses, ServerSettings
 
-    return MeshClient(Addresses.load().router, api_key=key, max_message_bytes=ServerSettings.load().max_message_bytes)
+    ca = os.environ.get("RMESH_CLIENT_CA")
+    roots = None
+    if ca:
+        try:
+            roots = pathlib.Path(ca).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"rmesh: RMESH_CLIENT_CA={ca}: cannot read ({exc.strerror})") from None
+    return MeshClient(
+        Addresses.load().router, api_key=key, max_message_bytes=ServerSettings.load().max_message_bytes, root_certificates=roots
+    )
 
 
 def _solve_request(args: argparse.Namespace, request) -> int:
@@ -185,6 +205,7 @@ def _review(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from rmesh.api.review.v1 import review_pb2
+    from rmesh.api.router.v1 import router_pb2
 
     key = args.key or os.environ.get("RMESH_API_KEY")
     if not key:
@@ -198,6 +219,11 @@ def _review(args: argparse.Namespace) -> int:
         line = f"{review.id}  {state:9s}  {review.reason}  | {review.problem[:60]}"
         if review.reviewer:
             line += f"  [{review.reviewer}: {review.comment or '-'}{'; answer: ' + review.answer if review.answer else ''}]"
+        draft = review.draft
+        assurance = draft.assurance and router_pb2.Assurance.Name(draft.assurance).removeprefix("ASSURANCE_").lower()
+        line += f"\n  draft: {draft.answer[:200] or '(no answer)'} ({assurance or draft.gate_reason})"
+        if review.HasField("outcome"):
+            line += f"\n  outcome: {router_pb2.OutcomeKind.Name(review.outcome.kind)} {review.outcome.answer[:200]}"
         return line
 
     with _client(key) as mesh:
@@ -273,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--tenant-key", help="API key (default: $RMESH_API_KEY)")
     solve.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds (default 300)")
     solve.add_argument("--json", action="store_true", help="print one JSON object per event")
+    solve.add_argument("--high-impact", action="store_true", help="mark the request high-impact (never released unverified)")
+    solve.add_argument(
+        "--await-review", action="store_true", help="if escalated, wait (within --timeout) for the reviewer's decision"
+    )
     solve.set_defaults(func=_solve)
 
     policy = sub.add_parser("policy", help="check tenant policy files")

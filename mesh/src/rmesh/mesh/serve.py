@@ -7,6 +7,7 @@ own gRPC port for health and for other callers.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 
 from opentelemetry.sdk.trace import SpanProcessor
@@ -30,7 +31,11 @@ async def start_services(
     engine: Engine | None = None,
     extra_processors: list[SpanProcessor] | None = None,
 ) -> list[RunningService]:
-    """Start the named services in dependency order on the addresses ``env`` gives."""
+    """Start the named services in dependency order on the addresses ``env`` gives. With all
+    three in one process and no service token or mesh TLS configured, they share a token made
+    here: the solver's and verifier's ports still answer only the mesh."""
+    if set(SERVICES) <= set(names) and not env.get("RMESH_SERVICE_TOKEN") and not env.get("RMESH_MESH_TLS_CERT"):
+        env = {**env, "RMESH_SERVICE_TOKEN": secrets.token_urlsafe(32)}
     addresses = Addresses.load(env)
     settings = ServerSettings.load(env)
     started: list[RunningService] = []
@@ -40,7 +45,11 @@ async def start_services(
     solver_config = SolverConfig.load(env)
     own = engine is None
     # All three in this process (unless told otherwise): internal hops call the peer's core, not loopback gRPC.
-    colocated = env.get("RMESH_COLOCATED_CALLS", "1") == "1" and {"router", "solver", "verifier"} <= set(names)
+    # (A separate code verifier is reached over gRPC, so then every verifier call is.)
+    colocated = (
+        env.get("RMESH_COLOCATED_CALLS", "1") == "1" and {"router", "solver", "verifier"} <= set(names)
+        and not addresses.code_verifier
+    )
     local_verifier = None
     if "solver" in names and engine is None:
         engine = create_engine(solver_config)
@@ -68,6 +77,7 @@ async def start_services(
                 solver_config.kv_budget_bytes,
                 solver_config.kv_wait_seconds,
                 verifier=local_verifier,
+                code_verifier_address=addresses.code_verifier,
             )
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)
@@ -86,6 +96,7 @@ async def start_services(
                     open_store(router_config.review_db),
                     verifier=local_verifier,
                     solver=InProcessSolver(started[-1].core, started[-1].provider.get_tracer("rmesh.solver")) if colocated else None,
+                    code_verifier_address=addresses.code_verifier,
                 )
             )
     except BaseException:

@@ -37,16 +37,14 @@ async def start_router(
     review_store: ReviewStore | None = None,
     verifier: VerifierPort | None = None,
     solver: SolverPort | None = None,
+    code_verifier_address: str = "",
 ) -> RunningService:
-    """The router and review services; ``verifier`` and ``solver`` replace the gRPC clients."""
-    verifier_channel = grpc_edge.create_channel(
-        verifier_address, settings, [peers.VERIFIER_SERVICE], tracer_provider=provider
-    )
+    """The router and review services; ``verifier`` and ``solver`` replace the gRPC clients;
+    ``code_verifier_address`` names a separate verifier for tasks with code checks."""
+    verifier_client, verifier_channels = peers.verifier_port(verifier_address, code_verifier_address, settings, provider)
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
     store = review_store or open_store(RouterConfig().review_db)
-    core = RouterCore(
-        verifier or peers.VerifierClient(verifier_channel), solver or peers.SolverClient(solver_channel), reviews=store
-    )
+    core = RouterCore(verifier or verifier_client, solver or peers.SolverClient(solver_channel), reviews=store)
     router = router_servicer.RouterServicer(core, policies)
     review = ReviewServicer(store, policies)
 
@@ -54,7 +52,7 @@ async def start_router(
         return router_servicer.add_to_server(router, server) + review_add(review, server)
 
     service = await start_server("router", address, settings, provider, add_both)
-    service.channels += [verifier_channel, solver_channel]
+    service.channels += [*verifier_channels, solver_channel]
 
     async def reported(status) -> None:
         # The router keeps serving on the last good policy; health and metrics show the reload.
@@ -97,5 +95,6 @@ async def start(env: Mapping[str, str]) -> list[RunningService]:
         policies,
         config.reload_interval,
         open_store(config.review_db),
+        code_verifier_address=addresses.code_verifier,
     )
     return [service]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from rmesh import grpc_edge, peers
+from rmesh import peers
 from rmesh.config import Addresses, ServerSettings, SolverConfig
 from rmesh.engine import Engine, create_engine
 from rmesh.serving import RunningService, provider_factory, start_server
@@ -27,24 +27,26 @@ async def start_solver(
     kv_budget_bytes: int = 0,
     kv_wait_seconds: float = 5.0,
     verifier: VerifierPort | None = None,
+    code_verifier_address: str = "",
 ) -> RunningService:
-    """The solver service; ``verifier`` replaces the gRPC client (an in-process port)."""
-    channel = grpc_edge.create_channel(
-        verifier_address, settings, [peers.VERIFIER_SERVICE], tracer_provider=provider
-    )
+    """The solver service; ``verifier`` replaces the gRPC client (an in-process port);
+    ``code_verifier_address`` names a separate verifier for tasks with code checks."""
+    client, channels = peers.verifier_port(verifier_address, code_verifier_address, settings, provider)
     # Default budget: what the engine's own context can hold (the embedded engine), else 8 GiB.
     n_ctx = getattr(engine, "n_ctx", 0)
     capacity = kv_budget_bytes or (n_ctx * engine.kv_bytes_per_token if n_ctx else 8 << 30)
     core = SolverCore(
         engine,
-        verifier or peers.VerifierClient(channel),
+        verifier or client,
         tracer=provider.get_tracer("rmesh.solver"),
         answer_style=answer_style,
         kv_ledger=KVLedger(capacity, kv_wait_seconds),
     )
     servicer = solver_servicer.SolverServicer(core)
-    service = await start_server("solver", address, settings, provider, lambda server: solver_servicer.add_to_server(servicer, server))
-    service.channels.append(channel)
+    service = await start_server(
+        "solver", address, settings, provider, lambda server: solver_servicer.add_to_server(servicer, server), inner=True
+    )
+    service.channels += channels
     service.engine = engine if own_engine else None
     service.core = core
     return service
@@ -66,6 +68,7 @@ async def start(env: Mapping[str, str]) -> list[RunningService]:
             config.resolved_answer_style,
             config.kv_budget_bytes,
             config.kv_wait_seconds,
+            code_verifier_address=addresses.code_verifier,
         )
     except BaseException:
         await engine.aclose()

@@ -66,7 +66,8 @@ async def start_verifier(
     core = VerifierCore(registry=registry, scorer=scorer, calibration=calibration)
     servicer = verifier_servicer.VerifierServicer(core)
     service = await start_server(
-        "verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server)
+        "verifier", address, settings, provider, lambda server: verifier_servicer.add_to_server(servicer, server),
+        inner=True,
     )
     service.core = core
     if "python_tests" in registry:
