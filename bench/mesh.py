@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import pathlib
+import secrets
 import socket
 import statistics
 import subprocess
@@ -129,6 +130,8 @@ def mesh_env(engine: str, workdir: pathlib.Path, collector: str) -> tuple[dict, 
         "RMESH_TENANTS_DIR": str(ROOT / "bench" / "tenants"),
         "RMESH_REVIEW_DB": str(workdir / f"reviews-{engine}.sqlite3"),
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
+        # The split layout's solver and verifier answer only callers with the mesh's token.
+        "RMESH_SERVICE_TOKEN": secrets.token_urlsafe(32),
     }
     return env, f"127.0.0.1:{ports['ROUTER']}"
 
