@@ -55,3 +55,7 @@ async def test_failed_rung_escalates_and_progress_shows_it(mesh):
     await mesh.services["router"].core.drain()
     history = mesh.services["router"].reviews.rung_history("demo", "arithmetic-escalation-test")
     assert history and history[-1][0] == "best_of_n"
+
+
+def test_a_one_rung_ladder_with_history_says_so():
+    assert plan(["best_of_n"], [("best_of_n", False)] * 6).why == "start at best_of_n, the only rung"

@@ -186,6 +186,28 @@ async def test_grpcurl_lists_router_and_health(mesh):
     assert "grpc.health.v1.Health" in services
 
 
+async def test_grpcurl_describes_an_inner_service_but_cannot_call_it_without_the_token(mesh):
+    """Reflection and health stay open on the solver and verifier; every other call needs the
+    mesh's service token (UNAUTHENTICATED naming it, never UNKNOWN)."""
+    grpcurl = str(pathlib.Path(sys.executable).parent / "grpcurl")
+
+    async def run(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            grpcurl, "-plaintext", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        stdout, _ = await asyncio.wait_for(process.communicate(), 30)
+        return process.returncode, stdout.decode()
+
+    code, listed = await run(mesh.address("solver"), "list")
+    assert code == 0 and "rmesh.api.solver.v1.SolverService" in listed.split()
+    code, refused = await run("-d", '{"problem": "2 + 3"}', mesh.address("solver"), "rmesh.api.solver.v1.SolverService/Solve")
+    assert code != 0 and "Code: Unauthenticated" in refused and "x-rmesh-service-token: missing" in refused
+    code, refused = await run(mesh.address("verifier"), "rmesh.api.verifier.v1.VerifierService/ListCheckers")
+    assert code != 0 and "Code: Unauthenticated" in refused
+    code, health = await run(mesh.address("verifier"), "grpc.health.v1.Health/Check")
+    assert code == 0 and '"status": "SERVING"' in health
+
+
 async def test_verifier_batches_many_candidates_in_one_call(mesh):
     async with mesh.channel("verifier") as channel:
         stub = verifier_pb2_grpc.VerifierServiceStub(channel)

@@ -211,31 +211,40 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
 
 SERVICE_TOKEN_HEADER = "x-rmesh-service-token"
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Open without the token: probes need health, and reflection describes only the public protos.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def _refuse(handler, message: str):
-    """``handler`` with its behaviour replaced by an UNAUTHENTICATED refusal."""
+    """``handler`` with its behaviour replaced by an UNAUTHENTICATED refusal of the same shape
+    (the server tells unary from streaming, and sync from async, by the function it is given)."""
 
-    async def unary(request, context):
+    async def unary_unary(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def stream(request, context):
+    async def unary_stream(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - an async generator that never yields a message
+        yield  # pragma: no cover - never reached: abort raises
 
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=unary)
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=stream)
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=lambda it, context: unary(None, context))
-    return handler._replace(stream_stream=lambda it, context: stream(None, context))
+    async def stream_unary(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream_stream(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - never reached: abort raises
+
+    for kind, refusal in (
+        ("unary_unary", unary_unary), ("unary_stream", unary_stream),
+        ("stream_unary", stream_unary), ("stream_stream", stream_stream),
+    ):
+        if getattr(handler, kind) is not None:
+            return handler._replace(**{kind: refusal})
+    return handler
 
 
 class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
-    """An inner service (solver, verifier) answers only the mesh: every call but health must
-    carry the shared service token. Compared in constant time."""
+    """An inner service (solver, verifier) answers only the mesh: every call but health and
+    reflection must carry the shared service token. Compared in constant time."""
 
     def __init__(self, service: str, token: str) -> None:
         self.service = service
@@ -243,7 +252,7 @@ class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
+        if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
         sent = dict(handler_call_details.invocation_metadata or ()).get(SERVICE_TOKEN_HEADER)
         if sent is None:

@@ -80,7 +80,13 @@ async def start_server(
         await health_server.start()
         service.health_server = health_server
     await grpc_edge.set_serving(health, names, True)
-    log.info("%s serving on %s (port %d)", name, address, port)
+    if inner and settings.mesh_tls is not None:
+        security = "mutual TLS: only mesh certificates"
+    elif inner:
+        security = "plaintext: only callers with the mesh's service token"
+    else:
+        security = "TLS" if settings.public_tls is not None else "plaintext"
+    log.info("%s serving on %s (port %d, %s)", name, address, port, security)
     return service
 
 

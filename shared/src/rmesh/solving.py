@@ -73,6 +73,8 @@ Emit = Callable[[Progress], Awaitable[None]]
 
 # Why a search stops; each names the rule that fired.
 STOP_EXACT_CHECK_PASSED = "exact_check_passed"
+# The same rule for a task without exact checks: the verifier found the answer eligible.
+STOP_ELIGIBLE_ANSWER = "eligible_answer_found"
 STOP_TOKEN_CAP = "token_cap"
 STOP_WALL_CLOCK = "wall_clock"
 STOP_BRANCH_CAP = "branch_cap"

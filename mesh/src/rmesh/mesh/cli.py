@@ -160,9 +160,18 @@ def _solve_request(args: argparse.Namespace, request) -> int:
             if args.json:
                 print(json.dumps({"event": "error", "code": exc.code().name, "message": exc.details()}))
             else:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                print(f"error: {exc.code().name}: {exc.details()}{_tls_hint(exc)}", file=sys.stderr)
             return EXIT_RPC_ERROR
     return 0 if outcome and outcome["released"] else EXIT_NOT_RELEASED
+
+
+def _tls_hint(exc) -> str:
+    """A plaintext client at a TLS port sees only a closed socket: say what to check."""
+    import grpc
+
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not os.environ.get("RMESH_CLIENT_CA") and "Socket closed" in (exc.details() or ""):
+        return " (if the router serves TLS, set RMESH_CLIENT_CA to the CA that signed its certificate)"
+    return ""
 
 
 def _solve(args: argparse.Namespace) -> int:
@@ -239,7 +248,7 @@ def _review(args: argparse.Namespace) -> int:
                 )
                 print(show(review))
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: {exc.code().name}: {exc.details()}{_tls_hint(exc)}", file=sys.stderr)
             return EXIT_RPC_ERROR
     return 0
 

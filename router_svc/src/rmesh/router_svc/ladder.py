@@ -49,4 +49,6 @@ def plan(ladder: Sequence[str], history: Sequence[tuple[str, bool]]) -> Plan:
             return Plan(index, True, f"start at {rung}: it succeeded in {sum(attempts)}/{len(attempts)} recent attempts"
                         + (f" ({'; '.join(notes)})" if notes else ""))
         notes.append(f"skip {rung}: {sum(attempts)}/{len(attempts)}")
+    if not notes:
+        return Plan(0, True, f"start at {ladder[0]}, the only rung")
     return Plan(len(ladder) - 1, True, f"start at {ladder[-1]} ({'; '.join(notes)})")

@@ -21,6 +21,8 @@ from rmesh.domain import Candidate, Usage, Verdict
 from rmesh.engine import Engine, GenerationRequest, SamplingParams
 from rmesh.solving import (
     STOP_BRANCH_CAP,
+    STOP_ELIGIBLE_ANSWER,
+    STOP_EXACT_CHECK_PASSED,
     STOP_TOKEN_CAP,
     STOP_WALL_CLOCK,
     Emit,
@@ -346,6 +348,8 @@ class SearchState:
 
     def result(self, strategy: str, stop_reason: str, chosen: Node | None = None, vote_share: float = 0.0) -> SolveResult:
         best = chosen or self.best()
+        if stop_reason == STOP_EXACT_CHECK_PASSED and not self.request.task.checks:
+            stop_reason = STOP_ELIGIBLE_ANSWER  # nothing was exactly checked: say what did stop it
         return SolveResult(
             best=best.candidate if best else None,
             verdict=best.verdict if best else None,
