@@ -345,7 +345,7 @@ async def test_concurrent_requests_never_overspend_the_token_quota():
     async def one() -> None:
         nonlocal admitted, refused_count
         try:
-            with admission.admit("t", quotas, 300) as record:
+            async with admission.admit("t", quotas, 300) as record:
                 admitted += 1
                 await asyncio.sleep(0.01)
                 record(250)
@@ -362,12 +362,12 @@ async def test_concurrent_requests_never_overspend_the_token_quota():
     assert ledger.used(0, 1e9) == 750  # reconciled to what was really used
 
 
-def test_concurrency_cap():
+async def test_concurrency_cap():
     admission = Admission()
     quotas = Quotas(max_concurrent=1, tokens_per_window=10_000)
-    with admission.admit("t", quotas, 10):
+    async with admission.admit("t", quotas, 10):
         with pytest.raises(ResourceExhausted) as info:
-            with admission.admit("t", quotas, 10):
+            async with admission.admit("t", quotas, 10):
                 pass
     assert info.value.violations[0].subject == "tenant:t:concurrent_solves"
 

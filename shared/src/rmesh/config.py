@@ -230,6 +230,8 @@ class RouterConfig:
     review_db: str = ".rmesh/reviews.sqlite3"
     # Seconds between checks of the tenant directory; 0 turns hot reload off.
     reload_interval: float = 1.0
+    # With PostgreSQL, how long a router's reservation outlives its last heartbeat.
+    admission_lease_seconds: float = 30.0
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
@@ -238,4 +240,5 @@ class RouterConfig:
             tenants_dir=e.get("RMESH_TENANTS_DIR") or DEFAULT_TENANTS_DIR,
             review_db=e.get("RMESH_REVIEW_DB", ".rmesh/reviews.sqlite3"),
             reload_interval=_number(e, "RMESH_POLICY_RELOAD_SECONDS", 1.0, float, 0, 86400),
+            admission_lease_seconds=_number(e, "RMESH_ADMISSION_LEASE_SECONDS", 30.0, float, 1, 3600),
         )

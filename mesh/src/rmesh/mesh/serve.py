@@ -97,6 +97,7 @@ async def start_services(
                     verifier=local_verifier,
                     solver=InProcessSolver(started[-1].core, started[-1].provider.get_tracer("rmesh.solver")) if colocated else None,
                     code_verifier_address=addresses.code_verifier,
+                    admission_lease_seconds=router_config.admission_lease_seconds,
                 )
             )
     except BaseException:

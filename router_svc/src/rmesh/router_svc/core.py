@@ -273,7 +273,7 @@ class RouterCore:
             )
             return
         kind = request.task.kind or "default"
-        with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
+        async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
             spent = Usage()
             result: SolveResult | None = None
             rung = route_plan.start

@@ -1,5 +1,8 @@
 """Per-tenant admission: a cap on concurrent Solve calls and a token quota per time window.
 
+``Admission`` keeps the ledgers in this router's memory (one router, the SQLite default);
+``SharedAdmission`` keeps them in PostgreSQL, so the caps hold across every router replica.
+
 A request reserves its whole token budget when admitted and is reconciled with what it really
 used when it ends, so concurrent requests can never overspend the window between them. The
 request reports its use as it goes: whether it ends in an answer, an error, a cancel or a
@@ -8,13 +11,18 @@ deadline, it is charged what it used by then, never its whole reservation.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+import uuid
 from collections import deque
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from rmesh.errors import QuotaViolation, ResourceExhausted
 from rmesh.router_svc.policy.model import Quotas
+
+log = logging.getLogger("rmesh.router")
 
 
 @dataclass
@@ -44,8 +52,8 @@ class Admission:
     def ledger(self, tenant: str) -> _Ledger:
         return self._ledgers.setdefault(tenant, _Ledger())
 
-    @contextmanager
-    def admit(self, tenant: str, quotas: Quotas, tokens: int):
+    @asynccontextmanager
+    async def admit(self, tenant: str, quotas: Quotas, tokens: int):
         """Reserve ``tokens``; yields a callback the request calls with what it has used so far."""
         ledger = self.ledger(tenant)
         now = self._clock()
@@ -74,3 +82,139 @@ class Admission:
             ledger.active -= 1
             ledger.reserved -= tokens
             ledger.spend(self._clock(), actual["tokens"])
+
+
+class SharedAdmission:
+    """The same caps held across every router replica, in PostgreSQL.
+
+    Each admitted request is a row with a lease. Admission runs in one transaction under a
+    per-tenant advisory lock: leases past their end are closed first (a killed router's
+    reservations come back within ``lease_seconds``, charged what they last reported), then the
+    tenant's live rows and its spending in the window are counted against its quotas. Times are
+    the database's clock, so replicas' clocks never disagree. A running request's use and lease
+    are refreshed by ``heartbeat``; its row is closed with its final use when it ends.
+    """
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS admissions (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        reserved BIGINT NOT NULL,
+        used BIGINT NOT NULL DEFAULT 0,
+        live BOOLEAN NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION
+    );
+    CREATE INDEX IF NOT EXISTS admissions_by_tenant ON admissions (tenant, live, ended_at)
+    """
+    _NOW = "extract(epoch from clock_timestamp())"
+
+    def __init__(self, url: str, lease_seconds: float = 30.0) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self._live: dict[str, dict] = {}  # this router's admitted requests: id -> {"used": n}
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as connection:
+            for statement in filter(str.strip, self.SCHEMA.split(";")):
+                connection.execute(statement)
+
+    def _connect(self):
+        return self._psycopg.connect(self.url, connect_timeout=10)
+
+    def _reserve(self, tenant: str, quotas: Quotas, tokens: int) -> str:
+        admission_id = uuid.uuid4().hex
+        with self._connect() as connection, connection.transaction(), connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (tenant,))
+            cur.execute(
+                f"UPDATE admissions SET live = false, ended_at = lease_until "
+                f"WHERE tenant = %s AND live AND lease_until < {self._NOW}",
+                (tenant,),
+            )
+            cur.execute("SELECT count(*), coalesce(sum(reserved), 0) FROM admissions WHERE tenant = %s AND live", (tenant,))
+            active, reserved = cur.fetchone()
+            cur.execute(
+                f"SELECT coalesce(sum(used), 0) FROM admissions WHERE tenant = %s AND NOT live "
+                f"AND ended_at > {self._NOW} - %s",
+                (tenant, quotas.window_seconds),
+            )
+            (used,) = cur.fetchone()
+            if active >= quotas.max_concurrent:
+                raise ResourceExhausted(
+                    f"tenant {tenant}: {active} Solve calls in flight across routers, the cap is {quotas.max_concurrent}",
+                    [QuotaViolation(f"tenant:{tenant}:concurrent_solves", f"cap {quotas.max_concurrent}")],
+                )
+            if used + reserved + tokens > quotas.tokens_per_window:
+                raise ResourceExhausted(
+                    f"tenant {tenant}: token quota of {quotas.tokens_per_window} per {quotas.window_seconds:.0f}s "
+                    f"would be exceeded ({used} used, {reserved} reserved, {tokens} asked)",
+                    [QuotaViolation(f"tenant:{tenant}:tokens_per_window", f"{quotas.tokens_per_window} per {quotas.window_seconds:.0f}s")],
+                )
+            cur.execute(
+                f"INSERT INTO admissions (id, tenant, reserved, used, live, lease_until) "
+                f"VALUES (%s, %s, %s, 0, true, {self._NOW} + %s)",
+                (admission_id, tenant, tokens, self.lease_seconds),
+            )
+            # Rows past every window are history: keep the table small.
+            cur.execute(
+                f"DELETE FROM admissions WHERE tenant = %s AND NOT live AND ended_at < {self._NOW} - %s",
+                (tenant, max(quotas.window_seconds, 3600.0)),
+            )
+        return admission_id
+
+    def _release(self, admission_id: str, used: int) -> None:
+        with self._connect() as connection, connection.transaction():
+            connection.execute(
+                f"UPDATE admissions SET live = false, used = %s, ended_at = {self._NOW} WHERE id = %s AND live",
+                (used, admission_id),
+            )
+
+    def heartbeat_once(self) -> None:
+        """Report every live request's use and extend its lease."""
+        rows = [(state["used"], self.lease_seconds, admission_id) for admission_id, state in list(self._live.items())]
+        if not rows:
+            return
+        with self._connect() as connection, connection.transaction(), connection.cursor() as cur:
+            cur.executemany(
+                f"UPDATE admissions SET used = %s, lease_until = {self._NOW} + %s WHERE id = %s AND live", rows
+            )
+
+    async def heartbeat(self) -> None:
+        """Until cancelled: refresh leases three times per lease period."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(self.heartbeat_once)
+            except Exception:
+                log.exception("refreshing admission leases failed; retrying")
+
+    def usage(self, tenant: str, window_seconds: float) -> tuple[int, int, int]:
+        """(live requests, tokens reserved by them, tokens used in the window) across routers."""
+        with self._connect() as connection, connection.cursor() as cur:
+            cur.execute(f"UPDATE admissions SET live = false, ended_at = lease_until WHERE tenant = %s AND live AND lease_until < {self._NOW}", (tenant,))
+            cur.execute("SELECT count(*), coalesce(sum(reserved), 0) FROM admissions WHERE tenant = %s AND live", (tenant,))
+            active, reserved = cur.fetchone()
+            cur.execute(
+                f"SELECT coalesce(sum(used), 0) FROM admissions WHERE tenant = %s AND NOT live AND ended_at > {self._NOW} - %s",
+                (tenant, window_seconds),
+            )
+            (used,) = cur.fetchone()
+            connection.commit()
+        return int(active), int(reserved), int(used)
+
+    @asynccontextmanager
+    async def admit(self, tenant: str, quotas: Quotas, tokens: int):
+        admission_id = await asyncio.to_thread(self._reserve, tenant, quotas, tokens)
+        state = {"used": 0}
+        self._live[admission_id] = state
+
+        def record(used_tokens: int) -> None:
+            state["used"] = max(0, min(tokens, used_tokens))
+
+        try:
+            yield record
+        finally:
+            self._live.pop(admission_id, None)
+            # Shielded: a cancelled request still closes its row (else its lease closes it later).
+            await asyncio.shield(asyncio.to_thread(self._release, admission_id, state["used"]))

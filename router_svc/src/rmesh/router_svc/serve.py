@@ -17,7 +17,8 @@ from rmesh.router_svc.core import RouterCore, SolverPort
 from rmesh.router_svc.policy.store import PolicyStore
 from rmesh.router_svc.review_servicer import ReviewServicer
 from rmesh.router_svc.review_servicer import add_to_server as review_add
-from rmesh.router_svc.reviews import ReviewStore, open_store
+from rmesh.router_svc.quotas import Admission, SharedAdmission
+from rmesh.router_svc.reviews import PostgresReviewStore, ReviewStore, open_store
 from rmesh.serving import RunningService, provider_factory, start_server
 from rmesh.solving import VerifierPort
 
@@ -38,13 +39,18 @@ async def start_router(
     verifier: VerifierPort | None = None,
     solver: SolverPort | None = None,
     code_verifier_address: str = "",
+    admission_lease_seconds: float = 30.0,
 ) -> RunningService:
     """The router and review services; ``verifier`` and ``solver`` replace the gRPC clients;
     ``code_verifier_address`` names a separate verifier for tasks with code checks."""
     verifier_client, verifier_channels = peers.verifier_port(verifier_address, code_verifier_address, settings, provider)
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
     store = review_store or open_store(RouterConfig().review_db)
-    core = RouterCore(verifier or verifier_client, solver or peers.SolverClient(solver_channel), reviews=store)
+    # With PostgreSQL the tenants' caps hold across every router sharing it; else in memory.
+    admission = SharedAdmission(store.url, admission_lease_seconds) if isinstance(store, PostgresReviewStore) else Admission()
+    core = RouterCore(
+        verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store
+    )
     router = router_servicer.RouterServicer(core, policies)
     review = ReviewServicer(store, policies)
 
@@ -78,6 +84,8 @@ async def start_router(
                 log.exception("expiring reviews failed; retrying")
 
     service.tasks.append(asyncio.create_task(expire_reviews()))
+    if isinstance(admission, SharedAdmission):
+        service.tasks.append(asyncio.create_task(admission.heartbeat()))
     return service
 
 
@@ -96,5 +104,6 @@ async def start(env: Mapping[str, str]) -> list[RunningService]:
         config.reload_interval,
         open_store(config.review_db),
         code_verifier_address=addresses.code_verifier,
+        admission_lease_seconds=config.admission_lease_seconds,
     )
     return [service]

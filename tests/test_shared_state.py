@@ -1,0 +1,180 @@
+"""State shared by router replicas: with a PostgreSQL review store, a tenant's concurrency cap and
+token window hold across every router, and a killed router's reservations come back within the
+lease. Real PostgreSQL (`.ci/run` starts one), real router processes on real ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import pathlib
+import socket
+import sys
+import uuid
+
+import grpc
+import pytest
+from conftest import ROOT, SERVICE_TOKEN, service_env
+
+from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.engine.instant import InstantEngine
+from rmesh.errors import ResourceExhausted
+from rmesh.mesh.serve import start_services
+from rmesh.peers import wait_serving
+from rmesh.router_svc.policy.model import Quotas
+from rmesh.router_svc.quotas import SharedAdmission
+
+POSTGRES = os.environ.get("RMESH_TEST_POSTGRES_URL", "")
+pytestmark = pytest.mark.skipif(not POSTGRES, reason="RMESH_TEST_POSTGRES_URL is not set (.ci/run starts a real PostgreSQL and sets it)")
+RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
+
+
+def tenant_name() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"  # PostgreSQL keeps rows across tests: each test its own tenant
+
+
+async def test_two_routers_share_one_concurrency_cap_and_token_window():
+    routers = [SharedAdmission(POSTGRES), SharedAdmission(POSTGRES)]
+    tenant = tenant_name()
+    quotas = Quotas(max_concurrent=4, tokens_per_window=100_000, window_seconds=60)
+    admitted, refused, peak, live = 0, 0, 0, 0
+
+    async def one(router: SharedAdmission) -> None:
+        nonlocal admitted, refused, peak, live
+        try:
+            async with router.admit(tenant, quotas, 100) as record:
+                admitted += 1
+                live += 1
+                peak = max(peak, live)
+                await asyncio.sleep(1.0)
+                record(40)
+                live -= 1
+        except ResourceExhausted as exc:
+            refused += 1
+            assert exc.violations[0].subject == f"tenant:{tenant}:concurrent_solves"
+
+    await asyncio.gather(*(one(routers[i % 2]) for i in range(16)))
+    assert (admitted, refused, peak) == (4, 12, 4)
+    assert routers[0].usage(tenant, 60) == (0, 0, 160)  # four requests, 40 tokens each
+
+    window = Quotas(max_concurrent=100, tokens_per_window=1000, window_seconds=60)
+    other = tenant_name()
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(3):
+            await stack.enter_async_context(routers[i % 2].admit(other, window, 300))
+        with pytest.raises(ResourceExhausted) as info:
+            async with routers[1].admit(other, window, 300):
+                pass
+    assert "would be exceeded (0 used, 900 reserved, 300 asked)" in info.value.message
+
+
+async def test_a_dead_routers_reservations_return_within_the_lease():
+    tenant = tenant_name()
+    quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
+    dead = SharedAdmission(POSTGRES, lease_seconds=2.0)
+    await asyncio.to_thread(dead._reserve, tenant, quotas, 500)  # admitted, then never heard from again
+    alive = SharedAdmission(POSTGRES, lease_seconds=2.0)
+    with pytest.raises(ResourceExhausted):
+        async with alive.admit(tenant, quotas, 100):
+            pass
+    await asyncio.sleep(2.5)
+    async with alive.admit(tenant, quotas, 100) as record:
+        record(10)
+    # The dead reservation is charged what it last reported (nothing), not its 500 tokens.
+    assert alive.usage(tenant, 60) == (0, 0, 10)
+
+
+async def test_a_heartbeat_keeps_a_long_request_admitted():
+    tenant = tenant_name()
+    quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
+    router = SharedAdmission(POSTGRES, lease_seconds=1.5)
+    beating = asyncio.create_task(router.heartbeat())
+    try:
+        async with router.admit(tenant, quotas, 100) as record:
+            record(70)
+            await asyncio.sleep(3.0)  # twice the lease: only the heartbeat keeps it
+            assert router.usage(tenant, 60) == (1, 100, 0)
+            with pytest.raises(ResourceExhausted):
+                async with SharedAdmission(POSTGRES).admit(tenant, quotas, 100):
+                    pass
+    finally:
+        beating.cancel()
+    assert router.usage(tenant, 60) == (0, 0, 70)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_router_processes_share_the_cap_and_a_killed_ones_capacity_returns(tmp_path):
+    """Two `rmesh serve router` processes on one PostgreSQL, a tenant capped at 4: sixteen
+    concurrent Solves across both admit 4; after kill -9 of a router holding reservations the
+    tenant's capacity is back within the lease."""
+    tenant = tenant_name()
+    key = f"{tenant}-key"
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / f"{tenant}.yaml").write_text(f"""
+tenant: {tenant}
+api_keys:
+  - {{name: app, sha256: {hashlib.sha256(key.encode()).hexdigest()}, role: caller}}
+routes:
+  - name: any
+    difficulty: easy
+    strategies: [single_pass]
+    budget: {{max_tokens: 200, max_branches: 1, max_depth: 1, wall_clock_seconds: 60, max_tokens_per_branch: 100}}
+quotas: {{max_concurrent: 4, tokens_per_window: 100000, window_seconds: 60}}
+""")
+    peers = await start_services(("verifier", "solver"), service_env(tmp_path), engine=InstantEngine(delay_seconds=3.0))
+    ports = [_free_port(), _free_port()]
+    env = {
+        **os.environ,
+        "RMESH_SOLVER_ADDR": f"127.0.0.1:{peers[1].port}",
+        "RMESH_VERIFIER_ADDR": f"127.0.0.1:{peers[0].port}",
+        "RMESH_TENANTS_DIR": str(tenants),
+        "RMESH_REVIEW_DB": POSTGRES,
+        "RMESH_SERVICE_TOKEN": SERVICE_TOKEN,
+        "RMESH_ADMISSION_LEASE_SECONDS": "3",
+    }
+    routers = [
+        await asyncio.create_subprocess_exec(
+            RMESH, "serve", "router", cwd=ROOT, env={**env, "RMESH_ROUTER_ADDR": f"127.0.0.1:{port}"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+
+    async def solve(port: int) -> str:
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = router_pb2_grpc.RouterServiceStub(channel)
+                call = stub.Solve(router_pb2.SolveRequest(problem="Say hi."), metadata=[("authorization", f"Bearer {key}")], timeout=30)
+                events = [e async for e in call]
+            return router_pb2.OutcomeKind.Name(events[-1].outcome.kind)
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+
+    try:
+        for port in ports:
+            await wait_serving(f"127.0.0.1:{port}", 60)
+        results = await asyncio.gather(*(solve(ports[i % 2]) for i in range(16)))
+        assert results.count("OUTCOME_KIND_RELEASED") == 4 and results.count("RESOURCE_EXHAUSTED") == 12, results
+        # Router 0 takes the whole cap, then dies holding it.
+        held = [asyncio.create_task(solve(ports[0])) for _ in range(4)]
+        await asyncio.sleep(1.5)
+        assert await solve(ports[1]) == "RESOURCE_EXHAUSTED"
+        routers[0].kill()
+        await routers[0].wait()
+        assert set(await asyncio.gather(*held)) == {"UNAVAILABLE"}
+        await asyncio.sleep(3.5)  # one lease
+        assert await asyncio.gather(*(solve(ports[1]) for _ in range(4))) == ["OUTCOME_KIND_RELEASED"] * 4
+    finally:
+        for process in routers:
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+        for service in reversed(peers):
+            await service.stop(0)
