@@ -138,3 +138,16 @@ async def test_with_a_calibration_the_learned_gate_applies_at_the_final_gate(eng
         else:
             assert not outcome.released and outcome.assurance == router_pb2.ASSURANCE_UNSPECIFIED
             assert "calibrated learned score" in outcome.reason and "below the release threshold" in outcome.reason
+
+
+async def test_a_format_check_alone_is_not_an_exact_check(router):
+    """A caller's own regex ".*" passes every answer: it must pass, but it verifies nothing."""
+    request = router_pb2.SolveRequest(problem="Approve a refund of 900?")
+    request.task.checks.add(name="regex").params.update({"pattern": ".*"})
+    outcome = await outcome_of(router, request)
+    assert outcome.released and outcome.assurance == router_pb2.ASSURANCE_UNVERIFIED
+    assert [c.name for c in outcome.checks] == ["regex"] and outcome.checks[0].passed
+    # Marked high-impact, the shipped demo tenant still sends it to a person.
+    request.high_impact = True
+    escalated = await outcome_of(router, request)
+    assert escalated.kind == router_pb2.OUTCOME_KIND_ESCALATED and "no exact check" in escalated.reason

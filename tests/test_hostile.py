@@ -100,6 +100,16 @@ def raw_request(name: str) -> bytes:
         second.evidence.update({"order": "Order 12: two lamps."})
         # Protobuf merges concatenated messages: a map key seen twice keeps its last value.
         return first.SerializeToString() + second.SerializeToString()
+    if name == "nan_evidence":
+        request = router_pb2.SolveRequest(problem="Where is my order?")
+        request.evidence.fields["order"].number_value = float("nan")
+        return request.SerializeToString()
+    if name == "infinite_check_param":
+        request = router_pb2.SolveRequest(problem="Make 24")
+        check = request.task.checks.add(name="expression_target")
+        check.params.update({"numbers": [1, 2, 3, 4]})
+        check.params.fields["target"].number_value = float("inf")
+        return request.SerializeToString()
     raise KeyError(name)
 
 

@@ -330,3 +330,56 @@ async def test_attacks_through_a_running_verifier_fail_and_reveal_nothing(tmp_pa
         assert SECRET not in caplog.text
     finally:
         await service.stop(0)
+
+
+# The hook off by another road than BLOCKED.clear(): its code swapped through the garbage collector.
+UNHOOK_BY_GC = (
+    "import gc\n"
+    "for f in gc.get_objects():\n"
+    "    if getattr(f, '__name__', '') == 'hook' and hasattr(f, '__code__'):\n"
+    "        f.__code__ = (lambda e, a: None).__code__\n"
+)
+
+
+@pytest.mark.parametrize("swap", ["symlink", "fifo", "directory"])
+def test_files_the_child_leaves_behind_never_reach_the_host(monkeypatch, swap):
+    """The child replaces whatever could carry its output with a link to the verifier's own
+    environment, a FIFO or a directory: output travels through the parent's descriptor, so
+    nothing of the host comes back and the run ends promptly."""
+    monkeypatch.setenv("RMESH_TEST_CANARY", SECRET)
+    plant = {
+        "symlink": "os.symlink('/proc/self/environ', name); os.symlink('/proc/1/environ', 'x' + name)",
+        "fifo": "os.mkfifo(name)",
+        "directory": "os.mkdir(name)",
+    }[swap]
+    tests = UNHOOK_BY_GC + "import os\nfor name in ('output.txt', 'out', 'stdout'):\n    " + plant + "\nraise SystemExit(3)\n"
+    started = time.monotonic()
+    outcome = run_python_tests("x = 1", tests, Limits(wall_seconds=10))
+    assert time.monotonic() - started < 8
+    assert not outcome.passed and SECRET not in outcome.reason + outcome.output
+
+
+def test_the_sandboxs_own_directory_and_tmp_are_small():
+    passed, seen = attempt(
+        "FOUND = []\n"
+        "for path in ('big', '/tmp/big'):\n"
+        "    try:\n"
+        "        with open(path, 'wb') as f:\n"
+        "            for _ in range(64):\n"
+        "                f.write(b'x' * (1 << 20))\n"
+        "        FOUND.append('wrote 64 MiB')\n"
+        "    except OSError as exc:\n"
+        "        FOUND.append(exc.errno)\n"
+    )
+    assert not passed and "wrote 64 MiB" not in seen
+    # RLIMIT_FSIZE (EFBIG, 27) or the tmpfs size (ENOSPC, 28) stops each file; many files stop at the size.
+    many, seen = attempt(
+        "FOUND = 0\n"
+        "try:\n"
+        "    for i in range(64):\n"
+        "        open(f'f{i}', 'wb').write(b'x' * ((1 << 20) - 1))\n"
+        "        FOUND += 1\n"
+        "except OSError as exc:\n"
+        "    FOUND = (FOUND, exc.errno)\n"
+    )
+    assert not many and "28)" in seen  # ENOSPC after about 16 files of 1 MiB

@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from google.protobuf import json_format, struct_pb2
 
 from rmesh.api.common.v1 import common_pb2
 from rmesh.api.solver.v1 import solver_pb2
 from rmesh.domain import Budget, Candidate, CheckResult, CheckSpec, Checkpoint, Precheck, SearchParams, TaskSpec, Usage, Verdict
+from rmesh.errors import InvalidRequest
 from rmesh.solving import Progress, SolveRequest, SolveResult
 
 
-def struct_to_dict(message: struct_pb2.Struct) -> dict:
-    return json_format.MessageToDict(message)
+def struct_to_dict(message: struct_pb2.Struct, field_path: str = "") -> dict:
+    """A Struct as JSON values; NaN and Infinity, which JSON cannot hold, are INVALID_ARGUMENT
+    naming their field."""
+    try:
+        return json_format.MessageToDict(message)
+    except ValueError:
+        where = _non_finite_path(message, field_path) or field_path or "request"
+        raise InvalidRequest(where, "must be a finite number (NaN and Infinity are not JSON)") from None
+
+
+def _non_finite_path(value, path: str) -> str:
+    """Where in a Struct (or Value, or ListValue) the first non-finite number sits; "" if nowhere."""
+    if isinstance(value, struct_pb2.Struct):
+        items = ((f"{path}.{k}" if path else k, v) for k, v in value.fields.items())
+    elif isinstance(value, struct_pb2.ListValue):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value.values))
+    else:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            return path if not math.isfinite(value.number_value) else ""
+        if kind in ("struct_value", "list_value"):
+            return _non_finite_path(getattr(value, kind), path)
+        return ""
+    for item_path, item in items:
+        found = _non_finite_path(item, item_path)
+        if found:
+            return found
+    return ""
 
 
 def dict_to_struct(value: dict) -> struct_pb2.Struct:
@@ -23,7 +51,12 @@ def dict_to_struct(value: dict) -> struct_pb2.Struct:
 
 
 def task_from_proto(task: common_pb2.Task) -> TaskSpec:
-    return TaskSpec(kind=task.kind, checks=tuple(CheckSpec(c.name, struct_to_dict(c.params)) for c in task.checks))
+    return TaskSpec(
+        kind=task.kind,
+        checks=tuple(
+            CheckSpec(c.name, struct_to_dict(c.params, f"task.checks[{i}].params")) for i, c in enumerate(task.checks)
+        ),
+    )
 
 
 def task_to_proto(task: TaskSpec) -> common_pb2.Task:

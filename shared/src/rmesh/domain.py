@@ -112,5 +112,13 @@ class Precheck:
 
 
 NEXT_STEP_REQUEST_TOOL_DATA = "request_tool_data"
+# Checkers that check an answer's form, not its truth: passing them alone verifies nothing
+# (a caller's regex ".*" passes every answer).
+FORMAT_CHECKS = frozenset({"regex", "json_schema"})
+
+
+def verifies_answer(task: "TaskSpec") -> bool:
+    """Whether any of the task's checks verifies the answer itself, not only its form."""
+    return any(spec.name not in FORMAT_CHECKS for spec in task.checks)
 NEXT_STEP_MORE_COMPUTE = "retry_with_more_compute"
 NEXT_STEP_CITE_EVIDENCE = "regenerate_with_citations"

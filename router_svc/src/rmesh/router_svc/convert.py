@@ -37,7 +37,7 @@ def router_request_from_proto(r: router_pb2.SolveRequest) -> router_core.RouterR
     return router_core.RouterRequest(
         problem=r.problem,
         task=task_from_proto(r.task),
-        evidence=struct_to_dict(r.evidence),
+        evidence=struct_to_dict(r.evidence, "evidence"),
         high_impact=r.high_impact,
         await_review=r.await_review,
     )

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from rmesh.domain import Budget, Checkpoint, CheckResult, Precheck, SearchParams, TaskSpec, Usage, Verdict
+from rmesh.domain import Budget, Checkpoint, CheckResult, Precheck, SearchParams, TaskSpec, Usage, Verdict, verifies_answer
 from rmesh.errors import InvalidRequest, PermissionDenied
 from rmesh.router_svc import reviews as reviews_module
 from rmesh.router_svc.policy.engine import DecisionCache, request_view
@@ -52,6 +52,7 @@ MAX_EVIDENCE_VALUE_CHARS = 16_000
 MAX_EVIDENCE_TOTAL_CHARS = 64_000
 MAX_CHECKS = 32
 MAX_KIND_CHARS = 128
+MAX_CHECK_NAME_CHARS = 64
 PYTHON_TESTS = "python_tests"
 _EVIDENCE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 # C0 and C1 control characters other than tab and line breaks: terminal escapes, NUL, bells.
@@ -132,6 +133,9 @@ def validate(request: RouterRequest) -> dict[str, str]:
     _no_control_characters("task.kind", kind)
     if len(request.task.checks) > MAX_CHECKS:
         raise InvalidRequest("task.checks", f"more than {MAX_CHECKS} checks")
+    for index, spec in enumerate(request.task.checks):
+        if len(spec.name) > MAX_CHECK_NAME_CHARS:
+            raise InvalidRequest(f"task.checks[{index}].name", f"longer than {MAX_CHECK_NAME_CHARS} characters")
     if len(request.evidence) > MAX_EVIDENCE_ITEMS:
         raise InvalidRequest("evidence", f"more than {MAX_EVIDENCE_ITEMS} items")
     evidence: dict[str, str] = {}
@@ -300,7 +304,10 @@ class RouterCore:
                         result = item
                     else:
                         so_far = spent + item.usage
-                        record(so_far.completion_tokens)
+                        # Branches still decoding may be cut off by a cancel or an error before
+                        # they report: until they do, each counts at its token cap.
+                        in_flight = max(0, item.branches_started - item.branches_done)
+                        record(so_far.completion_tokens + in_flight * decision.budget.max_tokens_per_branch)
                         yield replace(item, usage=so_far)
                 if result is None:
                     raise RuntimeError("solver stream ended without a result")
@@ -345,7 +352,7 @@ class RouterCore:
         calibrated learned score gates release here too."""
         if result.best is None:
             return Gate(result, None, "", "the engine produced no candidate")
-        calibrated = precheck.learned_max_n > 0 and not request.task.checks
+        calibrated = precheck.learned_max_n > 0 and not verifies_answer(request.task)
         (verdict,) = await self.verifier.verify(
             request.task,
             evidence,
@@ -444,8 +451,9 @@ def allowed_checks(policy: TenantPolicy, task: TaskSpec) -> None:
 
 
 def assurance_of(task: TaskSpec, required: tuple[str, ...], calibrated: bool) -> str:
-    """The strongest thing behind an answer the gate released."""
-    if task.checks:
+    """The strongest thing behind an answer the gate released. Format checks (a regex, a JSON
+    schema) must pass, but alone they verify nothing."""
+    if verifies_answer(task):
         return EXACT_CHECKS
     if required:
         return EVIDENCE_GROUNDED

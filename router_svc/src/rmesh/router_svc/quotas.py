@@ -6,7 +6,8 @@
 A request reserves its whole token budget when admitted and is reconciled with what it really
 used when it ends, so concurrent requests can never overspend the window between them. The
 request reports its use as it goes: whether it ends in an answer, an error, a cancel or a
-deadline, it is charged what it used by then, never its whole reservation.
+deadline, it is charged what it used by then, never its whole reservation; branches that were
+still decoding when it ended count at their token cap (the engine may have spent it).
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ class ReviewStore:
             review = Review.from_row(row)
             if review.state == PENDING and review.expires_at <= now:
                 review = self._expire(cur, review, now)
-            if review.state == PENDING and action == "approve" and not review.draft.get("answer"):
+            if review.state == PENDING and action == "approve" and not str(review.draft.get("answer", "")).strip():
                 raise FailedPrecondition(
                     f"id: review {review_id} has no draft answer to approve; EDIT with an answer or REJECT"
                 )

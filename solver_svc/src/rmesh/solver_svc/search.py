@@ -234,6 +234,8 @@ class SearchState:
         first_id = self.branches_started
         self.branches_started += total
         self.rounds += 1
+        # Before the engine runs: the caller learns what is in flight (its quota counts it).
+        await self.report("decoding")
         with self.tracer.start_as_current_span(f"round {self.rounds} {stage}") as round_span:
             round_span.set_attributes({"rmesh.round.index": self.rounds, "rmesh.round.branches": total})
             started_ns = time.time_ns()

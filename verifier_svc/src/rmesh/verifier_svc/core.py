@@ -22,6 +22,7 @@ from rmesh.domain import (
     Precheck,
     TaskSpec,
     Verdict,
+    verifies_answer,
 )
 from rmesh.errors import FailedPrecondition, InvalidRequest
 from rmesh.verifier_svc.checkers import REGISTRY, ExactChecker
@@ -100,8 +101,8 @@ class VerifierCore:
         """Exact verdicts (in a worker thread: checkers may run sandboxed code), then, when asked,
         a learned score per candidate in one batched scorer call.
 
-        A calibrated threshold gates release only for tasks with no exact check; with exact checks
-        the learned score only ranks."""
+        A calibrated threshold gates release only for tasks with no check of the answer itself
+        (format checks alone do not count); otherwise the learned score only ranks."""
         if learned and aggregation not in AGGREGATIONS:
             aggregate([], aggregation)  # raises InvalidRequest naming the field
         if self.blocking(task, candidates):
@@ -119,7 +120,7 @@ class VerifierCore:
             steps = await self.scorer.process(problem, candidates)
             scores = [aggregate(s, aggregation) for s in steps]
         calibration = self.calibration
-        gate = calibration is not None and not task.checks
+        gate = calibration is not None and not verifies_answer(task)
         scored = []
         for verdict, score, step in zip(verdicts, scores, steps, strict=True):
             release = verdict.release and (not gate or score >= calibration.threshold)
@@ -165,7 +166,7 @@ class VerifierCore:
             if checker is None:
                 known = ", ".join(self.checker_names)
                 raise InvalidRequest(
-                    f"task.checks[{index}].name", f"unknown checker {spec.name!r}; known: {known}"
+                    f"task.checks[{index}].name", f"unknown checker {spec.name[:64]!r}; known: {known}"
                 )
             prepared.append(PreparedCheck(checker, checker.prepare(spec.params, f"task.checks[{index}].params")))
         return prepared

@@ -2,8 +2,8 @@
 
 Layers, each enough to stop a different escape:
 - bubblewrap (``bwrap``): new user, PID, network, IPC, UTS and mount namespaces; the child sees
-  /usr read-only, a fresh /proc and /dev, a private /tmp and its own working directory, and no
-  other file of the host; it runs as uid 65534 with an empty environment and dies with its
+  /usr read-only, a fresh /proc and /dev, and a small private /tmp and working directory (tmpfs
+  of a fixed size, holding its three input files read-only), and no other file of the host; it runs as uid 65534 with an empty environment and dies with its
   parent. When bubblewrap is missing or cannot set up the namespaces the check fails closed:
   nothing runs without it;
 - its own session, killed whole at the wall-clock timeout;
@@ -13,7 +13,8 @@ Layers, each enough to stop a different escape:
   until the caller's deadline, and is killed at that deadline;
 - an audit hook installed before the candidate's code runs that refuses writes outside its
   directory, sockets, new processes, signals and native libraries (ctypes).
-Output is captured to a file under the size limit and truncated when read back.
+Output goes to an unlinked file outside the sandbox, which the parent reads back through its own
+descriptor (never by a path the child could replace), under the size limit.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class Limits:
     processes: int = 32
     open_files: int = 64
     shown_output_chars: int = 2000
+    # Size of the sandbox's own writable directory and of its /tmp (tmpfs, in memory).
+    scratch_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ def _interpreter() -> str:
     return ""
 
 
-def _bwrap_command(bwrap: str, interpreter: str, workdir: str, status_fd: int, config: dict) -> list[str]:
+def _bwrap_command(bwrap: str, interpreter: str, workdir: str, status_fd: int, config: dict, scratch_bytes: int) -> list[str]:
     command = [
         bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
         "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", INSIDE, "--setenv", "LANG", "C.UTF-8",
@@ -138,12 +141,21 @@ def _bwrap_command(bwrap: str, interpreter: str, workdir: str, status_fd: int, c
         if os.path.islink(f"/{name}"):
             command += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
     command += [
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-        "--bind", workdir, INSIDE, "--chdir", INSIDE,
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(scratch_bytes), "--perms", "1777", "--tmpfs", "/tmp",
+        "--size", str(scratch_bytes), "--perms", "1777", "--tmpfs", INSIDE,
+    ]
+    for name in INPUT_FILES:
+        command += ["--ro-bind", os.path.join(workdir, name), f"{INSIDE}/{name}"]
+    command += [
+        "--chdir", INSIDE,
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--json-status-fd", str(status_fd),
         interpreter, "-I", "-S", "-B", "runner.py", json.dumps(config),
     ]
     return command
+
+
+INPUT_FILES = ("runner.py", "solution.py", "tests.py")
 
 
 def _unavailable(reason: str) -> Outcome:
@@ -189,13 +201,15 @@ def _run(solution: str, tests: str, limits: Limits) -> Outcome:
         return _unavailable("no python3 under /usr (set RMESH_SANDBOX_PYTHON)")
     workdir = tempfile.mkdtemp(prefix="rmesh-sandbox-")
     status_read, status_write = os.pipe()
+    # Outside the sandbox and already unlinked: the child writes to it through the descriptor it
+    # inherits and can never swap it for a link, a FIFO or a directory.
+    output = tempfile.TemporaryFile()
     try:
         root = pathlib.Path(workdir)
-        (root / "solution.py").write_text(solution)
-        (root / "tests.py").write_text(tests)
-        (root / "runner.py").write_text(RUNNER)
-        output_path = root / "output.txt"
-        output_path.touch()
+        for name, text in zip(INPUT_FILES, (RUNNER, solution, tests), strict=True):
+            (root / name).write_text(text)
+            (root / name).chmod(0o644)
+        root.chmod(0o755)  # bubblewrap, started as nobody, binds these read-only
         # As root, bubblewrap itself runs as nobody (setpriv switches before it starts): the
         # sandbox's uid then maps to an unprivileged user outside too, whose process limit the
         # kernel enforces (it never limits root's), so a fork bomb stops at the limit.
@@ -205,51 +219,49 @@ def _run(solution: str, tests: str, limits: Limits) -> Outcome:
             if not setpriv:
                 return _unavailable("setpriv (util-linux) is needed to start bubblewrap unprivileged")
             as_nobody = [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
-            for path in [root, *root.iterdir()]:
-                os.chown(path, SANDBOX_UID, SANDBOX_UID)
-        with open(output_path, "wb") as output:
-            config = {
-                "cpu": limits.cpu_seconds,
-                "memory": limits.memory_bytes,
-                "output": limits.output_bytes,
-                "files": limits.open_files,
-                "processes": limits.processes,
-            }
+        config = {
+            "cpu": limits.cpu_seconds,
+            "memory": limits.memory_bytes,
+            "output": limits.output_bytes,
+            "files": limits.open_files,
+            "processes": limits.processes,
+        }
+        try:
+            process = subprocess.Popen(
+                as_nobody + _bwrap_command(bwrap, interpreter, workdir, status_write, config, limits.scratch_bytes),
+                cwd=workdir,
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(status_write,),
+            )
+        except OSError as exc:
+            return _unavailable(f"cannot start bubblewrap ({exc.strerror or exc})")
+        os.close(status_write)
+        status_write = -1
+        try:
+            code = process.wait(timeout=limits.wall_seconds)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            code = None
+        finally:
             try:
-                process = subprocess.Popen(
-                    as_nobody + _bwrap_command(bwrap, interpreter, workdir, status_write, config),
-                    cwd=workdir,
-                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    pass_fds=(status_write,),
-                )
-            except OSError as exc:
-                return _unavailable(f"cannot start bubblewrap ({exc.strerror or exc})")
-            os.close(status_write)
-            status_write = -1
-            try:
-                code = process.wait(timeout=limits.wall_seconds)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                code = None
-            finally:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
         with os.fdopen(status_read, "rb") as status:
             status_read = -1
             started = b'"child-pid"' in status.read(65536)
-        output_size = output_path.stat().st_size
-        with open(output_path, "rb") as handle:
-            shown = handle.read(limits.shown_output_chars).decode("utf-8", errors="replace")
+        output_size = os.fstat(output.fileno()).st_size
+        output.seek(0)
+        shown = output.read(limits.shown_output_chars).decode("utf-8", errors="replace")
     finally:
+        output.close()
         for fd in (status_read, status_write):
             if fd >= 0:
                 os.close(fd)

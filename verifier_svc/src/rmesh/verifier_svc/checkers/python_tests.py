@@ -39,6 +39,9 @@ class PythonTestsChecker:
             compile(tests, "tests.py", "exec")
         except SyntaxError as exc:
             raise InvalidRequest(f"{field_path}.tests", f"not valid Python: {exc.msg} (line {exc.lineno})") from None
+        except (ValueError, MemoryError, RecursionError, OverflowError) as exc:
+            # Deep nesting or huge literals exhaust the compiler, not the verifier.
+            raise InvalidRequest(f"{field_path}.tests", f"not valid Python: the compiler gave up ({type(exc).__name__})") from None
         return tests
 
     def check(self, answer: str, prepared: str) -> CheckResult:
