@@ -125,6 +125,7 @@ def test_optional_features_are_off_by_default():
         {"engine": {"sglang": {"tensorParallelSize": 0}}},
         {"tracing": {"enabled": True}},  # no endpoint
         {"routerReplicas": 3},  # unknown key
+        {"verifier": {"judge": "sglang"}},  # the reward model's URL is required
     ],
 )
 def test_bad_values_fail_the_schema(values):
@@ -168,7 +169,7 @@ def test_the_secure_scenario_uses_mutual_tls_and_a_separate_code_verifier():
         assert volumes["mesh-tls"]["secret"]["secretName"] == "rmesh-mesh-tls"
     assert env_of(found["rm-reasoning-mesh-router"])["RMESH_TLS_CERT"] == "/etc/rmesh/public-tls/tls.crt"
     for caller in ("router", "solver"):
-        assert env_of(found[f"rm-reasoning-mesh-{caller}"])["RMESH_CODE_VERIFIER_ADDR"] == "rm-reasoning-mesh-code-verifier:50053"
+        assert env_of(found[f"rm-reasoning-mesh-{caller}"])["RMESH_CODE_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-code-verifier:50053"
     assert env_of(found["rm-reasoning-mesh-verifier"])["RMESH_PYTHON_TESTS"] == "off"
     code = found["rm-reasoning-mesh-code-verifier"]["spec"]["template"]["spec"]
     assert env_of(found["rm-reasoning-mesh-code-verifier"])["RMESH_PYTHON_TESTS"] == "on"
@@ -178,3 +179,54 @@ def test_the_secure_scenario_uses_mutual_tls_and_a_separate_code_verifier():
     assert "rm-reasoning-mesh-code-verifier" in policies
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     assert services["rm-reasoning-mesh-code-verifier"]["spec"]["ports"][0]["port"] == 50053
+
+
+def test_the_engine_loads_gated_models_survives_slow_starts_and_rolls_out_without_a_spare_gpu():
+    docs = render({"engine": {"sglang": {"hfTokenSecret": "hf", "modelCache": {"existingClaim": "weights"}}}})
+    engine = deployments(docs)["rm-reasoning-mesh-sglang"]
+    assert engine["spec"]["strategy"] == {"type": "Recreate"}
+    pod = engine["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "lmsysorg/sglang:v0.5.23-cu130"
+    token = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert {"name": "HF_HOME", "value": "/models/huggingface"} in container["env"]
+    assert {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"] == "weights"
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health" and startup["periodSeconds"] * startup["failureThreshold"] >= 1800
+    # /health sleeps 1 s before answering: every probe allows more than that.
+    assert all(container[p]["timeoutSeconds"] >= 5 for p in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_only_the_gateway_carries_a_service_account_token():
+    docs = render({"engine": {"gateway": {"enabled": True}, "sglang": {"replicas": 2}}})
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert accounts["rm-reasoning-mesh"]["automountServiceAccountToken"] is False
+    assert "automountServiceAccountToken" not in accounts["rm-reasoning-mesh-gateway"]
+    gateway = deployments(docs)["rm-reasoning-mesh-gateway"]["spec"]["template"]["spec"]
+    assert gateway["serviceAccountName"] == "rm-reasoning-mesh-gateway"
+    assert gateway["containers"][0]["image"] == "lmsysorg/sglang:v0.5.23-cu130"  # one SGLang version
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["subjects"][0]["name"] == "rm-reasoning-mesh-gateway"
+
+
+def test_reviews_outlive_the_router_pod_and_calls_spread_over_pods():
+    docs = render({})
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "rm-reasoning-mesh-reviews"
+    router = deployments(docs)["rm-reasoning-mesh-router"]
+    assert router["spec"]["strategy"] == {"type": "Recreate"}
+    volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["reviews"]["persistentVolumeClaim"]["claimName"] == "rm-reasoning-mesh-reviews"
+    env = env_of(router)
+    assert env["RMESH_SOLVER_ADDR"] == "dns:///rm-reasoning-mesh-solver:50052"
+    assert env["RMESH_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-verifier:50053"
+    services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+    assert services["rm-reasoning-mesh-solver"]["clusterIP"] == "None" == services["rm-reasoning-mesh-verifier"]["clusterIP"]
+    assert "clusterIP" not in services["rm-reasoning-mesh-router"]
+    # With PostgreSQL there is no claim and routers roll out as usual.
+    scenario = yaml.safe_load((CHART / "ci" / "multi-router-postgres-values.yaml").read_text())
+    docs = render(scenario)
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert "strategy" not in deployments(docs)["rm-reasoning-mesh-router"]["spec"]

@@ -318,3 +318,18 @@ async def test_router_killed_mid_review_loses_nothing(mesh, tmp_path):
         second.send_signal(signal.SIGTERM)
         await second.wait()
 
+
+
+def test_a_store_newer_than_the_router_is_refused(tmp_path):
+    import sqlite3
+
+    from rmesh.errors import ConfigError
+    from rmesh.router_svc.reviews import SCHEMA_VERSION
+
+    path = tmp_path / "future.sqlite3"
+    SQLiteReviewStore(path)
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(ConfigError) as info:
+        SQLiteReviewStore(path)
+    assert f"newer than this router's {SCHEMA_VERSION}" in str(info.value)

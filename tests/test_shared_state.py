@@ -11,19 +11,24 @@ import os
 import pathlib
 import socket
 import sys
+import threading
+import time
+import urllib.parse
 import uuid
 
 import grpc
 import pytest
 from conftest import ROOT, SERVICE_TOKEN, service_env
 
+from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.engine.instant import InstantEngine
-from rmesh.errors import ResourceExhausted
+from rmesh.errors import ConfigError, ResourceExhausted, Unavailable
 from rmesh.mesh.serve import start_services
 from rmesh.peers import wait_serving
 from rmesh.router_svc.policy.model import Quotas
 from rmesh.router_svc.quotas import SharedAdmission
+from rmesh.router_svc.reviews import SCHEMA_VERSION, PostgresReviewStore
 
 POSTGRES = os.environ.get("RMESH_TEST_POSTGRES_URL", "")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="RMESH_TEST_POSTGRES_URL is not set (.ci/run starts a real PostgreSQL and sets it)")
@@ -178,3 +183,128 @@ quotas: {{max_concurrent: 4, tokens_per_window: 100000, window_seconds: 60}}
                 await process.wait()
         for service in reversed(peers):
             await service.stop(0)
+
+
+# -- the review store: pool, migrations, PostgreSQL going away --------------------------------------
+
+
+class Proxy:
+    """A TCP forwarder to PostgreSQL that the test can cut, as a network partition or a database
+    restart would: every open connection drops and new ones are refused."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.up = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.up:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.up = False
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def proxied_url(proxy: Proxy) -> str:
+    parts = urllib.parse.urlsplit(POSTGRES)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+async def test_postgresql_going_away_fails_review_calls_with_unavailable_and_solves_keep_running(tmp_path):
+    proxy = Proxy(urllib.parse.urlsplit(POSTGRES).port or 5432)
+    services = await start_services(
+        ("verifier", "solver", "router"),
+        service_env(tmp_path, RMESH_REVIEW_DB=proxied_url(proxy)),
+        engine=InstantEngine(),
+    )
+    router = f"127.0.0.1:{services[-1].port}"
+    store = services[-1].reviews
+    try:
+        assert isinstance(services[-1].core.admission, SharedAdmission)
+        assert store.schema_version == SCHEMA_VERSION
+        assert (await solve_demo(router)).released
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await asyncio.to_thread(store.list, "demo")
+        assert info.value.message.startswith("review store unavailable:") and time.monotonic() - started < 15
+        # A Solve still runs: the prior falls back to the ladder's start, admission to this router's ledger.
+        outcome = await solve_demo(router)
+        assert outcome.released and outcome.answer == "5"
+        async with grpc.aio.insecure_channel(router) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                await review_pb2_grpc.ReviewServiceStub(channel).ListReviews(
+                    review_pb2.ListReviewsRequest(), metadata=[("authorization", "Bearer demo-key")], timeout=30
+                )
+        assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE and "review store unavailable" in rpc.value.details()
+    finally:
+        for service in reversed(services):
+            await service.stop(0)
+
+
+async def solve_demo(router: str) -> router_pb2.Outcome:
+    request = router_pb2.SolveRequest(problem="What is 2 + 3?")
+    request.task.checks.add(name="arithmetic").params.update({"expression": "2 + 3"})
+    async with grpc.aio.insecure_channel(router) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        events = [e async for e in stub.Solve(request, metadata=[("authorization", "Bearer demo-key")], timeout=60)]
+    return events[-1].outcome
+
+
+def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused():
+    import psycopg
+
+    store = PostgresReviewStore(POSTGRES)
+    try:
+        with psycopg.connect(POSTGRES, autocommit=True) as connection:
+            assert connection.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+            columns = {row[0] for row in connection.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'reviews'"
+            )}
+            assert {"caller", "draft"} <= columns
+            connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+        with pytest.raises(ConfigError) as info:
+            PostgresReviewStore(POSTGRES)
+        assert f"schema is version {SCHEMA_VERSION + 1}, newer than this router's {SCHEMA_VERSION}" in str(info.value)
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as connection:
+            connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+        store.close()

@@ -57,6 +57,13 @@ http://{{ include "reasoning-mesh.fullname" . }}-sglang:{{ .Values.engine.sglang
 {{- default (printf "%s-policy" (include "reasoning-mesh.fullname" .)) .Values.policy.existingConfigMap }}
 {{- end }}
 
+{{/* "true" when the router keeps reviews in SQLite on a persistent volume. */}}
+{{- define "reasoning-mesh.sqliteVolume" -}}
+{{- if and (not .Values.reviewStore.postgresUrl) (not .Values.reviewStore.existingSecret) .Values.reviewStore.persistence.enabled -}}
+true
+{{- end -}}
+{{- end }}
+
 {{/* The Secret holding the mesh's shared service token. */}}
 {{- define "reasoning-mesh.tokenSecret" -}}
 {{- default (printf "%s-service-token" (include "reasoning-mesh.fullname" .)) .Values.meshAuth.tokenSecret }}

@@ -370,7 +370,11 @@ def create_channel(
 ) -> grpc.aio.Channel:
     # A peer that restarts (a rollout, a moved container) is found again within seconds: gRPC's
     # reconnect backoff otherwise grows to two minutes while the peer is away.
-    options: list[tuple[str, object]] = [*_options(settings), ("grpc.max_reconnect_backoff_ms", 5000)]
+    # Round robin over every address the name resolves to (a headless Service: every pod); one
+    # address behaves as before.
+    options: list[tuple[str, object]] = [
+        *_options(settings), ("grpc.max_reconnect_backoff_ms", 5000), ("grpc.lb_policy_name", "round_robin")
+    ]
     retry = list(retry_services)
     if retry:
         options += [("grpc.service_config", _service_config(retry)), ("grpc.enable_retries", 1)]

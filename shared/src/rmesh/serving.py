@@ -53,6 +53,8 @@ class RunningService:
             await self.core.drain()
         for channel in self.channels:
             await channel.close()
+        if hasattr(self.reviews, "close"):
+            await asyncio.to_thread(self.reviews.close)
         if self.engine is not None:
             await self.engine.aclose()
         self.provider.shutdown()

@@ -7,6 +7,7 @@ decision belongs to the verifier's exact checks and evidence contract, not to th
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -38,11 +39,14 @@ from rmesh.router_svc.rung_log import RungLog
 from rmesh.solving import Progress, SolveRequest, SolveResult, VerifierPort
 
 
+log = logging.getLogger("rmesh.router")
 MAX_PROBLEM_CHARS = 8000
 # The prior's history is kept in memory and re-read from the store this often.
 HISTORY_TTL_SECONDS = 30.0
 HISTORY_LIMIT = 200
 HISTORY_KINDS = 4096
+# The prior's read never holds a Solve up longer than this; past it, the ladder starts at rung 0.
+PRIOR_TIMEOUT_SECONDS = 0.5
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
 # Strategies whose first (or only) branch is the greedy answer.
@@ -211,7 +215,13 @@ class RouterCore:
         if cached is not None and time.monotonic() - cached[0] < HISTORY_TTL_SECONDS:
             self._history.move_to_end(key)
             return cached[1]
-        history = await asyncio.to_thread(self.reviews.rung_history, tenant, kind)
+        try:
+            history = await asyncio.wait_for(asyncio.to_thread(self.reviews.rung_history, tenant, kind), PRIOR_TIMEOUT_SECONDS)
+        except Exception as exc:  # the store is down or slow: the ladder starts at its first rung
+            if cached is not None:
+                return cached[1]
+            log.warning("reading the prior for %s/%s failed (%s): starting at the first rung", tenant, kind, type(exc).__name__)
+            return []
         self._history[key] = (time.monotonic(), history)
         self._history.move_to_end(key)
         while len(self._history) > HISTORY_KINDS:

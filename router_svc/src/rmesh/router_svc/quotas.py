@@ -110,19 +110,31 @@ class SharedAdmission:
     """
     _NOW = "extract(epoch from clock_timestamp())"
 
-    def __init__(self, url: str, lease_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, lease_seconds: float = 30.0, pool=None) -> None:
+        """``pool``: a psycopg_pool.ConnectionPool to share (the review store's); else its own."""
         import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
-        self._psycopg = psycopg
         self.url = url
         self.lease_seconds = lease_seconds
+        self._unreachable = (psycopg.OperationalError, PoolTimeout)
+        self._own_pool = pool is None
+        self._pool = pool or ConnectionPool(url, min_size=1, max_size=4, timeout=5, kwargs={"connect_timeout": 5}, open=True)
         self._live: dict[str, dict] = {}  # this router's admitted requests: id -> {"used": n}
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as connection:
+        # While PostgreSQL cannot be reached each router admits on its own ledger: requests keep
+        # being served, and a tenant can then get up to (routers) x its caps until it returns.
+        self.fallback = Admission()
+        self._warned = 0.0
+        with self._pool.connection() as connection:
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 connection.execute(statement)
 
     def _connect(self):
-        return self._psycopg.connect(self.url, connect_timeout=10)
+        return self._pool.connection()
+
+    def close(self) -> None:
+        if self._own_pool:
+            self._pool.close()
 
     def _reserve(self, tenant: str, quotas: Quotas, tokens: int) -> str:
         admission_id = uuid.uuid4().hex
@@ -192,7 +204,7 @@ class SharedAdmission:
 
     def usage(self, tenant: str, window_seconds: float) -> tuple[int, int, int]:
         """(live requests, tokens reserved by them, tokens used in the window) across routers."""
-        with self._connect() as connection, connection.cursor() as cur:
+        with self._connect() as connection, connection.transaction(), connection.cursor() as cur:
             cur.execute(f"UPDATE admissions SET live = false, ended_at = lease_until WHERE tenant = %s AND live AND lease_until < {self._NOW}", (tenant,))
             cur.execute("SELECT count(*), coalesce(sum(reserved), 0) FROM admissions WHERE tenant = %s AND live", (tenant,))
             active, reserved = cur.fetchone()
@@ -201,12 +213,19 @@ class SharedAdmission:
                 (tenant, window_seconds),
             )
             (used,) = cur.fetchone()
-            connection.commit()
         return int(active), int(reserved), int(used)
 
     @asynccontextmanager
     async def admit(self, tenant: str, quotas: Quotas, tokens: int):
-        admission_id = await asyncio.to_thread(self._reserve, tenant, quotas, tokens)
+        try:
+            admission_id = await asyncio.to_thread(self._reserve, tenant, quotas, tokens)
+        except self._unreachable as exc:
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("PostgreSQL unreachable (%s): admitting on this router's own ledger", str(exc).splitlines()[0][:200])
+            async with self.fallback.admit(tenant, quotas, tokens) as record:
+                yield record
+            return
         state = {"used": 0}
         self._live[admission_id] = state
 
@@ -217,5 +236,8 @@ class SharedAdmission:
             yield record
         finally:
             self._live.pop(admission_id, None)
-            # Shielded: a cancelled request still closes its row (else its lease closes it later).
-            await asyncio.shield(asyncio.to_thread(self._release, admission_id, state["used"]))
+            # Shielded: a cancelled request still closes its row. If that fails its lease closes it.
+            try:
+                await asyncio.shield(asyncio.to_thread(self._release, admission_id, state["used"]))
+            except Exception as exc:
+                log.warning("closing admission %s failed (%s); its lease will end it", admission_id, type(exc).__name__)

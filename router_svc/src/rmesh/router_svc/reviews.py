@@ -14,51 +14,56 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 
-from rmesh.errors import ConfigError, FailedPrecondition, InvalidRequest, NotFound
+from rmesh.errors import ConfigError, FailedPrecondition, InvalidRequest, NotFound, Unavailable
 
 PENDING, APPROVED, EDITED, REJECTED, EXPIRED = "pending", "approved", "edited", "rejected", "expired"
 ACTION_STATES = {"approve": APPROVED, "edit": EDITED, "reject": REJECTED}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS reviews (
-    id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    state TEXT NOT NULL,
-    problem TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    evidence TEXT NOT NULL,
-    policy_revision TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    on_timeout TEXT NOT NULL,
-    resolved_at DOUBLE PRECISION,
-    reviewer TEXT NOT NULL DEFAULT '',
-    comment TEXT NOT NULL DEFAULT '',
-    answer TEXT NOT NULL DEFAULT '',
-    resolution TEXT NOT NULL DEFAULT '',
-    caller TEXT NOT NULL DEFAULT '',
-    draft TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS reviews_by_tenant ON reviews (tenant, state, created_at);
-CREATE TABLE IF NOT EXISTS rung_outcomes (
-    tenant TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    rung TEXT NOT NULL,
-    success INTEGER NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS rung_outcomes_by_kind ON rung_outcomes (tenant, kind, created_at);
-"""
+# Versioned schema: each step runs once, in order, in one transaction; the version reached is
+# kept in schema_version. Steps are idempotent, so a store created before versioning (whose
+# tables already exist) migrates too.
+_MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "reviews and the prior's rung outcomes", [
+        """CREATE TABLE IF NOT EXISTS reviews (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            state TEXT NOT NULL,
+            problem TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            evidence TEXT NOT NULL,
+            policy_revision TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            on_timeout TEXT NOT NULL,
+            resolved_at DOUBLE PRECISION,
+            reviewer TEXT NOT NULL DEFAULT '',
+            comment TEXT NOT NULL DEFAULT '',
+            answer TEXT NOT NULL DEFAULT '',
+            resolution TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX IF NOT EXISTS reviews_by_tenant ON reviews (tenant, state, created_at)",
+        """CREATE TABLE IF NOT EXISTS rung_outcomes (
+            tenant TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            rung TEXT NOT NULL,
+            success INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS rung_outcomes_by_kind ON rung_outcomes (tenant, kind, created_at)",
+    ]),
+    (2, "drafts and the caller of each review", [
+        "ALTER TABLE reviews ADD COLUMN IF NOT EXISTS caller TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE reviews ADD COLUMN IF NOT EXISTS draft TEXT NOT NULL DEFAULT '{}'",
+    ]),
+]
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _COLUMNS = (
     "id, tenant, state, problem, reason, evidence, policy_revision, created_at, expires_at, "
     "on_timeout, resolved_at, reviewer, comment, answer, resolution, caller, draft"
 )
-# Columns added after the first release, with their definitions: a store written by an older
-# router gains them when it is opened.
-_ADDED_COLUMNS = {"caller": "TEXT NOT NULL DEFAULT ''", "draft": "TEXT NOT NULL DEFAULT '{}'"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class ReviewStore:
 
     def _lock_clause(self) -> str:
         return ""
+
+    def close(self) -> None:
+        """Release connections (PostgreSQL's pool); SQLite holds none between calls."""
 
     def create(
         self,
@@ -277,13 +285,26 @@ class SQLiteReviewStore(ReviewStore):
     def __init__(self, path: str | pathlib.Path) -> None:
         self.path = str(path)
         pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as connection:
+        with closing(self._connect()) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.executescript(_SCHEMA)
-            present = {row[1] for row in connection.execute("PRAGMA table_info(reviews)")}
-            for column, definition in _ADDED_COLUMNS.items():
-                if column not in present:
-                    connection.execute(f"ALTER TABLE reviews ADD COLUMN {column} {definition}")
+        with self._transaction() as cur:
+            cur.execute("PRAGMA user_version")
+            version = cur.fetchone()[0]
+            _check_version(version)
+            for number, _, steps in _MIGRATIONS:
+                if number <= version:
+                    continue
+                for step in steps:
+                    if "ADD COLUMN IF NOT EXISTS" in step:
+                        # SQLite has no ADD COLUMN IF NOT EXISTS: look first.
+                        table, column = step.split()[2], step.split("IF NOT EXISTS ")[1].split()[0]
+                        cur.execute(f"PRAGMA table_info({table})")
+                        if column in {row[1] for row in cur.fetchall()}:
+                            continue
+                        step = step.replace(" IF NOT EXISTS", "")
+                    cur.execute(step)
+            cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.schema_version = SCHEMA_VERSION
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
@@ -307,29 +328,70 @@ class SQLiteReviewStore(ReviewStore):
             connection.close()
 
 
-class PostgresReviewStore(ReviewStore):
-    placeholder = "%s"
+def _check_version(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"RMESH_REVIEW_DB: the review store's schema is version {version}, newer than this router's "
+            f"{SCHEMA_VERSION}; run a router at least as new as the one that wrote it"
+        )
 
-    def __init__(self, url: str) -> None:
+
+class PostgresReviewStore(ReviewStore):
+    """PostgreSQL through a connection pool (connect and checkout time out in seconds, not
+    minutes); a store that cannot be reached is UNAVAILABLE, never a hang."""
+
+    placeholder = "%s"
+    # Serialises migrations between routers starting together.
+    _MIGRATION_LOCK = 7_414_200_001
+
+    def __init__(self, url: str, pool_size: int = 10, timeout: float = 5.0) -> None:
         import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
         self._psycopg = psycopg
+        self._unreachable = (psycopg.OperationalError, PoolTimeout)
         self.url = url
-        with psycopg.connect(url, autocommit=True) as connection:
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                connection.execute(statement)
-            for column, definition in _ADDED_COLUMNS.items():
-                connection.execute(f"ALTER TABLE reviews ADD COLUMN IF NOT EXISTS {column} {definition}")
+        connect_timeout = max(1, int(timeout))
+        # One direct connection first: a wrong URL or password fails at once with its own reason.
+        with psycopg.connect(url, connect_timeout=connect_timeout) as connection:
+            self._migrate(connection)
+        self.pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=timeout, kwargs={"connect_timeout": connect_timeout},
+            open=False, name="rmesh-reviews",
+        )
+        self.pool.open(wait=True, timeout=max(timeout, 10.0))
+
+    def _migrate(self, connection) -> None:
+        with connection.transaction(), connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._MIGRATION_LOCK,))
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            cur.execute("SELECT max(version) FROM schema_version")
+            version = cur.fetchone()[0] or 0
+            _check_version(version)
+            for number, _, steps in _MIGRATIONS:
+                if number > version:
+                    for step in steps:
+                        cur.execute(step)
+            cur.execute("DELETE FROM schema_version")
+            cur.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+        self.schema_version = SCHEMA_VERSION
 
     def _lock_clause(self) -> str:
         return " FOR UPDATE"
 
     @contextmanager
     def _transaction(self):
-        with self._psycopg.connect(self.url) as connection:
-            with connection.transaction():
-                with connection.cursor() as cursor:
-                    yield cursor
+        try:
+            with self.pool.connection() as connection:
+                with connection.transaction():
+                    with connection.cursor() as cursor:
+                        yield cursor
+        except self._unreachable as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise Unavailable(f"review store unavailable: {reason[:200]}") from None
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def open_store(url: str) -> ReviewStore:

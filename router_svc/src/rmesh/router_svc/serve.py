@@ -47,7 +47,8 @@ async def start_router(
     solver_channel = grpc_edge.create_channel(solver_address, settings, tracer_provider=provider)
     store = review_store or open_store(RouterConfig().review_db)
     # With PostgreSQL the tenants' caps hold across every router sharing it; else in memory.
-    admission = SharedAdmission(store.url, admission_lease_seconds) if isinstance(store, PostgresReviewStore) else Admission()
+    shared = isinstance(store, PostgresReviewStore)
+    admission = SharedAdmission(store.url, admission_lease_seconds, store.pool) if shared else Admission()
     core = RouterCore(
         verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store
     )
