@@ -13,6 +13,7 @@ import sys
 import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import pytest_asyncio
 from conftest import SERVICE_TOKEN, service_env
@@ -62,23 +63,25 @@ async def sglang_mesh(tmp_path):
     FakeSGLang.text = DEFAULT_TEXT
     standin = StandIn().start()
     services = await start_services(
-        ("verifier", "solver", "router"), service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url)
+        ("verifier", "solver", "router"),
+        service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url, RMESH_ENGINE_HEALTH_SECONDS="0.3"),
     )
     router = next(s for s in services if s.name == "router")
-    yield standin, f"127.0.0.1:{router.port}"
+    solver = next(s for s in services if s.name == "solver")
+    yield standin, f"127.0.0.1:{router.port}", f"127.0.0.1:{solver.port}"
     for service in reversed(services):
         await service.stop(0)
     standin.stop()
 
 
 async def test_engine_answering_normally_releases(sglang_mesh):
-    _, router = sglang_mesh
+    _, router, _ = sglang_mesh
     outcome = (await solve(router))[-1].outcome
     assert outcome.released and outcome.answer == "5"
 
 
 async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_recovers(sglang_mesh):
-    standin, router = sglang_mesh
+    standin, router, _ = sglang_mesh
     FakeSGLang.drop = True  # the process goes away with the request on the wire
     error, took = await status_of(router)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -93,8 +96,32 @@ async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_re
     assert outcome.released and outcome.answer == "5"
 
 
+async def test_the_solvers_health_follows_its_engine(sglang_mesh):
+    standin, router, solver = sglang_mesh
+
+    async def status() -> int:
+        async with grpc.aio.insecure_channel(solver) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return reply.status
+
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    standin.stop()
+    for _ in range(50):
+        if await status() == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.2)
+    assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    standin.start()
+    for _ in range(50):
+        if await status() == health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.2)
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    assert (await solve(router))[-1].outcome.released
+
+
 async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sglang_mesh):
-    _, router = sglang_mesh
+    _, router, _ = sglang_mesh
     FakeSGLang.delay = 8
     error, took = await status_of(router, timeout=1.5)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -102,7 +129,7 @@ async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sgl
 
 
 async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
-    _, router = sglang_mesh
+    _, router, _ = sglang_mesh
     FakeSGLang.malformed = True
     error, took = await status_of(router)
     assert error.code() == grpc.StatusCode.UNAVAILABLE

@@ -167,6 +167,8 @@ class SolverConfig:
     instant_text: str = ""
     # The instant engine's think time per call (shutdown and fault tests).
     instant_delay_seconds: float = 0.0
+    # How often the solver checks its engine; its health follows the engine's.
+    engine_health_seconds: float = 5.0
 
     @property
     def sglang_kv(self):
@@ -195,6 +197,7 @@ class SolverConfig:
             kv_wait_seconds=_number(e, "RMESH_KV_WAIT_SECONDS", 5.0, float, 0, 3600),
             instant_text=e.get("RMESH_INSTANT_TEXT", ""),
             instant_delay_seconds=_number(e, "RMESH_INSTANT_DELAY_SECONDS", 0.0, float, 0, 3600),
+            engine_health_seconds=_number(e, "RMESH_ENGINE_HEALTH_SECONDS", 5.0, float, 0.1, 3600),
         )
 
 

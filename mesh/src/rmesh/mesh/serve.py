@@ -78,6 +78,7 @@ async def start_services(
                 solver_config.kv_wait_seconds,
                 verifier=local_verifier,
                 code_verifier_address=addresses.code_verifier,
+                engine_health_seconds=solver_config.engine_health_seconds,
             )
             solver_addr = bound_address(solver_addr, service.port)
             started.append(service)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from rmesh import peers
+from rmesh import grpc_edge, peers
 from rmesh.config import Addresses, ServerSettings, SolverConfig
 from rmesh.engine import Engine, create_engine
 from rmesh.serving import RunningService, provider_factory, start_server
@@ -14,6 +16,10 @@ from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
 from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.solving import VerifierPort
+
+log = logging.getLogger("rmesh.solver")
+# How long one engine health check may take (SGLang's /health sleeps 1 s before it answers).
+ENGINE_HEALTH_TIMEOUT_SECONDS = 10.0
 
 
 async def start_solver(
@@ -28,6 +34,7 @@ async def start_solver(
     kv_wait_seconds: float = 5.0,
     verifier: VerifierPort | None = None,
     code_verifier_address: str = "",
+    engine_health_seconds: float = 5.0,
 ) -> RunningService:
     """The solver service; ``verifier`` replaces the gRPC client (an in-process port);
     ``code_verifier_address`` names a separate verifier for tasks with code checks."""
@@ -49,7 +56,24 @@ async def start_solver(
     service.channels += channels
     service.engine = engine if own_engine else None
     service.core = core
+    service.tasks.append(asyncio.create_task(follow_engine_health(engine, service, engine_health_seconds)))
     return service
+
+
+async def follow_engine_health(engine: Engine, service: RunningService, interval: float) -> None:
+    """The solver is SERVING only while its engine answers: a balancer stops sending it work
+    while SGLang is down, and sends it again when SGLang is back."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            healthy = await asyncio.wait_for(engine.healthy(), ENGINE_HEALTH_TIMEOUT_SECONDS)
+        except Exception:
+            healthy = False
+        if healthy != serving:
+            serving = healthy
+            log.warning("engine %s: solver now %s", "answers again" if healthy else "unreachable", "SERVING" if healthy else "NOT_SERVING")
+            await grpc_edge.set_serving(service.health, service.service_names, healthy)
 
 
 async def start(env: Mapping[str, str]) -> list[RunningService]:
@@ -69,6 +93,7 @@ async def start(env: Mapping[str, str]) -> list[RunningService]:
             config.kv_budget_bytes,
             config.kv_wait_seconds,
             code_verifier_address=addresses.code_verifier,
+            engine_health_seconds=config.engine_health_seconds,
         )
     except BaseException:
         await engine.aclose()
