@@ -1,32 +1,94 @@
 """A stand-in for SGLang's native HTTP API, for tests on machines without a GPU.
 
-It is a test double, not SGLang: it answers ``POST /generate`` with the shapes SGLang 0.5.23
-documents in ``sglang/srt/managers/io_struct.py`` and ``tokenizer_manager.py``: a request body
-with ``text`` (a list for a batch) and ``sampling_params`` (a dict or a list of dicts with
-``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``ebnf``); a response of one object
-per batch item holding ``text`` and ``meta_info`` with ``prompt_tokens``, ``completion_tokens``,
-``cached_tokens`` and ``finish_reason`` ``{"type": "stop"|"length"}``. ``GET /health_generate``
-answers 200. Fault modes: ``malformed`` (a body that is not JSON), ``delay`` (seconds before
-answering), ``drop`` (close the connection without an answer, as a dying process does).
+It is a test double, not SGLang, and it is at least as strict as SGLang 0.5.23 where the mesh
+depends on it (checked against ``sglang/srt/sampling/sampling_params.py`` and the reference
+notes in the design docs):
+
+- ``POST /generate`` takes ``text`` (a string, or a list for a batch) and ``sampling_params``
+  (an object, or a list as long as the batch). A sampling key SGLang does not define, a value
+  of the wrong type or out of SGLang's range, or two grammars at once is HTTP 400, as SGLang
+  refuses them.
+- ``sampling_params.n`` answers with a list of ``n`` results.
+- ``meta_info.cached_tokens`` emulates the radix cache: a prompt's longest prefix (in
+  whitespace tokens) shared with a prompt seen before, at most ``prompt_tokens - 1``; nothing
+  is cached for a prompt never seen.
+- ``finish_reason`` is ``{"type": "length"}`` when the answer reaches ``max_new_tokens`` and
+  ``{"type": "abort"}`` in the ``abort`` fault mode.
+- ``GET /health`` and ``/health_generate`` sleep 1 s before answering and answer 503 while the
+  server is ``starting``; ``GET /ready`` answers at once (503 while starting).
+
+Fault modes: ``malformed`` (a body that is not JSON), ``delay`` (seconds before answering),
+``drop`` (close the connection without an answer, as a dying process does), ``abort``,
+``starting``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# SGLang's API sampling parameters and their JSON types (sampling_params.py).
+SAMPLING_KEYS: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,), "stop_regex": (str, list),
+    "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
+    "frequency_penalty": (int, float), "presence_penalty": (int, float), "repetition_penalty": (int, float),
+    "min_new_tokens": (int,), "n": (int,), "json_schema": (str,), "regex": (str,), "ebnf": (str,),
+    "structural_tag": (str,), "ignore_eos": (bool,), "skip_special_tokens": (bool,),
+    "spaces_between_special_tokens": (bool,), "no_stop_trim": (bool,), "custom_params": (dict,),
+    "stream_interval": (int,), "logit_bias": (dict,), "sampling_seed": (int,),
+}
+
+
+class BadRequest(Exception):
+    pass
+
+
+def check_sampling(params: object) -> dict:
+    """What SGLang accepts as one request's sampling parameters; BadRequest otherwise."""
+    if not isinstance(params, dict):
+        raise BadRequest(f"sampling_params must be an object, got {type(params).__name__}")
+    for key, value in params.items():
+        if key not in SAMPLING_KEYS:
+            raise BadRequest(f"unexpected keyword argument '{key}' in sampling_params")
+        if value is not None and (not isinstance(value, SAMPLING_KEYS[key]) or (isinstance(value, bool) and bool not in SAMPLING_KEYS[key])):
+            raise BadRequest(f"sampling_params.{key}: wrong type {type(value).__name__}")
+    temperature = params.get("temperature", 1.0)
+    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
+        raise BadRequest(f"temperature must be a non-negative finite number, got {temperature}.")
+    top_p = params.get("top_p", 1.0)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise BadRequest(f"top_p must be in (0, 1], got {top_p}.")
+    top_k = params.get("top_k", -1)
+    if top_k is not None and top_k != -1 and top_k < 1:
+        raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+    if (params.get("max_new_tokens") or 0) < 0:
+        raise BadRequest("max_new_tokens must be at least 0")
+    if (params.get("n") or 1) < 1:
+        raise BadRequest("n must be at least 1")
+    if sum(params.get(k) is not None for k in ("json_schema", "regex", "ebnf")) > 1:
+        raise BadRequest("Only one of regex, json_schema, or ebnf can be set.")
+    return params
+
+
 class FakeSGLang(BaseHTTPRequestHandler):
     requests: list[dict] = []
+    seen: list[list[str]] = []  # the radix tree, as the token lists of every prompt it holds
     malformed = False
     delay = 0.0
     drop = False
+    abort = False
+    starting = False
     text = "branch {i}"
+    lock = threading.Lock()
 
     @classmethod
     def reset(cls) -> None:
-        cls.requests, cls.malformed, cls.delay, cls.drop, cls.text = [], False, 0.0, False, "branch {i}"
+        cls.requests, cls.seen = [], []
+        cls.malformed, cls.delay, cls.drop, cls.abort, cls.starting = False, 0.0, False, False, False
+        cls.text = "branch {i}"
 
     def log_message(self, *args):
         pass
@@ -39,10 +101,35 @@ class FakeSGLang(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self._send(200 if self.path == "/health_generate" else 404, b"{}")
+        if self.path in ("/health", "/health_generate"):
+            time.sleep(1.0)  # SGLang's health handler sleeps before its first check
+            self._send(503 if type(self).starting else 200, b"{}")
+        elif self.path == "/ready":
+            self._send(503 if type(self).starting else 200, b"{}")
+        else:
+            self._send(404, b"{}")
+
+    def _cached(self, tokens: list[str]) -> int:
+        """The longest prefix of ``tokens`` some earlier prompt shares (SGLang's radix match)."""
+        best = 0
+        for other in type(self).seen:
+            shared = 0
+            for a, b in zip(tokens, other):
+                if a != b:
+                    break
+                shared += 1
+            best = max(best, shared)
+        return min(best, max(0, len(tokens) - 1))
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/generate":
+            self._send(404, b"{}")
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        except ValueError:
+            self._send(400, b'{"error": {"message": "body is not JSON"}}')
+            return
         type(self).requests.append(body)
         if type(self).delay:
             time.sleep(type(self).delay)
@@ -53,32 +140,58 @@ class FakeSGLang(BaseHTTPRequestHandler):
         if type(self).malformed:
             self._send(200, b"{not json")
             return
-        texts = body["text"] if isinstance(body["text"], list) else [body["text"]]
-        params = body["sampling_params"] if isinstance(body["sampling_params"], list) else [body["sampling_params"]] * len(texts)
-        prompt_tokens = len(texts[0].split())
-        items = []
-        for i, p in enumerate(params):
-            n = p["max_new_tokens"]
-            items.append(
-                {
-                    "text": type(self).text.format(i=i) if n else "",
-                    "output_ids": [1] * min(n, 2),
-                    "meta_info": {
-                        "id": f"rid_{i}",
-                        "finish_reason": {"type": "length", "length": n} if n == 0 else {"type": "stop", "matched": 1},
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": min(n, 2),
-                        "cached_tokens": prompt_tokens - 1 if isinstance(body["text"], list) else 0,
+        if type(self).starting:
+            self._send(503, b'{"error": {"message": "the server is starting"}}')
+            return
+        try:
+            batch = isinstance(body.get("text"), list)
+            texts = body["text"] if batch else [body["text"]]
+            if not all(isinstance(t, str) for t in texts):
+                raise BadRequest("text must be a string or a list of strings")
+            raw = body.get("sampling_params", {})
+            if isinstance(raw, list):
+                if not batch or len(raw) != len(texts):
+                    raise BadRequest("sampling_params: a list needs a text list of the same length")
+                params = [check_sampling(p) for p in raw]
+            else:
+                params = [check_sampling(raw)] * len(texts)
+        except (BadRequest, KeyError) as exc:
+            message = str(exc) if isinstance(exc, BadRequest) else f"missing {exc}"
+            self._send(400, json.dumps({"error": {"message": message}}).encode())
+            return
+        results = []
+        with type(self).lock:
+            for prompt, p in zip(texts, params, strict=True):
+                tokens = prompt.split()
+                cached = self._cached(tokens)
+                copies = []
+                for i in range(p.get("n") or 1):
+                    index = len(copies) + len(results)
+                    limit = p.get("max_new_tokens", 128)
+                    words = (type(self).text.format(i=index) if limit else "").split(" ")
+                    answer = " ".join(words[:limit]) if limit else ""
+                    generated = len(answer.split()) if answer else 0
+                    finish = {"type": "abort", "message": "aborted"} if type(self).abort else (
+                        {"type": "length", "length": limit} if generated >= limit else {"type": "stop", "matched": 1}
+                    )
+                    meta = {
+                        "id": f"rid_{index}",
+                        "finish_reason": finish,
+                        "prompt_tokens": len(tokens),
+                        "completion_tokens": generated,
+                        "cached_tokens": cached,
                         "e2e_latency": 0.01,
-                        **(
-                            {"output_token_logprobs": [[-0.25, 1, None], [-0.25, 1, None]][: min(n, 2)]}
-                            if body.get("return_logprob")
-                            else {}
-                        ),
-                    },
-                }
-            )
-        self._send(200, json.dumps(items if isinstance(body["text"], list) else items[0]).encode())
+                    }
+                    if body.get("return_logprob"):
+                        meta["output_token_logprobs"] = [[-0.25, 1, None]] * generated
+                    copies.append({"text": answer, "output_ids": [1] * generated, "meta_info": meta})
+                type(self).seen.append(tokens)
+                results.append(copies if (p.get("n") or 1) > 1 else copies[0])
+        if batch:
+            flat = [c for r in results for c in (r if isinstance(r, list) else [r])]
+            self._send(200, json.dumps(flat).encode())
+        else:
+            self._send(200, json.dumps(results[0]).encode())
 
 
 class StandIn:

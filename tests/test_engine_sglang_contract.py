@@ -1,13 +1,18 @@
 """Contract test for the SGLang engine against the local stand-in (tests/sglang_standin.py), a
-test double that follows the request and response shapes SGLang documents."""
+test double that follows SGLang 0.5.23's request and response shapes and refuses what SGLang
+refuses; and the stand-in's own strictness, so that it cannot hide a bad request."""
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 from sglang_standin import FakeSGLang, StandIn
 
 from rmesh.engine import GenerationRequest, SamplingParams
-from rmesh.engine.sglang import SGLangEngine
+from rmesh.engine.base import FINISH_ABORT, FINISH_LENGTH
+from rmesh.engine.sglang import SGLangEngine, sampling_to_sglang
 from rmesh.errors import Unavailable
 
 
@@ -19,17 +24,19 @@ def sglang_url():
     standin.stop()
 
 
-async def test_warms_prefix_then_fans_out_identical_prompts(sglang_url):
+async def test_warms_the_prefix_then_sends_one_prompt_with_n_copies(sglang_url):
     engine = SGLangEngine(sglang_url)
-    request = GenerationRequest("shared prompt text here", n=3, sampling=SamplingParams(max_new_tokens=16), grammar='root ::= "x"')
+    request = GenerationRequest("shared prompt text here", n=3, sampling=SamplingParams(max_new_tokens=16, seed=7), grammar='root ::= "x"')
     results = await engine.generate(request)
     warm, fan_out = FakeSGLang.requests
-    assert warm["text"] == [request.prompt] and warm["sampling_params"][0]["max_new_tokens"] == 0
-    assert fan_out["text"] == [request.prompt] * 3
-    assert all(p["ebnf"] == 'root ::= "x"' and p["max_new_tokens"] == 16 for p in fan_out["sampling_params"])
+    # One prompt per request, as SGLang's gateways require: a string, not a list.
+    assert warm == {"text": request.prompt, "sampling_params": {"max_new_tokens": 0}}
+    assert fan_out["text"] == request.prompt and fan_out["sampling_params"]["n"] == 3
+    assert fan_out["sampling_params"]["ebnf"] == 'root ::= "x"' and fan_out["sampling_params"]["max_new_tokens"] == 16
+    assert "sampling_seed" not in fan_out["sampling_params"]  # n copies would share it and come out identical
     assert [r.text for r in results] == ["branch 0", "branch 1", "branch 2"]
+    # The warm-up put the prompt in the radix tree: every copy reuses all but its last token.
     assert all(r.cached_tokens == 3 and r.prompt_tokens == 4 and r.finish_reason == "stop" for r in results)
-    assert await engine.healthy()
     await engine.aclose()
 
 
@@ -50,15 +57,83 @@ async def test_unreachable_engine_is_unavailable():
 
 
 async def test_tree_nodes_warm_each_prompt_and_sum_logprobs(sglang_url):
-    """Two nodes: each distinct prompt is warmed once, branches are grouped back per node."""
+    """Two nodes: each distinct prompt is warmed once, each node's branches are one request."""
     engine = SGLangEngine(sglang_url)
     a = GenerationRequest("root step one", n=2, sampling=SamplingParams(max_new_tokens=8), logprobs=True)
     b = GenerationRequest("root step two", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True)
     grouped = await engine.generate_many([a, b])
-    warm, fan_out = FakeSGLang.requests
-    assert warm["text"] == ["root step one", "root step two"]
-    assert fan_out["text"] == ["root step one", "root step one", "root step two"]
-    assert fan_out["return_logprob"] is True
+    warms = [r for r in FakeSGLang.requests if r["sampling_params"]["max_new_tokens"] == 0]
+    fan_outs = [r for r in FakeSGLang.requests if r["sampling_params"]["max_new_tokens"] == 8]
+    assert sorted(r["text"] for r in warms) == ["root step one", "root step two"]
+    assert sorted((r["text"], r["sampling_params"].get("n", 1)) for r in fan_outs) == [("root step one", 2), ("root step two", 1)]
+    assert all(r["return_logprob"] is True for r in fan_outs)
     assert [len(g) for g in grouped] == [2, 1]
     assert grouped[0][0].logprob == pytest.approx(-0.5)
+    await engine.aclose()
+
+
+async def test_length_and_abort_finishes_reach_the_branch(sglang_url):
+    engine = SGLangEngine(sglang_url)
+    (short,) = await engine.generate(GenerationRequest("one two", n=1, sampling=SamplingParams(max_new_tokens=1)))
+    assert short.finish_reason == FINISH_LENGTH and short.completion_tokens == 1
+    FakeSGLang.abort = True
+    (aborted,) = await engine.generate(GenerationRequest("one two", n=1, sampling=SamplingParams(max_new_tokens=8)))
+    assert aborted.finish_reason == FINISH_ABORT
+    await engine.aclose()
+
+
+def test_the_engines_sampling_parameters_are_all_ones_sglang_defines():
+    params = sampling_to_sglang(SamplingParams(max_new_tokens=5, temperature=0.7, seed=3, ignore_eos=True), 'root ::= "a"')
+    from sglang_standin import check_sampling
+
+    assert check_sampling(params) == params
+
+
+# -- the stand-in refuses what SGLang refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_new_tokens": 4, "seed": 1}, "unexpected keyword argument 'seed'"),
+        ({"max_new_tokens": "4"}, "sampling_params.max_new_tokens: wrong type str"),
+        ({"temperature": -1.0}, "temperature must be a non-negative finite number"),
+        ({"top_p": 0}, "top_p must be in (0, 1]"),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "Only one of regex, json_schema, or ebnf can be set."),
+    ],
+)
+def test_the_standin_refuses_sampling_parameters_sglang_refuses(sglang_url, params, message):
+    reply = httpx.post(f"{sglang_url}/generate", json={"text": "p", "sampling_params": params}, timeout=5)
+    assert reply.status_code == 400 and message in reply.json()["error"]["message"]
+
+
+def test_the_standin_caches_only_prefixes_it_has_seen(sglang_url):
+    def cached(prompt: str) -> int:
+        reply = httpx.post(f"{sglang_url}/generate", json={"text": prompt, "sampling_params": {"max_new_tokens": 2}}, timeout=5)
+        return reply.json()["meta_info"]["cached_tokens"]
+
+    assert cached("a b c d") == 0  # cold
+    assert cached("a b c d") == 3  # warm: all but the last token
+    assert cached("a b x y z") == 2  # shares "a b"
+    assert cached("q r s") == 0
+
+
+def test_the_standins_health_takes_a_second_and_fails_while_starting(sglang_url):
+    started = time.monotonic()
+    assert httpx.get(f"{sglang_url}/health", timeout=5).status_code == 200
+    assert time.monotonic() - started >= 1.0
+    FakeSGLang.starting = True
+    assert httpx.get(f"{sglang_url}/health", timeout=5).status_code == 503
+    assert httpx.get(f"{sglang_url}/ready", timeout=5).status_code == 503
+    reply = httpx.post(f"{sglang_url}/generate", json={"text": "p", "sampling_params": {}}, timeout=5)
+    assert reply.status_code == 503
+
+
+async def test_an_engine_that_refuses_the_request_is_unavailable_with_its_message(sglang_url):
+    FakeSGLang.starting = True
+    engine = SGLangEngine(sglang_url)
+    with pytest.raises(Unavailable) as info:
+        await engine.generate(GenerationRequest("p", n=1))
+    assert "SGLang /generate answered 503" in info.value.message and "the server is starting" in info.value.message
+    assert not await engine.healthy()
     await engine.aclose()

@@ -1,8 +1,12 @@
 """SGLang's native HTTP API (``/generate``), request and response shapes as of SGLang 0.5.23.
 
-Branches share a prefix through SGLang's radix cache: the prompt is first sent with
-``max_new_tokens: 0`` so the tree holds it, then the branches go out as one batch of
-byte-identical prompts. Cached tokens come from ``meta_info.cached_tokens``.
+Every request carries one prompt (``text`` a string, ``sampling_params`` an object), the only
+shape SGLang's model gateways pass through. Branches share a prefix through SGLang's radix
+cache: each distinct prompt is first sent with ``max_new_tokens: 0`` so the tree holds it, then
+its branches go out as one request with ``sampling_params.n``, the copies sampled apart. Cached
+tokens come from ``meta_info.cached_tokens``. No ``sampling_seed`` is sent: SGLang uses it only
+under ``--enable-deterministic-inference``, and there all ``n`` copies of a request share it
+and come out identical.
 """
 
 from __future__ import annotations
@@ -34,8 +38,6 @@ def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_toke
         "top_p": params.top_p,
         "top_k": params.top_k,
     }
-    if params.seed:
-        out["sampling_seed"] = params.seed
     if params.ignore_eos:
         out["ignore_eos"] = True
     if grammar:
@@ -95,34 +97,32 @@ class SGLangEngine:
         deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
         prompts = list(dict.fromkeys(r.prompt for r in requests))
         try:
-            # Warm the radix tree with every distinct prompt, then fan the branches out with
-            # byte-identical prompts so each branch hits its prompt's cached prefix.
-            await self._post(
-                "/generate",
-                {"text": prompts, "sampling_params": [sampling_to_sglang(requests[0].sampling, None, 0)] * len(prompts)},
-                deadline,
+            # Warm the radix tree with every distinct prompt, then send each node's branches as
+            # one request of n copies, all of which hit that prompt's cached prefix.
+            await asyncio.gather(
+                *(self._post("/generate", {"text": p, "sampling_params": {"max_new_tokens": 0}}, deadline) for p in prompts)
             )
-            texts, params = [], []
+            bodies = []
             for r in requests:
-                texts += [r.prompt] * r.n
-                params += [sampling_to_sglang(r.sampling, r.grammar)] * r.n
-            body: dict[str, Any] = {"text": texts, "sampling_params": params}
-            if any(r.logprobs for r in requests):
-                body["return_logprob"] = True
-            payload = await self._post("/generate", body, deadline)
+                params = sampling_to_sglang(r.sampling, r.grammar)
+                if r.n != 1:
+                    params["n"] = r.n
+                body: dict[str, Any] = {"text": r.prompt, "sampling_params": params}
+                if r.logprobs:
+                    body["return_logprob"] = True
+                bodies.append(body)
+            payloads = await asyncio.gather(*(self._post("/generate", body, deadline) for body in bodies))
         except DeadlineExceeded:
             self.stats.jobs_cancelled += 1
             raise
-        items = payload if isinstance(payload, list) else [payload]
-        if len(items) != len(texts):
-            raise Unavailable(f"SGLang returned {len(items)} results for {len(texts)} branches")
-        flat = [self._branch(item) for item in items]
+        grouped = []
+        for r, payload in zip(requests, payloads, strict=True):
+            items = payload if isinstance(payload, list) else [payload]
+            if len(items) != r.n:
+                raise Unavailable(f"SGLang returned {len(items)} results for {r.n} branches")
+            grouped.append([self._branch(item) for item in items])
         self.stats.jobs_finished += 1
-        self.stats.tokens_generated += sum(r.completion_tokens for r in flat)
-        grouped, start = [], 0
-        for r in requests:
-            grouped.append(flat[start : start + r.n])
-            start += r.n
+        self.stats.tokens_generated += sum(b.completion_tokens for group in grouped for b in group)
         return grouped
 
     @staticmethod
