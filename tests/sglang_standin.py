@@ -16,6 +16,8 @@ notes in the design docs):
   ``{"type": "abort"}`` in the ``abort`` fault mode.
 - ``GET /health`` and ``/health_generate`` sleep 1 s before answering and answer 503 while the
   server is ``starting``; ``GET /ready`` answers at once (503 while starting).
+- ``/model_info``, ``/server_info``, ``/version`` and ``/v1/models`` describe the served model,
+  which is what SGLang's gateway reads to register a worker.
 
 Fault modes: ``malformed`` (a body that is not JSON), ``delay`` (seconds before answering),
 ``drop`` (close the connection without an answer, as a dying process does), ``abort``,
@@ -40,6 +42,13 @@ SAMPLING_KEYS: dict[str, tuple[type, ...]] = {
     "spaces_between_special_tokens": (bool,), "no_stop_trim": (bool,), "custom_params": (dict,),
     "stream_interval": (int,), "logit_bias": (dict,), "sampling_seed": (int,),
 }
+
+
+# What the stand-in says it serves (the chart's default model, SGLang's context for it).
+MODEL = "google/gemma-3-270m-it"
+VERSION = "0.5.23"
+CONTEXT = 32768
+KV_TOKENS = 500_000
 
 
 class BadRequest(Exception):
@@ -75,7 +84,10 @@ def check_sampling(params: object) -> dict:
 
 class FakeSGLang(BaseHTTPRequestHandler):
     requests: list[dict] = []
-    seen: list[list[str]] = []  # the radix tree, as the token lists of every prompt it holds
+    # Each stand-in's radix tree (by port), as the token lists of the prompts it holds.
+    seen: dict[int, list[list[str]]] = {}
+    # Which stand-in (by port) answered each /generate, in order.
+    workers: list[int] = []
     malformed = False
     delay = 0.0
     drop = False
@@ -86,7 +98,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
     @classmethod
     def reset(cls) -> None:
-        cls.requests, cls.seen = [], []
+        cls.requests, cls.seen, cls.workers = [], {}, []
         cls.malformed, cls.delay, cls.drop, cls.abort, cls.starting = False, 0.0, False, False, False
         cls.text = "branch {i}"
 
@@ -106,13 +118,23 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self._send(503 if type(self).starting else 200, b"{}")
         elif self.path == "/ready":
             self._send(503 if type(self).starting else 200, b"{}")
+        elif self.path in ("/model_info", "/get_model_info"):
+            self._send(200, json.dumps({"model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True}).encode())
+        elif self.path in ("/server_info", "/get_server_info"):
+            info = {"model_path": MODEL, "tp_size": 1, "context_length": CONTEXT, "max_total_num_tokens": KV_TOKENS, "version": VERSION}
+            self._send(200, json.dumps(info).encode())
+        elif self.path == "/version":
+            self._send(200, json.dumps({"version": VERSION}).encode())
+        elif self.path == "/v1/models":
+            model = {"id": MODEL, "object": "model", "owned_by": "sglang", "root": MODEL, "max_model_len": CONTEXT}
+            self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
         else:
             self._send(404, b"{}")
 
     def _cached(self, tokens: list[str]) -> int:
         """The longest prefix of ``tokens`` some earlier prompt shares (SGLang's radix match)."""
         best = 0
-        for other in type(self).seen:
+        for other in type(self).seen.get(self.server.server_address[1], []):
             shared = 0
             for a, b in zip(tokens, other):
                 if a != b:
@@ -131,6 +153,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self._send(400, b'{"error": {"message": "body is not JSON"}}')
             return
         type(self).requests.append(body)
+        type(self).workers.append(self.server.server_address[1])
         if type(self).delay:
             time.sleep(type(self).delay)
         if type(self).drop:
@@ -185,7 +208,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
                     if body.get("return_logprob"):
                         meta["output_token_logprobs"] = [[-0.25, 1, None]] * generated
                     copies.append({"text": answer, "output_ids": [1] * generated, "meta_info": meta})
-                type(self).seen.append(tokens)
+                type(self).seen.setdefault(self.server.server_address[1], []).append(tokens)
                 results.append(copies if (p.get("n") or 1) > 1 else copies[0])
         if batch:
             flat = [c for r in results for c in (r if isinstance(r, list) else [r])]
