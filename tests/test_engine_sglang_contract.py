@@ -137,3 +137,14 @@ async def test_an_engine_that_refuses_the_request_is_unavailable_with_its_messag
     assert "SGLang /generate answered 503" in info.value.message and "the server is starting" in info.value.message
     assert not await engine.healthy()
     await engine.aclose()
+
+
+async def test_the_engine_reads_the_served_model_and_its_kv_pool(sglang_url):
+    engine = SGLangEngine(sglang_url)
+    assert await engine.describe()
+    assert engine.model_name == "google/gemma-3-270m-it"
+    assert (engine.context_length, engine.kv_capacity_tokens) == (32768, 500_000)
+    await engine.aclose()
+    unreachable = SGLangEngine("http://127.0.0.1:9")
+    assert not await unreachable.describe() and unreachable.kv_capacity_tokens == 0
+    await unreachable.aclose()

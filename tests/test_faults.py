@@ -5,6 +5,7 @@ test double: no GPU here); everything else is the real services on real ports.""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 import os
 import pathlib
 import signal
@@ -57,6 +58,14 @@ async def status_of(address: str, **kwargs) -> tuple[grpc.aio.AioRpcError, float
 # -- the engine (SGLang path) ----------------------------------------------------------------------
 
 
+@dataclass
+class SGLangMesh:
+    standin: StandIn
+    router: str
+    solver: str
+    services: list
+
+
 @pytest_asyncio.fixture
 async def sglang_mesh(tmp_path):
     FakeSGLang.reset()
@@ -68,20 +77,28 @@ async def sglang_mesh(tmp_path):
     )
     router = next(s for s in services if s.name == "router")
     solver = next(s for s in services if s.name == "solver")
-    yield standin, f"127.0.0.1:{router.port}", f"127.0.0.1:{solver.port}"
+    yield SGLangMesh(standin, f"127.0.0.1:{router.port}", f"127.0.0.1:{solver.port}", services)
     for service in reversed(services):
         await service.stop(0)
     standin.stop()
 
 
 async def test_engine_answering_normally_releases(sglang_mesh):
-    _, router, _ = sglang_mesh
+    router = sglang_mesh.router
     outcome = (await solve(router))[-1].outcome
     assert outcome.released and outcome.answer == "5"
 
 
+async def test_the_solver_admits_against_the_engines_real_kv_pool(sglang_mesh):
+    """Not a made-up budget: the stand-in's /server_info reports a pool of 500 000 tokens."""
+    service = next(s for s in sglang_mesh.services if s.name == "solver")
+    engine = service.core.engine
+    assert engine.model_name == "google/gemma-3-270m-it"
+    assert service.core.kv_ledger.capacity == 500_000 * engine.kv_bytes_per_token
+
+
 async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_recovers(sglang_mesh):
-    standin, router, _ = sglang_mesh
+    standin, router = sglang_mesh.standin, sglang_mesh.router
     FakeSGLang.drop = True  # the process goes away with the request on the wire
     error, took = await status_of(router)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -97,7 +114,7 @@ async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_re
 
 
 async def test_the_solvers_health_follows_its_engine(sglang_mesh):
-    standin, router, solver = sglang_mesh
+    standin, router, solver = sglang_mesh.standin, sglang_mesh.router, sglang_mesh.solver
 
     async def status() -> int:
         async with grpc.aio.insecure_channel(solver) as channel:
@@ -121,7 +138,7 @@ async def test_the_solvers_health_follows_its_engine(sglang_mesh):
 
 
 async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sglang_mesh):
-    _, router, _ = sglang_mesh
+    router = sglang_mesh.router
     FakeSGLang.delay = 8
     error, took = await status_of(router, timeout=1.5)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -129,7 +146,7 @@ async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sgl
 
 
 async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
-    _, router, _ = sglang_mesh
+    router = sglang_mesh.router
     FakeSGLang.malformed = True
     error, took = await status_of(router)
     assert error.code() == grpc.StatusCode.UNAVAILABLE

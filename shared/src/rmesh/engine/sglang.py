@@ -59,8 +59,24 @@ class SGLangEngine:
         # SGLang does not report the served model's layout; the configuration gives it.
         self.kv = kv or KVGeometry(layers=18, kv_heads=1, head_dim=256)
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=None)
-        self.model_name = "sglang"
+        self.model_name = "sglang"  # until describe() reads the served model's path
+        self.context_length = 0
+        self.kv_capacity_tokens = 0  # the server's KV pool, in tokens (max_total_num_tokens)
         self.stats = EngineStats()
+
+    async def describe(self) -> bool:
+        """Read the served model and its limits from ``/server_info``; False if unreachable."""
+        try:
+            response = await self._client.get("/server_info", timeout=10)
+            info = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return False
+        if not isinstance(info, dict):
+            return False
+        self.model_name = str(info.get("model_path") or self.model_name)
+        self.context_length = int(info.get("context_length") or 0)
+        self.kv_capacity_tokens = int(info.get("max_total_num_tokens") or 0)
+        return True
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float | None) -> Any:
         timeout = None if deadline is None else deadline - time.monotonic()

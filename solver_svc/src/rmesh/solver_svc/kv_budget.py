@@ -25,6 +25,13 @@ class KVLedger:
         self._changed = asyncio.Condition()
         metrics.KV_CAPACITY.set(capacity_bytes)
 
+    async def set_capacity(self, capacity_bytes: int) -> None:
+        """The engine reported its real capacity (SGLang's KV pool): admit against that."""
+        async with self._changed:
+            self.capacity = capacity_bytes
+            metrics.KV_CAPACITY.set(capacity_bytes)
+            self._changed.notify_all()
+
     @asynccontextmanager
     async def reserve(self, nbytes: int, max_wait: float | None = None) -> AsyncIterator[None]:
         if nbytes > self.capacity:

@@ -56,11 +56,31 @@ async def start_solver(
     service.channels += channels
     service.engine = engine if own_engine else None
     service.core = core
-    service.tasks.append(asyncio.create_task(follow_engine_health(engine, service, engine_health_seconds)))
+    if not kv_budget_bytes:
+        await adopt_engine_limits(engine, core.kv_ledger)
+    service.tasks.append(
+        asyncio.create_task(follow_engine_health(engine, service, engine_health_seconds, None if kv_budget_bytes else core.kv_ledger))
+    )
     return service
 
 
-async def follow_engine_health(engine: Engine, service: RunningService, interval: float) -> None:
+async def adopt_engine_limits(engine: Engine, ledger: KVLedger | None) -> None:
+    """An engine that can describe itself (SGLang) sets the model name and the KV budget: the
+    solver admits requests against the server's real KV pool, not a guess."""
+    describe = getattr(engine, "describe", None)
+    if describe is None:
+        return
+    try:
+        described = await asyncio.wait_for(describe(), ENGINE_HEALTH_TIMEOUT_SECONDS)
+    except Exception:
+        described = False
+    tokens = getattr(engine, "kv_capacity_tokens", 0)
+    if described and tokens and ledger is not None:
+        await ledger.set_capacity(tokens * engine.kv_bytes_per_token)
+        log.info("engine %s: KV pool of %d tokens", engine.model_name, tokens)
+
+
+async def follow_engine_health(engine: Engine, service: RunningService, interval: float, ledger: KVLedger | None = None) -> None:
     """The solver is SERVING only while its engine answers: a balancer stops sending it work
     while SGLang is down, and sends it again when SGLang is back."""
     serving = True
@@ -72,6 +92,8 @@ async def follow_engine_health(engine: Engine, service: RunningService, interval
             healthy = False
         if healthy != serving:
             serving = healthy
+            if healthy:
+                await adopt_engine_limits(engine, ledger)  # a restarted server may have other limits
             log.warning("engine %s: solver now %s", "answers again" if healthy else "unreachable", "SERVING" if healthy else "NOT_SERVING")
             await grpc_edge.set_serving(service.health, service.service_names, healthy)
 
