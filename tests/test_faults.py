@@ -5,13 +5,13 @@ test double: no GPU here); everything else is the real services on real ports.""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 import os
 import pathlib
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
