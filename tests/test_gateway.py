@@ -55,7 +55,7 @@ async def gateway():
                 raise AssertionError("the gateway never registered its workers")
         FakeSGLang.reset()
         FakeSGLang.text = DEFAULT_TEXT
-        yield url, [w.port for w in workers]
+        yield url, {w.port: w for w in workers}
     finally:
         process.terminate()
         await process.wait()
@@ -73,7 +73,7 @@ async def solve(router: str, problem: str) -> router_pb2.Outcome:
 
 
 async def test_a_solve_through_the_real_gateway_keeps_each_prompt_on_one_worker(gateway, tmp_path):
-    url, ports = gateway
+    url, workers = gateway
     services = await start_services(("verifier", "solver", "router"), service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=url))
     try:
         router = f"127.0.0.1:{services[-1].port}"
@@ -82,11 +82,38 @@ async def test_a_solve_through_the_real_gateway_keeps_each_prompt_on_one_worker(
         # Every /generate the gateway forwarded came with one prompt (no batch lists).
         assert FakeSGLang.requests and all(isinstance(r["text"], str) for r in FakeSGLang.requests)
         # The warm-up and the branches of the prompt went to the same worker, so they hit its cache.
-        assert len(set(FakeSGLang.workers)) == 1 and FakeSGLang.workers[0] in ports
+        assert len(set(FakeSGLang.workers)) == 1 and FakeSGLang.workers[0] in workers
         assert outcome.usage.cached_tokens > 0
         first = FakeSGLang.workers[0]
         again = await solve(router, "What is 2 + 3?")
         assert again.released and set(FakeSGLang.workers) == {first}
+    finally:
+        for service in reversed(services):
+            await service.stop(0)
+
+
+async def test_a_worker_down_behind_the_gateway_is_routed_around(gateway, tmp_path):
+    url, workers = gateway
+    services = await start_services(
+        ("verifier", "solver", "router"),
+        service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=url, RMESH_ENGINE_HEALTH_SECONDS="0.5"),
+    )
+    try:
+        router = f"127.0.0.1:{services[-1].port}"
+        assert (await solve(router, "What is 2 + 3?")).released
+        serving = FakeSGLang.workers[0]
+        workers[serving].stop()  # the worker holding the prompt's cache goes away
+        results = []
+        for _ in range(3):
+            try:
+                results.append((await solve(router, "What is 2 + 3?")).released)
+            except grpc.aio.AioRpcError as error:
+                results.append(error.code().name + ": " + (error.details() or ""))
+        # The gateway sends the prompt to the worker that is left; at worst a request in between
+        # fails as UNAVAILABLE naming SGLang, never UNKNOWN or a hang.
+        assert results[-1] is True, results
+        assert all(r is True or r.startswith("UNAVAILABLE: solver unavailable: UNAVAILABLE: SGLang") for r in results), results
+        assert FakeSGLang.workers[-1] != serving
     finally:
         for service in reversed(services):
             await service.stop(0)
