@@ -94,6 +94,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
     abort = False
     starting = False
     text = "branch {i}"
+    # The output_token_logprobs to report, when set; else -0.25 for every generated token.
+    logprobs: list | None = None
     lock = threading.Lock()
 
     @classmethod
@@ -101,6 +103,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.requests, cls.seen, cls.workers = [], {}, []
         cls.malformed, cls.delay, cls.drop, cls.abort, cls.starting = False, 0.0, False, False, False
         cls.text = "branch {i}"
+        cls.logprobs = None
 
     def log_message(self, *args):
         pass
@@ -206,7 +209,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
                         "e2e_latency": 0.01,
                     }
                     if body.get("return_logprob"):
-                        meta["output_token_logprobs"] = [[-0.25, 1, None]] * generated
+                        meta["output_token_logprobs"] = type(self).logprobs or [[-0.25, 1, None]] * generated
                     copies.append({"text": answer, "output_ids": [1] * generated, "meta_info": meta})
                 type(self).seen.setdefault(self.server.server_address[1], []).append(tokens)
                 results.append(copies if (p.get("n") or 1) > 1 else copies[0])

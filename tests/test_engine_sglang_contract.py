@@ -148,3 +148,12 @@ async def test_the_engine_reads_the_served_model_and_its_kv_pool(sglang_url):
     unreachable = SGLangEngine("http://127.0.0.1:9")
     assert not await unreachable.describe() and unreachable.kv_capacity_tokens == 0
     await unreachable.aclose()
+
+
+async def test_grammar_forced_tokens_are_not_counted_as_choices(sglang_url):
+    """SGLang's log-probabilities come after the grammar mask: forced tokens read 0."""
+    FakeSGLang.logprobs = [[-0.5, 1, None], [0.0, 2, None], [-1.5, 3, None], [0.0, 4, None]]
+    engine = SGLangEngine(sglang_url)
+    (branch,) = await engine.generate(GenerationRequest("p q", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True))
+    assert branch.logprob == pytest.approx(-2.0) and branch.logprob_tokens == 2
+    await engine.aclose()

@@ -52,6 +52,20 @@ def test_priors_follow_step_log_probabilities():
     assert puct(4, likely, 1.5) > puct(4, unlikely, 1.5)
 
 
+def test_a_step_the_grammar_forced_does_not_get_the_highest_prior():
+    """SGLang reports forced tokens as log-probability 0: a step made only of them says nothing
+    about the model's preference, so it gets its siblings' average, not the top prior."""
+    forced = node("f", "", False, 0, logprob=0.0)
+    forced.logprob_tokens = 0
+    chosen = node("c", "", False, 0, logprob=-1.0)
+    chosen.logprob_tokens = 2  # -0.5 a token over the tokens the model chose
+    weak = node("w", "", False, 0, logprob=-6.0)
+    weak.logprob_tokens = 3  # -2.0 a token
+    set_priors([forced, chosen, weak])
+    assert chosen.prior > forced.prior > weak.prior
+    assert sum(n.prior for n in (forced, chosen, weak)) == pytest.approx(1.0)
+
+
 async def test_kv_ledger_waits_then_refuses_with_a_quota_violation():
     ledger = KVLedger(capacity_bytes=1000, wait_seconds=0.2)
     async with ledger.reserve(700):

@@ -62,6 +62,9 @@ class BranchResult:
     cached_tokens: int
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
     logprob: float = 0.0  # sum over generated tokens, when requested
+    # How many tokens the model chose among alternatives (a grammar-forced token is no choice:
+    # SGLang reports it as log-probability 0); None when every generated token counts.
+    logprob_tokens: int | None = None
 
 
 @dataclass

@@ -153,6 +153,9 @@ class SGLangEngine:
                 cached_tokens=int(meta.get("cached_tokens", 0)),
                 finish_reason=_finish_reason(meta),
                 logprob=float(sum(entry[0] for entry in logprobs if entry and entry[0] is not None)),
+                # SGLang's log-probabilities come after the grammar mask: a forced token is 0.
+                logprob_tokens=sum(1 for entry in logprobs if entry and entry[0] is not None and entry[0] < 0)
+                if logprobs else None,
             )
         except (KeyError, TypeError, ValueError, IndexError):
             raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None

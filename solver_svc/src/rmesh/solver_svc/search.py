@@ -61,6 +61,7 @@ class Node:
     verdict: Verdict
     tokens: int = 0  # generated tokens on the path from the root
     logprob: float = 0.0  # of the step that made this node
+    logprob_tokens: int | None = None  # the step's freely chosen tokens; None: all of them
     prior: float = 1.0
     visits: int = 0
     value_sum: float = 0.0
@@ -254,6 +255,7 @@ class SearchState:
                     self.usage = self.usage + Usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
                     node = self._child(f"b{branch_number}", parent, result.text, result.completion_tokens, step)
                     node.logprob = result.logprob
+                    node.logprob_tokens = result.logprob_tokens
                     branch_number += 1
                     key = normalise_state(node.text)
                     if key in self.seen:

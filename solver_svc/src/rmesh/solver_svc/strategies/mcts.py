@@ -29,10 +29,22 @@ def puct(parent_visits: int, child: Node, exploration: float) -> float:
 
 
 def set_priors(children: list[Node]) -> None:
-    """Softmax over siblings of each step's mean token log-probability."""
+    """Softmax over siblings of each step's mean log-probability over the tokens the model chose.
+
+    Tokens a grammar forced carry no preference (SGLang reports them as log-probability 0):
+    they are left out of the mean, and a step made only of forced tokens gets the siblings'
+    average instead of the highest prior."""
     if not children:
         return
-    means = [c.logprob / max(1, c.tokens - (c.parent.tokens if c.parent else 0)) for c in children]
+
+    def mean(c: Node) -> float | None:
+        chosen = c.logprob_tokens if c.logprob_tokens is not None else c.tokens - (c.parent.tokens if c.parent else 0)
+        return c.logprob / chosen if chosen > 0 else None
+
+    raw = [mean(c) for c in children]
+    known = [m for m in raw if m is not None]
+    neutral = sum(known) / len(known) if known else 0.0
+    means = [neutral if m is None else m for m in raw]
     top = max(means)
     weights = [math.exp(m - top) for m in means]
     total = sum(weights)
