@@ -59,6 +59,7 @@ fuzz: $(STAMP)
 ## Benchmarks; figures go to bench/out/*.json (about 30 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.solver
+	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.policy
 	$(BIN)/python -m bench.quality
 	$(BIN)/rmesh verifier calibrate
