@@ -153,6 +153,10 @@ async def test_sglang_reward_model_contract():
         model = SGLangRewardModel(f"http://127.0.0.1:{server.server_address[1]}")
         scores = await model.outcome("What is 6 * 7?", [candidate("42"), candidate("41")])
         assert len(FakeRewardModel.bodies[-1]["text"]) == 2
+        # A conversation in the reward model's template: the question, then the answer as its turn.
+        assert FakeRewardModel.bodies[-1]["text"][0] == (
+            "<|im_start|>user\nWhat is 6 * 7?<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"
+        )
         assert scores[0] == pytest.approx(1 / (1 + 2.718281828 ** -2), rel=1e-4) and scores[1] < 0.5
         steps = await model.process("q", [candidate("42", ("a", "b = 42"))])
         assert len(steps[0]) == 2

@@ -169,6 +169,9 @@ class SolverConfig:
     instant_delay_seconds: float = 0.0
     # How often the solver checks its engine; its health follows the engine's.
     engine_health_seconds: float = 5.0
+    # The served model's chat template: "auto" (the model's own, else the shipped one of its
+    # family), a shipped template's name, or a Jinja file's path.
+    chat_template: str = "auto"
 
     @property
     def sglang_kv(self):
@@ -198,6 +201,7 @@ class SolverConfig:
             instant_text=e.get("RMESH_INSTANT_TEXT", ""),
             instant_delay_seconds=_number(e, "RMESH_INSTANT_DELAY_SECONDS", 0.0, float, 0, 3600),
             engine_health_seconds=_number(e, "RMESH_ENGINE_HEALTH_SECONDS", 5.0, float, 0.1, 3600),
+            chat_template=e.get("RMESH_CHAT_TEMPLATE") or "auto",
         )
 
 
@@ -209,6 +213,8 @@ class VerifierConfig:
     judge: str = "off"  # "off", "embedded" or "sglang"
     reward_url: str = "http://127.0.0.1:30001"
     calibration_path: str = ""  # empty: the calibration shipped inside the verifier package
+    # The reward model's chat template (a shipped name or a Jinja file's path).
+    reward_chat_template: str = "chatml"
     # Whether this verifier offers python_tests (caller code in the sandbox) at all.
     python_tests: str = "on"
     # Sandboxes running at once; more wait for a slot until their caller's deadline.
@@ -222,6 +228,7 @@ class VerifierConfig:
             reward_url=e.get("RMESH_REWARD_URL", "http://127.0.0.1:30001"),
             calibration_path=e.get("RMESH_JUDGE_CALIBRATION", ""),
             python_tests=_choice(e, "RMESH_PYTHON_TESTS", "on", ("on", "off")),
+            reward_chat_template=e.get("RMESH_REWARD_CHAT_TEMPLATE") or "chatml",
             sandbox_concurrency=_number(e, "RMESH_SANDBOX_CONCURRENCY", 2, int, 1, 256),
         )
 

@@ -35,11 +35,12 @@ def create_engine(config) -> Engine:
             n_ctx=config.n_ctx,
             max_branches=config.max_parallel_branches,
             threads=config.threads or None,
+            chat_template=config.chat_template,
         )
     if config.engine == "sglang":
         from rmesh.engine.sglang import SGLangEngine
 
-        return SGLangEngine(config.sglang_url, kv=config.sglang_kv)
+        return SGLangEngine(config.sglang_url, kv=config.sglang_kv, chat_template=config.chat_template)
     if config.engine == "instant":
         from rmesh.engine.instant import InstantEngine
 

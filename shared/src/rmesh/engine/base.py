@@ -7,7 +7,10 @@ Two real implementations: ``LlamaEngine`` (llama.cpp in process, the embedded de
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rmesh.engine.chat import ChatTemplate
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -78,6 +81,7 @@ class EngineStats:
 
 class Engine(Protocol):
     model_name: str
+    chat_template: "ChatTemplate"  # how the served model writes its turns (rmesh.engine.chat)
     stats: EngineStats
 
     @property

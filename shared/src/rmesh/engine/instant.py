@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from rmesh.engine.base import FINISH_LENGTH, FINISH_STOP, BranchResult, EngineStats, GenerationRequest, KVGeometry
+from rmesh.engine.chat import ChatTemplate
 from rmesh.errors import DeadlineExceeded
 
 # A response on the template that the ``arithmetic`` checker passes for "2 + 3".
@@ -34,6 +35,7 @@ class InstantEngine:
         # A fixed think time per call, so shutdown and fault tests have requests in flight.
         self.delay_seconds = delay_seconds
         self.stats = EngineStats()
+        self.chat_template = ChatTemplate.named("chatml")  # its prompts are never read
         self._kv = kv
         self._completion_tokens = self.count_tokens(self.text)
 

@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import functools
 import math
+import pathlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from rmesh.engine.base import (
     KVGeometry,
     SamplingParams,
 )
+from rmesh.engine.chat import ChatTemplate
 from rmesh.errors import Cancelled, ConfigError, DeadlineExceeded, InvalidRequest, ResourceExhausted
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
@@ -95,8 +97,20 @@ class _Branch:
         self.grammar = None
 
 
+def _model_meta(model, key: str) -> str | None:
+    """A GGUF metadata string, however long (a chat template runs to kilobytes)."""
+    n = C.llama_model_meta_val_str(model, key.encode(), None, 0)
+    if n < 0:
+        return None
+    buf = ctypes.create_string_buffer(n + 1)
+    C.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode(errors="replace")
+
+
 class LlamaEngine:
-    def __init__(self, model, ctx, vocab, *, n_ctx: int, max_branches: int, model_name: str) -> None:
+    def __init__(
+        self, model, ctx, vocab, *, n_ctx: int, max_branches: int, model_name: str, chat_template: str = "auto"
+    ) -> None:
         self._model = model
         self._ctx = ctx
         self._vocab = vocab
@@ -106,6 +120,7 @@ class LlamaEngine:
         self.model_name = model_name
         self.stats = EngineStats()
         self.kv = self._read_kv_geometry()
+        self.chat_template = self._chat_template(chat_template)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self._prefix: list[int] = []  # tokens whose KV sequence 0 holds now
         self._batch = C.llama_batch_init(max(_PREFILL_CHUNK, max_branches), 0, 1)
@@ -120,7 +135,10 @@ class LlamaEngine:
         n_ctx: int = 4096,
         max_branches: int = 8,
         threads: int | None = None,
+        chat_template: str = "auto",
     ) -> "LlamaEngine":
+        """``chat_template``: "auto" (the GGUF's own, else the shipped one of its architecture),
+        a shipped template's name, or a Jinja file's path."""
         _backend()
         path = model_path or default_model_path()
         mparams = C.llama_model_default_params()
@@ -143,14 +161,37 @@ class LlamaEngine:
             raise RuntimeError("llama.cpp could not create a context")
         buf = ctypes.create_string_buffer(256)
         C.llama_model_desc(model, buf, len(buf))
-        name = f"gemma-3-270m-q4_k_m ({buf.value.decode(errors='replace')})"
-        return cls(model, ctx, C.llama_model_get_vocab(model), n_ctx=n_ctx, max_branches=max_branches, model_name=name)
+        name = f"{pathlib.Path(path).stem} ({buf.value.decode(errors='replace')})"
+        try:
+            return cls(
+                model, ctx, C.llama_model_get_vocab(model), n_ctx=n_ctx, max_branches=max_branches, model_name=name,
+                chat_template=chat_template,
+            )
+        except ConfigError:
+            C.llama_free(ctx)
+            C.llama_model_free(model)
+            raise
 
     # -- metadata -------------------------------------------------------------------------
     def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(128)
-        n = C.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode() if n >= 0 else None
+        return _model_meta(self._model, key)
+
+    def _chat_template(self, configured: str) -> ChatTemplate:
+        """The model's own template (GGUF ``tokenizer.chat_template``), else the shipped template
+        of its architecture; a configured name or path overrides both."""
+        if configured != "auto":
+            return ChatTemplate.named(configured)
+        source = self._meta("tokenizer.chat_template")
+        if source:
+            return ChatTemplate(source, "gguf")
+        architecture = self._meta("general.architecture") or ""
+        found = ChatTemplate.for_model(architecture)
+        if found is None:
+            raise ConfigError(
+                f"RMESH_CHAT_TEMPLATE: the model (architecture {architecture!r}) carries no chat template and "
+                "none ships for its family; name one or give a Jinja file"
+            )
+        return found
 
     def _read_kv_geometry(self) -> KVGeometry:
         arch = self._meta("general.architecture") or "llama"

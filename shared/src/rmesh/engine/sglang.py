@@ -27,6 +27,7 @@ from rmesh.engine.base import (
     GenerationRequest,
     SamplingParams,
 )
+from rmesh.engine.chat import ChatTemplate
 from rmesh.errors import DeadlineExceeded, Unavailable
 
 
@@ -53,8 +54,14 @@ def _finish_reason(meta: dict[str, Any]) -> str:
 
 class SGLangEngine:
     def __init__(
-        self, base_url: str, client: httpx.AsyncClient | None = None, kv: KVGeometry | None = None
+        self,
+        base_url: str,
+        client: httpx.AsyncClient | None = None,
+        kv: KVGeometry | None = None,
+        chat_template: str = "auto",
     ) -> None:
+        """``chat_template``: "auto" takes the shipped template of the family the served model's
+        path names (read by ``describe``), else a shipped name or a Jinja file's path."""
         self.base_url = base_url.rstrip("/")
         # SGLang does not report the served model's layout; the configuration gives it.
         self.kv = kv or KVGeometry(layers=18, kv_heads=1, head_dim=256)
@@ -62,21 +69,44 @@ class SGLangEngine:
         self.model_name = "sglang"  # until describe() reads the served model's path
         self.context_length = 0
         self.kv_capacity_tokens = 0  # the server's KV pool, in tokens (max_total_num_tokens)
+        self._configured_template = chat_template
+        self._template = None if chat_template == "auto" else ChatTemplate.named(chat_template)
         self.stats = EngineStats()
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        if self._template is None:
+            raise Unavailable(
+                f"SGLang at {self.base_url} has not said which model it serves yet (/server_info), so its chat "
+                "template is unknown; set RMESH_CHAT_TEMPLATE to name it"
+            )
+        return self._template
+
     async def describe(self) -> bool:
-        """Read the served model and its limits from ``/server_info``; False if unreachable."""
-        try:
-            response = await self._client.get("/server_info", timeout=10)
-            info = response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return False
-        if not isinstance(info, dict):
-            return False
-        self.model_name = str(info.get("model_path") or self.model_name)
-        self.context_length = int(info.get("context_length") or 0)
-        self.kv_capacity_tokens = int(info.get("max_total_num_tokens") or 0)
+        """Read the served model and its limits: ``/server_info`` on an SGLang server; through a
+        gateway, which does not forward it, the model's name from ``/v1/models``. False when
+        neither answers."""
+        info = await self._get_json("/server_info")
+        if isinstance(info, dict) and info.get("model_path"):
+            self.model_name = str(info["model_path"])
+            self.context_length = int(info.get("context_length") or 0)
+            self.kv_capacity_tokens = int(info.get("max_total_num_tokens") or 0)
+        else:
+            models = await self._get_json("/v1/models")
+            data = models.get("data") if isinstance(models, dict) else None
+            if not (isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("id")):
+                return False
+            self.model_name = str(data[0]["id"])
+        if self._configured_template == "auto":
+            self._template = ChatTemplate.for_model(self.model_name)
         return True
+
+    async def _get_json(self, path: str):
+        try:
+            response = await self._client.get(path, timeout=10)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float | None) -> Any:
         timeout = None if deadline is None else deadline - time.monotonic()

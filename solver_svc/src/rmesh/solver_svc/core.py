@@ -121,7 +121,8 @@ class SolverCore:
         precheck = request.precheck or await self.verifier.precheck(request.task, request.evidence, request.required_evidence)
         extractive = self.answer_style == "extractive"
         prompt = build_prompt(
-            request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer
+            request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer,
+            self.engine.chat_template,
         )
         prompt_tokens = self.engine.count_tokens(prompt)
         live_cap = self.live_branch_cap(request, prompt_tokens)

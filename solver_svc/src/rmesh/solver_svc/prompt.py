@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from rmesh.domain import Candidate, Checkpoint
+from rmesh.engine.chat import ChatTemplate, Turn
 
 # Evidence values longer than this are paraphrased under a length cap instead of quoted.
 MAX_QUOTED_CHARS = 300
@@ -82,12 +83,11 @@ def _user_turn(problem: str, evidence: Mapping[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _turns(exchanges: list[tuple[str, str]], request: str) -> str:
-    history = "".join(
-        f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n"
-        for user, reply in exchanges
-    )
-    return f"{history}<start_of_turn>user\n{request}<end_of_turn>\n<start_of_turn>model\n"
+def _turns(exchanges: list[tuple[str, str]], request: str) -> list[Turn]:
+    turns: list[Turn] = []
+    for user, reply in exchanges:
+        turns += [("user", user), ("assistant", reply)]
+    return turns + [("user", request)]
 
 
 def build_prompt(
@@ -96,8 +96,10 @@ def build_prompt(
     numeric_answer: bool,
     extractive_answer: bool = False,
     expression_answer: bool = False,
+    template: ChatTemplate | None = None,
 ) -> str:
-    """Gemma chat-format prompt: instructions, worked examples, then the request.
+    """The prompt in the served model's chat template (``template``; Gemma's when none is given):
+    instructions, worked examples, then the request, with the model's turn opened.
 
     Evidence is presented as data; the grammar, not the text, decides what may be cited.
     """
@@ -125,7 +127,7 @@ def build_prompt(
         exchanges = [(_user_turn(_EXAMPLE_PROBLEM, _EXAMPLE_EVIDENCE), reply)]
     first_user, first_reply = exchanges[0]
     exchanges[0] = (f"{rules}\n\n{first_user}", first_reply)
-    return _turns(exchanges, _user_turn(problem, evidence))
+    return (template or ChatTemplate.named("gemma")).render(_turns(exchanges, _user_turn(problem, evidence)))
 
 
 def quotable(value: str) -> bool:

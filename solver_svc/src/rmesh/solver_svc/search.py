@@ -192,7 +192,8 @@ class SearchState:
         total = n * len(parents)
         per_branch = max(1, min(request.budget.max_tokens_per_branch, self.tokens_left // total))
         base = build_prompt(
-            request.problem, request.evidence, self.numeric_answer, self.extractive_answer, self.expression_answer
+            request.problem, request.evidence, self.numeric_answer, self.extractive_answer, self.expression_answer,
+            self.engine.chat_template,
         )
         generations = []
         for index, parent in enumerate(parents):

@@ -3,7 +3,9 @@
 Request and response shapes follow SGLang 0.5.23 (``sglang/srt/entrypoints/http_server.py``):
 the body is ``{"text": [..]}``; the response is a list with one ``{"embedding": [reward, ...],
 "meta_info": {...}}`` per text, and the reward is ``embedding[0]``. Rewards are logits; the
-score is their logistic, in [0, 1].
+score is their logistic, in [0, 1]. A reward model scores a conversation: the question as the
+user's turn and the answer (or the steps so far) as the assistant's, written in the reward
+model's own chat template (``RMESH_REWARD_CHAT_TEMPLATE``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Sequence
 import httpx
 
 from rmesh.domain import Candidate
+from rmesh.engine.chat import ChatTemplate
 from rmesh.errors import Unavailable
-from rmesh.verifier_svc.scorers.judge import outcome_prompt, step_prompt
 
 
 def _logistic(x: float) -> float:
@@ -23,8 +25,15 @@ def _logistic(x: float) -> float:
 
 
 class SGLangRewardModel:
-    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, model: str = "reward-model") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        client: httpx.AsyncClient | None = None,
+        model: str = "reward-model",
+        template: ChatTemplate | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.template = template or ChatTemplate.named("chatml")
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=60)
         self.name = f"sglang-reward:{model}"
 
@@ -48,14 +57,17 @@ class SGLangRewardModel:
         return [_logistic(r) for r in rewards]
 
     async def outcome(self, problem: str, candidates: Sequence[Candidate]) -> list[float]:
-        return await self._rewards([outcome_prompt(problem, c) for c in candidates])
+        return await self._rewards([self._conversation(problem, c.final_answer) for c in candidates])
+
+    def _conversation(self, problem: str, answer: str) -> str:
+        return self.template.render([("user", problem.strip()), ("assistant", answer.strip())], add_generation_prompt=False)
 
     async def process(self, problem: str, candidates: Sequence[Candidate]) -> list[list[float]]:
         texts, owners = [], []
         for index, candidate in enumerate(candidates):
             steps = [cp.text for cp in candidate.checkpoints]
             for end in range(1, len(steps) + 1):
-                texts.append(step_prompt(problem, steps[:end]))
+                texts.append(self._conversation(problem, "\n".join(steps[:end])))
                 owners.append(index)
         scores: list[list[float]] = [[] for _ in candidates]
         for owner, score in zip(owners, await self._rewards(texts)):

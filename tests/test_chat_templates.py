@@ -1,0 +1,142 @@
+"""Prompts are written in the served model's own chat template: the embedded model's (from its
+GGUF, else its architecture's shipped template), SGLang's (from the model it says it serves), or
+one named by RMESH_CHAT_TEMPLATE. No model's turn markers are written in code."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from sglang_standin import FakeSGLang, StandIn
+
+from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
+from rmesh.engine.chat import TEMPLATES_DIR, ChatTemplate
+from rmesh.engine.instant import InstantEngine
+from rmesh.engine.llama import LlamaEngine
+from rmesh.engine.sglang import SGLangEngine
+from rmesh.errors import ConfigError, Unavailable
+from rmesh.solver_svc.core import SolverCore
+from rmesh.solver_svc.prompt import build_prompt
+from rmesh.solving import SolveRequest
+from rmesh.verifier_svc.core import VerifierCore
+from rmesh.mesh.in_process import InProcessVerifier
+from opentelemetry import trace
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TURNS = [("user", "What is 2 + 5?"), ("assistant", "7"), ("user", "What is 3 + 4?")]
+
+
+def test_two_shipped_templates_write_the_same_turns_each_in_its_own_markup():
+    gemma = ChatTemplate.named("gemma").render(TURNS)
+    chatml = ChatTemplate.named("chatml").render(TURNS)
+    assert gemma == (
+        "<start_of_turn>user\nWhat is 2 + 5?<end_of_turn>\n<start_of_turn>model\n7<end_of_turn>\n"
+        "<start_of_turn>user\nWhat is 3 + 4?<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert chatml == (
+        "<|im_start|>user\nWhat is 2 + 5?<|im_end|>\n<|im_start|>assistant\n7<|im_end|>\n"
+        "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    closed = ChatTemplate.named("chatml").render(TURNS[:2], add_generation_prompt=False)
+    assert closed.endswith("<|im_start|>assistant\n7<|im_end|>\n")
+
+
+def test_a_template_file_and_an_unknown_name(tmp_path):
+    custom = tmp_path / "mine.jinja"
+    custom.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    assert ChatTemplate.named(str(custom)).render([("user", "hi")]) == "[user] hi\n[assistant] "
+    with pytest.raises(ConfigError) as info:
+        ChatTemplate.named("nosuch")
+    assert "RMESH_CHAT_TEMPLATE=nosuch: no such template (shipped: chatml, gemma" in str(info.value)
+    # Templates render sandboxed: a template cannot reach Python's internals.
+    hostile = tmp_path / "hostile.jinja"
+    hostile.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(Exception) as raised:
+        ChatTemplate.named(str(hostile)).render([("user", "x")])
+    assert "unsafe" in str(raised.value).lower()
+
+
+def test_the_solvers_prompt_follows_the_template_it_is_given():
+    chatml = build_prompt("What is 3 + 4?", {}, True, template=ChatTemplate.named("chatml"))
+    assert chatml.startswith("<|im_start|>user\n") and chatml.endswith("<|im_start|>assistant\n")
+    assert "<start_of_turn>" not in chatml and "<|im_start|>assistant\n<response>" in chatml
+    gemma = build_prompt("What is 3 + 4?", {}, True, template=ChatTemplate.named("gemma"))
+    assert gemma.endswith("<start_of_turn>model\n") and "<|im_start|>" not in gemma
+
+
+class RecordingEngine(InstantEngine):
+    """The instant engine, keeping the prompts it was sent (a spy on a real engine)."""
+
+    def __init__(self, template: str) -> None:
+        super().__init__()
+        self.chat_template = ChatTemplate.named(template)
+        self.prompts: list[str] = []
+
+    async def generate_many(self, requests):
+        self.prompts += [r.prompt for r in requests]
+        return await super().generate_many(requests)
+
+
+@pytest.mark.parametrize("template, marker", [("chatml", "<|im_start|>assistant\n"), ("gemma", "<start_of_turn>model\n")])
+async def test_a_search_sends_the_engine_prompts_in_its_template(template, marker):
+    engine = RecordingEngine(template)
+    verifier = InProcessVerifier(VerifierCore(), trace.get_tracer("test"))
+    core = SolverCore(engine, verifier)
+    request = SolveRequest(
+        problem="What is 2 + 3?", task=TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "2 + 3"}),)),
+        strategy="beam", budget=Budget(2000, 6, 3, 60, 60), search=SearchParams(beam_width=2, branching_factor=2),
+    )
+    result = await core.solve(request, lambda _p: _noop())
+    assert result.best is not None and engine.prompts
+    assert all(marker in prompt for prompt in engine.prompts)
+    other = "<start_of_turn>" if template == "chatml" else "<|im_start|>"
+    assert not any(other in prompt for prompt in engine.prompts)
+
+
+async def _noop() -> None:
+    return None
+
+
+def test_the_packaged_gguf_carries_no_template_so_its_architectures_is_used(engine):
+    assert engine._meta("tokenizer.chat_template") is None and engine._meta("general.architecture") == "gemma3"
+    assert engine.chat_template.name == "gemma"
+
+
+def test_rmesh_chat_template_overrides_the_models():
+    engine = LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="chatml")
+    try:
+        assert engine.chat_template.name == "chatml"
+    finally:
+        engine._executor.shutdown()
+    with pytest.raises(ConfigError):
+        LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="nosuch")
+
+
+async def test_sglang_takes_the_template_of_the_model_it_serves():
+    FakeSGLang.reset()
+    standin = StandIn().start()
+    try:
+        engine = SGLangEngine(standin.url)
+        with pytest.raises(Unavailable) as info:
+            engine.chat_template  # noqa: B018 - not described yet: unknown, never guessed
+        assert "set RMESH_CHAT_TEMPLATE" in info.value.message
+        assert await engine.describe()
+        assert engine.chat_template.name == "gemma"  # google/gemma-3-270m-it
+        pinned = SGLangEngine(standin.url, chat_template="chatml")
+        assert await pinned.describe() and pinned.chat_template.name == "chatml"
+        await engine.aclose()
+        await pinned.aclose()
+    finally:
+        standin.stop()
+
+
+def test_no_models_turn_markers_in_the_code():
+    markers = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
+    found = [
+        str(path.relative_to(ROOT))
+        for service in ("shared", "router_svc", "solver_svc", "verifier_svc", "client", "mesh")
+        for path in (ROOT / service / "src").rglob("*.py")
+        if any(marker in path.read_text() for marker in markers)
+    ]
+    assert found == []
+    assert {p.name for p in TEMPLATES_DIR.glob("*.jinja")} >= {"gemma.jinja", "chatml.jinja"}
