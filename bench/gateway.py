@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 from sglang_standin import FakeSGLang, StandIn  # noqa: E402  (the test double lives with the tests)
 
 SMG = pathlib.Path(sys.executable).parent / "smg"
+STEP_TEXT = "<checkpoint>2 + 3 = 5</checkpoint>\n"
 STRATEGIES = {
     "best_of_n_8": ("best_of_n", Budget(4000, 8, 4, 120, 120), SearchParams(samples=8)),
     "self_consistency_6": ("self_consistency", Budget(4000, 6, 4, 120, 120), SearchParams(samples=6)),
@@ -73,8 +74,10 @@ async def measure(policy: str) -> dict:
     try:
         for name, (strategy, budget, search) in STRATEGIES.items():
             FakeSGLang.reset()  # cold caches on both workers for each strategy
-            FakeSGLang.text = DEFAULT_TEXT
+            # Step strategies get one checkpoint per call, so their nodes are continued.
+            FakeSGLang.text = STEP_TEXT if strategy in ("beam", "mcts") else DEFAULT_TEXT
             engine = SGLangEngine(url)
+            await engine.describe()  # as the solver does at start: the model, hence its chat template
             core = SolverCore(engine, local_verifier(), answer_style="free")
             result = await core.solve(request(strategy, budget, search), no_progress)
             await engine.aclose()

@@ -9,6 +9,10 @@ notes in the design docs):
   of the wrong type or out of SGLang's range, or two grammars at once is HTTP 400, as SGLang
   refuses them.
 - ``sampling_params.n`` answers with a list of ``n`` results.
+- A prompt is ``text`` or ``input_ids``. Its tokens are its whitespace-separated words, each with
+  a stable id (``token_id``); ``output_ids`` are the generated words' ids, so ids sent back in
+  ``input_ids`` mean exactly the tokens they came from. With ``return_logprob`` and
+  ``logprob_start_len: 0`` the answer reports ``input_token_logprobs`` (the prompt's ids).
 - ``meta_info.cached_tokens`` emulates the radix cache: a prompt's longest prefix (in
   whitespace tokens) shared with a prompt seen before, at most ``prompt_tokens - 1``; nothing
   is cached for a prompt never seen.
@@ -49,6 +53,11 @@ MODEL = "google/gemma-3-270m-it"
 VERSION = "0.5.23"
 CONTEXT = 32768
 KV_TOKENS = 500_000
+
+
+def token_id(word: str) -> int:
+    """The stand-in's tokenizer: one token per whitespace-separated word, a stable id each."""
+    return int.from_bytes(word.encode()[:8].ljust(8, b"\0"), "big") % 1_000_003 + len(word) * 1_000_003
 
 
 class BadRequest(Exception):
@@ -134,7 +143,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         else:
             self._send(404, b"{}")
 
-    def _cached(self, tokens: list[str]) -> int:
+    def _cached(self, tokens: list[int]) -> int:
         """The longest prefix of ``tokens`` some earlier prompt shares (SGLang's radix match)."""
         best = 0
         for other in type(self).seen.get(self.server.server_address[1], []):
@@ -170,25 +179,30 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self._send(503, b'{"error": {"message": "the server is starting"}}')
             return
         try:
-            batch = isinstance(body.get("text"), list)
-            texts = body["text"] if batch else [body["text"]]
-            if not all(isinstance(t, str) for t in texts):
-                raise BadRequest("text must be a string or a list of strings")
+            if "input_ids" in body:
+                if "text" in body or not isinstance(body["input_ids"], list) or not all(isinstance(t, int) for t in body["input_ids"]):
+                    raise BadRequest("input_ids must be a list of token ids, and not given with text")
+                batch, prompts = False, [list(body["input_ids"])]
+            else:
+                batch = isinstance(body.get("text"), list)
+                texts = body["text"] if batch else [body["text"]]
+                if not all(isinstance(t, str) for t in texts):
+                    raise BadRequest("text must be a string or a list of strings")
+                prompts = [[token_id(w) for w in t.split()] for t in texts]
             raw = body.get("sampling_params", {})
             if isinstance(raw, list):
-                if not batch or len(raw) != len(texts):
+                if not batch or len(raw) != len(prompts):
                     raise BadRequest("sampling_params: a list needs a text list of the same length")
                 params = [check_sampling(p) for p in raw]
             else:
-                params = [check_sampling(raw)] * len(texts)
+                params = [check_sampling(raw)] * len(prompts)
         except (BadRequest, KeyError) as exc:
             message = str(exc) if isinstance(exc, BadRequest) else f"missing {exc}"
             self._send(400, json.dumps({"error": {"message": message}}).encode())
             return
         results = []
         with type(self).lock:
-            for prompt, p in zip(texts, params, strict=True):
-                tokens = prompt.split()
+            for tokens, p in zip(prompts, params, strict=True):
                 cached = self._cached(tokens)
                 copies = []
                 for i in range(p.get("n") or 1):
@@ -210,7 +224,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
                     }
                     if body.get("return_logprob"):
                         meta["output_token_logprobs"] = type(self).logprobs or [[-0.25, 1, None]] * generated
-                    copies.append({"text": answer, "output_ids": [1] * generated, "meta_info": meta})
+                        if body.get("logprob_start_len") == 0:
+                            meta["input_token_logprobs"] = [[None if k == 0 else -1.0, t, None] for k, t in enumerate(tokens)]
+                    output_ids = [token_id(w) for w in answer.split()]
+                    copies.append({"text": answer, "output_ids": output_ids, "meta_info": meta})
                 type(self).seen.setdefault(self.server.server_address[1], []).append(tokens)
                 results.append(copies if (p.get("n") or 1) > 1 else copies[0])
         if batch:

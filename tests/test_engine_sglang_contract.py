@@ -157,3 +157,34 @@ async def test_grammar_forced_tokens_are_not_counted_as_choices(sglang_url):
     (branch,) = await engine.generate(GenerationRequest("p q", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True))
     assert branch.logprob == pytest.approx(-2.0) and branch.logprob_tokens == 2
     await engine.aclose()
+
+
+async def test_a_continuation_sends_the_prefix_ids_and_the_parents_output_ids(sglang_url):
+    """A tree node's next step reuses its parent's generated tokens exactly: the prefix's ids are
+    learned once, then every continuation goes as input_ids, never as re-tokenised text."""
+    from sglang_standin import token_id
+
+    engine = SGLangEngine(sglang_url)
+    prefix = "instructions and the request <response>\n"
+    root = GenerationRequest(prefix, n=1, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=())
+    (first,) = await engine.generate(root)
+    assert first.output_ids == tuple(token_id(w) for w in first.text.split())
+    child = GenerationRequest(
+        prefix + first.text, n=2, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=first.output_ids
+    )
+    children = await engine.generate(child)
+    assert len([r for r in FakeSGLang.requests if r.get("logprob_start_len") == 0]) == 1  # learned once
+    fan_out = FakeSGLang.requests[-1]
+    assert "text" not in fan_out
+    assert fan_out["input_ids"] == [token_id(w) for w in prefix.split()] + list(first.output_ids)
+    # The parent's tokens were in the cache: every prompt token but the last is reused.
+    assert all(c.cached_tokens == c.prompt_tokens - 1 for c in children)
+    await engine.aclose()
+
+
+async def test_without_ids_from_the_server_continuations_go_as_text(sglang_url):
+    engine = SGLangEngine(sglang_url)
+    request = GenerationRequest("p q", n=1, sampling=SamplingParams(max_new_tokens=2), prefix="p q", continuation_ids=None)
+    await engine.generate(request)
+    assert all("text" in r and "input_ids" not in r for r in FakeSGLang.requests)
+    await engine.aclose()

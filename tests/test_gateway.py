@@ -16,9 +16,17 @@ import pytest_asyncio
 from conftest import service_env
 from sglang_standin import FakeSGLang, StandIn
 
+from opentelemetry import trace
+
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
+from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine.instant import DEFAULT_TEXT
+from rmesh.engine.sglang import SGLangEngine
+from rmesh.mesh.in_process import InProcessVerifier
 from rmesh.mesh.serve import start_services
+from rmesh.solver_svc.core import SolverCore
+from rmesh.solving import SolveRequest
+from rmesh.verifier_svc.core import VerifierCore
 
 SMG = pathlib.Path(sys.executable).parent / "smg"
 
@@ -117,3 +125,30 @@ async def test_a_worker_down_behind_the_gateway_is_routed_around(gateway, tmp_pa
     finally:
         for service in reversed(services):
             await service.stop(0)
+
+
+async def test_a_beam_search_continues_nodes_by_token_ids_through_the_gateway(gateway):
+    """Step strategies continue each node from its parent's generated ids (input_ids), and the
+    gateway passes them through to the worker holding the prefix."""
+    url, workers = gateway
+    FakeSGLang.text = "<checkpoint>2 + 3 = 5</checkpoint>\n"  # one step per call: nodes stay open
+    engine = SGLangEngine(url)
+    assert await engine.describe()  # the gateway answers /v1/models: the template follows the model
+    core = SolverCore(engine, InProcessVerifier(VerifierCore(), trace.get_tracer("test")))
+    request = SolveRequest(
+        problem="What is 2 + 3?", task=TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "7"}),)),
+        strategy="beam", budget=Budget(3000, 12, 3, 60, 60), search=SearchParams(beam_width=2, branching_factor=2),
+    )
+    result = await core.solve(request, _no_progress)
+    await engine.aclose()
+    by_ids = [w for r, w in zip(FakeSGLang.requests, FakeSGLang.workers, strict=True) if "input_ids" in r]
+    continued = [r for r in FakeSGLang.requests if "input_ids" in r and r["sampling_params"].get("max_new_tokens")]
+    assert result.candidates_evaluated > 2 and continued
+    # Token-id requests keep their affinity too: all of them reached the worker whose cache holds
+    # the prefix, so each continuation reused its parent's tokens.
+    assert len(set(by_ids)) == 1
+    assert result.usage.cached_tokens > 0
+
+
+async def _no_progress(_progress) -> None:
+    return None

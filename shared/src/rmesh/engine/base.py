@@ -55,6 +55,11 @@ class GenerationRequest:
     deadline: float | None = None
     # Sum the log-probability of each generated token (MCTS priors); costs a softmax per token.
     logprobs: bool = False
+    # A continuation: ``prompt`` is ``prefix`` followed by text the engine generated before, whose
+    # token ids are ``continuation_ids``. An engine that knows ``prefix``'s ids sends ids, so the
+    # parent's tokens are reused exactly, never re-tokenised (SGLang's ``input_ids``).
+    prefix: str | None = None
+    continuation_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class BranchResult:
     cached_tokens: int
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
     logprob: float = 0.0  # sum over generated tokens, when requested
+    output_ids: tuple[int, ...] = ()  # the generated tokens, where the engine reports them
     # How many tokens the model chose among alternatives (a grammar-forced token is no choice:
     # SGLang reports it as log-probability 0); None when every generated token counts.
     logprob_tokens: int | None = None

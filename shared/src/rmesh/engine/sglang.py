@@ -4,7 +4,9 @@ Every request carries one prompt (``text`` a string, ``sampling_params`` an obje
 shape SGLang's model gateways pass through. Branches share a prefix through SGLang's radix
 cache: each distinct prompt is first sent with ``max_new_tokens: 0`` so the tree holds it, then
 its branches go out as one request with ``sampling_params.n``, the copies sampled apart. Cached
-tokens come from ``meta_info.cached_tokens``. No ``sampling_seed`` is sent: SGLang uses it only
+tokens come from ``meta_info.cached_tokens``. A continuation (a tree node's next step) goes as
+``input_ids``: the prefix's ids, learned once, then the parent's generated ``output_ids``, so
+the parent's tokens are reused exactly. No ``sampling_seed`` is sent: SGLang uses it only
 under ``--enable-deterministic-inference``, and there all ``n`` copies of a request share it
 and come out identical.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from typing import Any
 
 import httpx
@@ -46,6 +49,14 @@ def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_toke
     return out
 
 
+# Continuation prefixes whose token ids are kept (one per distinct request prompt).
+PREFIX_IDS_KEPT = 256
+
+
+def _key(prompt: dict[str, Any]) -> tuple:
+    return ("ids", *prompt["input_ids"]) if "input_ids" in prompt else ("text", prompt["text"])
+
+
 def _finish_reason(meta: dict[str, Any]) -> str:
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else None
@@ -70,6 +81,8 @@ class SGLangEngine:
         self.context_length = 0
         self.kv_capacity_tokens = 0  # the server's KV pool, in tokens (max_total_num_tokens)
         self._configured_template = chat_template
+        # Token ids of continuation prefixes (prompt + the response's opening), newest last.
+        self._prefix_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._template = None if chat_template == "auto" else ChatTemplate.named(chat_template)
         self.stats = EngineStats()
 
@@ -141,19 +154,20 @@ class SGLangEngine:
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
         self.stats.jobs_started += 1
         deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
-        prompts = list(dict.fromkeys(r.prompt for r in requests))
         try:
+            inputs = await self._inputs(requests, deadline)
             # Warm the radix tree with every distinct prompt, then send each node's branches as
             # one request of n copies, all of which hit that prompt's cached prefix.
+            distinct = list({_key(i): i for i in inputs}.values())
             await asyncio.gather(
-                *(self._post("/generate", {"text": p, "sampling_params": {"max_new_tokens": 0}}, deadline) for p in prompts)
+                *(self._post("/generate", {**i, "sampling_params": {"max_new_tokens": 0}}, deadline) for i in distinct)
             )
             bodies = []
-            for r in requests:
+            for r, prompt in zip(requests, inputs, strict=True):
                 params = sampling_to_sglang(r.sampling, r.grammar)
                 if r.n != 1:
                     params["n"] = r.n
-                body: dict[str, Any] = {"text": r.prompt, "sampling_params": params}
+                body: dict[str, Any] = {**prompt, "sampling_params": params}
                 if r.logprobs:
                     body["return_logprob"] = True
                 bodies.append(body)
@@ -171,6 +185,36 @@ class SGLangEngine:
         self.stats.tokens_generated += sum(b.completion_tokens for group in grouped for b in group)
         return grouped
 
+    async def _inputs(self, requests: list[GenerationRequest], deadline: float | None) -> list[dict[str, Any]]:
+        """Each request's prompt as SGLang takes it: token ids for a continuation whose prefix's
+        ids are known (the parent's generated tokens are then reused exactly), else text. A
+        prefix's ids are learned once, from one warm-up that reports its input tokens."""
+        unknown = {r.prefix for r in requests if r.continuation_ids is not None and r.prefix and r.prefix not in self._prefix_ids}
+        if unknown:
+            learned = await asyncio.gather(*(self._learn_ids(prefix, deadline) for prefix in unknown))
+            for prefix, ids in zip(unknown, learned, strict=True):
+                if ids:
+                    self._prefix_ids[prefix] = ids
+                    while len(self._prefix_ids) > PREFIX_IDS_KEPT:
+                        self._prefix_ids.popitem(last=False)
+        out = []
+        for r in requests:
+            ids = self._prefix_ids.get(r.prefix) if r.prefix and r.continuation_ids is not None else None
+            out.append({"input_ids": [*ids, *r.continuation_ids]} if ids else {"text": r.prompt})
+        return out
+
+    async def _learn_ids(self, prefix: str, deadline: float | None) -> tuple[int, ...] | None:
+        body = {
+            "text": prefix, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0,
+        }
+        payload = await self._post("/generate", body, deadline)
+        item = payload[0] if isinstance(payload, list) and payload else payload
+        try:
+            entries = item["meta_info"]["input_token_logprobs"]
+            return tuple(int(entry[1]) for entry in entries)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None  # no ids from this server: continuations go as text
+
     @staticmethod
     def _branch(item: Any) -> BranchResult:
         try:
@@ -186,6 +230,7 @@ class SGLangEngine:
                 # SGLang's log-probabilities come after the grammar mask: a forced token is 0.
                 logprob_tokens=sum(1 for entry in logprobs if entry and entry[0] is not None and entry[0] < 0)
                 if logprobs else None,
+                output_ids=tuple(int(t) for t in item.get("output_ids") or ()),
             )
         except (KeyError, TypeError, ValueError, IndexError):
             raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None

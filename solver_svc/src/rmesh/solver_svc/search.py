@@ -62,6 +62,8 @@ class Node:
     tokens: int = 0  # generated tokens on the path from the root
     logprob: float = 0.0  # of the step that made this node
     logprob_tokens: int | None = None  # the step's freely chosen tokens; None: all of them
+    # The generated token ids from the root to here, where the engine reports them; None if not.
+    path_ids: tuple[int, ...] | None = None
     prior: float = 1.0
     visits: int = 0
     value_sum: float = 0.0
@@ -209,6 +211,8 @@ class SearchState:
                     expression_answer=self.expression_answer,
                 )
                 prompt = base + RESPONSE_OPEN + (parent.text if parent else "")
+                prefix = base + RESPONSE_OPEN
+                continuation = parent.path_ids if parent else ()
             else:
                 grammar = build_grammar(
                     request.evidence,
@@ -219,6 +223,7 @@ class SearchState:
                     expression_answer=self.expression_answer,
                 )
                 prompt = base
+                prefix, continuation = None, None
             generations.append(
                 GenerationRequest(
                     prompt=prompt,
@@ -231,6 +236,8 @@ class SearchState:
                     grammar=grammar,
                     deadline=self.deadline,
                     logprobs=logprobs,
+                    prefix=prefix,
+                    continuation_ids=continuation,
                 )
             )
         first_id = self.branches_started
@@ -257,6 +264,8 @@ class SearchState:
                     node = self._child(f"b{branch_number}", parent, result.text, result.completion_tokens, step)
                     node.logprob = result.logprob
                     node.logprob_tokens = result.logprob_tokens
+                    if step and result.output_ids and (parent is None or parent.path_ids is not None):
+                        node.path_ids = (parent.path_ids if parent else ()) + tuple(result.output_ids)
                     branch_number += 1
                     key = normalise_state(node.text)
                     if key in self.seen:
