@@ -21,7 +21,8 @@ notes in the design docs):
 - ``GET /health`` and ``/health_generate`` sleep 1 s before answering and answer 503 while the
   server is ``starting``; ``GET /ready`` answers at once (503 while starting).
 - ``/model_info``, ``/server_info``, ``/version`` and ``/v1/models`` describe the served model,
-  which is what SGLang's gateway reads to register a worker.
+  which is what SGLang's gateway reads to register a worker; ``/get_load`` says how many tokens
+  its KV holds (``load_tokens``).
 
 Fault modes: ``malformed`` (a body that is not JSON), ``delay`` (seconds before answering),
 ``drop`` (close the connection without an answer, as a dying process does), ``abort``,
@@ -105,6 +106,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
     text = "branch {i}"
     # The output_token_logprobs to report, when set; else -0.25 for every generated token.
     logprobs: list | None = None
+    # Tokens /get_load says the server's KV holds (its other clients' requests).
+    load_tokens = 0
     lock = threading.Lock()
 
     @classmethod
@@ -113,6 +116,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.malformed, cls.delay, cls.drop, cls.abort, cls.starting = False, 0.0, False, False, False
         cls.text = "branch {i}"
         cls.logprobs = None
+        cls.load_tokens = 0
 
     def log_message(self, *args):
         pass
@@ -135,6 +139,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
         elif self.path in ("/server_info", "/get_server_info"):
             info = {"model_path": MODEL, "tp_size": 1, "context_length": CONTEXT, "max_total_num_tokens": KV_TOKENS, "version": VERSION}
             self._send(200, json.dumps(info).encode())
+        elif self.path == "/get_load":
+            # SGLang's legacy shape: one entry per data-parallel rank.
+            load = [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": type(self).load_tokens}]
+            self._send(200, json.dumps(load).encode())
         elif self.path == "/version":
             self._send(200, json.dumps({"version": VERSION}).encode())
         elif self.path == "/v1/models":

@@ -89,12 +89,28 @@ async def test_engine_answering_normally_releases(sglang_mesh):
     assert outcome.released and outcome.answer == "5"
 
 
-async def test_the_solver_admits_against_the_engines_real_kv_pool(sglang_mesh):
-    """Not a made-up budget: the stand-in's /server_info reports a pool of 500 000 tokens."""
+async def test_the_solver_admits_against_the_engines_real_kv_pool_and_load(sglang_mesh):
+    """Not a made-up budget: the stand-in's /server_info reports a pool of 500 000 tokens, and
+    /get_load what its other clients hold."""
     service = next(s for s in sglang_mesh.services if s.name == "solver")
     engine = service.core.engine
     assert engine.model_name == "google/gemma-3-270m-it"
     assert service.core.kv_ledger.capacity == 500_000 * engine.kv_bytes_per_token
+    # Other clients of the same server fill most of its pool: this solver admits against what is left.
+    FakeSGLang.load_tokens = 499_000
+    for _ in range(50):
+        if service.core.kv_ledger.external:
+            break
+        await asyncio.sleep(0.1)
+    assert service.core.kv_ledger.external == 499_000 * engine.kv_bytes_per_token
+    error, _ = await status_of(sglang_mesh.router)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "held by the engine's other clients" in error.details()
+    FakeSGLang.load_tokens = 0
+    for _ in range(50):
+        if not service.core.kv_ledger.external:
+            break
+        await asyncio.sleep(0.1)
+    assert (await solve(sglang_mesh.router))[-1].outcome.released
 
 
 async def test_engine_dying_mid_search_is_unavailable_promptly_and_the_solver_recovers(sglang_mesh):

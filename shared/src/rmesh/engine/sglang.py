@@ -114,6 +114,17 @@ class SGLangEngine:
             self._template = ChatTemplate.for_model(self.model_name)
         return True
 
+    async def tokens_in_use(self) -> int | None:
+        """Tokens the server's KV holds now, summed over its data-parallel ranks (``/get_load``);
+        None when it does not say."""
+        load = await self._get_json("/get_load")
+        ranks = load if isinstance(load, list) else [load] if isinstance(load, dict) else []
+        try:
+            counts = [int(rank["num_tokens"]) for rank in ranks]
+        except (KeyError, TypeError, ValueError):
+            return None
+        return sum(counts) if counts else None
+
     async def _get_json(self, path: str):
         try:
             response = await self._client.get(path, timeout=10)

@@ -22,6 +22,8 @@ class KVLedger:
         self.capacity = capacity_bytes
         self.wait_seconds = wait_seconds
         self.in_use = 0
+        # KV the engine holds for others (other solvers on one SGLang server), as it last said.
+        self.external = 0
         self._changed = asyncio.Condition()
         metrics.KV_CAPACITY.set(capacity_bytes)
 
@@ -30,6 +32,13 @@ class KVLedger:
         async with self._changed:
             self.capacity = capacity_bytes
             metrics.KV_CAPACITY.set(capacity_bytes)
+            self._changed.notify_all()
+
+    async def set_external(self, nbytes: int) -> None:
+        """The engine's own count of KV in use, less this solver's reservations: admit against
+        what is really free on a server other solvers share."""
+        async with self._changed:
+            self.external = max(0, nbytes)
             self._changed.notify_all()
 
     @asynccontextmanager
@@ -42,12 +51,15 @@ class KVLedger:
         wait = self.wait_seconds if max_wait is None else max(0.0, min(self.wait_seconds, max_wait))
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.in_use + nbytes <= self.capacity), wait)
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.in_use + self.external + nbytes <= self.capacity), wait
+                )
             except TimeoutError:
                 raise ResourceExhausted(
-                    f"KV budget busy: {nbytes} bytes needed, {self.capacity - self.in_use} of "
-                    f"{self.capacity} free after waiting {wait:.1f}s",
-                    [QuotaViolation(SUBJECT, f"needs {nbytes}, {self.capacity - self.in_use} free")],
+                    f"KV budget busy: {nbytes} bytes needed, {self.capacity - self.in_use - self.external} of "
+                    f"{self.capacity} free after waiting {wait:.1f}s"
+                    + (f" ({self.external} held by the engine's other clients)" if self.external else ""),
+                    [QuotaViolation(SUBJECT, f"needs {nbytes}, {self.capacity - self.in_use - self.external} free")],
                 ) from None
             self.in_use += nbytes
             metrics.KV_IN_USE.set(self.in_use)

@@ -64,6 +64,19 @@ async def start_solver(
     return service
 
 
+async def follow_engine_load(engine: Engine, ledger: KVLedger) -> None:
+    """On a shared SGLang server, KV held by other solvers counts against this one's budget."""
+    tokens_in_use = getattr(engine, "tokens_in_use", None)
+    if tokens_in_use is None:
+        return
+    try:
+        tokens = await asyncio.wait_for(tokens_in_use(), ENGINE_HEALTH_TIMEOUT_SECONDS)
+    except Exception:
+        return
+    if tokens is not None:
+        await ledger.set_external(tokens * engine.kv_bytes_per_token - ledger.in_use)
+
+
 async def adopt_engine_limits(engine: Engine, ledger: KVLedger | None) -> None:
     """An engine that can describe itself (SGLang) sets the model name and the KV budget: the
     solver admits requests against the server's real KV pool, not a guess."""
@@ -90,6 +103,8 @@ async def follow_engine_health(engine: Engine, service: RunningService, interval
             healthy = await asyncio.wait_for(engine.healthy(), ENGINE_HEALTH_TIMEOUT_SECONDS)
         except Exception:
             healthy = False
+        if healthy and ledger is not None:
+            await follow_engine_load(engine, ledger)
         if healthy != serving:
             serving = healthy
             if healthy:
