@@ -26,7 +26,7 @@ notes in the design docs):
 
 Fault modes: ``malformed`` (a body that is not JSON), ``delay`` (seconds before answering),
 ``drop`` (close the connection without an answer, as a dying process does), ``abort``,
-``starting``.
+``starting``, ``fail_status`` (every /generate answered with that HTTP status).
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
     logprobs: list | None = None
     # Tokens /get_load says the server's KV holds (its other clients' requests).
     load_tokens = 0
+    # Answer every /generate with this HTTP status and an error body (a server refusing work).
+    fail_status = 0
     lock = threading.Lock()
 
     @classmethod
@@ -117,6 +119,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.text = "branch {i}"
         cls.logprobs = None
         cls.load_tokens = 0
+        cls.fail_status = 0
 
     def log_message(self, *args):
         pass
@@ -185,6 +188,9 @@ class FakeSGLang(BaseHTTPRequestHandler):
             return
         if type(self).starting:
             self._send(503, b'{"error": {"message": "the server is starting"}}')
+            return
+        if type(self).fail_status:
+            self._send(type(self).fail_status, json.dumps({"error": {"message": f"refused with {type(self).fail_status}"}}).encode())
             return
         try:
             if "input_ids" in body:

@@ -161,6 +161,16 @@ async def test_engine_slower_than_the_deadline_is_deadline_exceeded_promptly(sgl
     assert took < 4
 
 
+@pytest.mark.parametrize("status", [400, 422, 500])
+async def test_engine_refusing_the_request_is_unavailable_naming_sglang_and_its_message(sglang_mesh, status):
+    FakeSGLang.fail_status = status
+    error, took = await status_of(sglang_mesh.router)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and took < 10
+    assert f"SGLang /generate answered {status}" in error.details() and f"refused with {status}" in error.details()
+    FakeSGLang.fail_status = 0
+    assert (await solve(sglang_mesh.router))[-1].outcome.released
+
+
 async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
     router = sglang_mesh.router
     FakeSGLang.malformed = True

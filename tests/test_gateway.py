@@ -12,6 +12,7 @@ import sys
 
 import grpc
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest_asyncio
 from conftest import service_env
 from sglang_standin import FakeSGLang, StandIn
@@ -63,10 +64,11 @@ async def gateway():
                 raise AssertionError("the gateway never registered its workers")
         FakeSGLang.reset()
         FakeSGLang.text = DEFAULT_TEXT
-        yield url, {w.port: w for w in workers}
+        yield url, {w.port: w for w in workers}, process
     finally:
-        process.terminate()
-        await process.wait()
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
         for worker in workers:
             worker.stop()
 
@@ -81,7 +83,7 @@ async def solve(router: str, problem: str) -> router_pb2.Outcome:
 
 
 async def test_a_solve_through_the_real_gateway_keeps_each_prompt_on_one_worker(gateway, tmp_path):
-    url, workers = gateway
+    url, workers, _ = gateway
     services = await start_services(("verifier", "solver", "router"), service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=url))
     try:
         router = f"127.0.0.1:{services[-1].port}"
@@ -101,7 +103,7 @@ async def test_a_solve_through_the_real_gateway_keeps_each_prompt_on_one_worker(
 
 
 async def test_a_worker_down_behind_the_gateway_is_routed_around(gateway, tmp_path):
-    url, workers = gateway
+    url, workers, _ = gateway
     services = await start_services(
         ("verifier", "solver", "router"),
         service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=url, RMESH_ENGINE_HEALTH_SECONDS="0.5"),
@@ -130,7 +132,7 @@ async def test_a_worker_down_behind_the_gateway_is_routed_around(gateway, tmp_pa
 async def test_a_beam_search_continues_nodes_by_token_ids_through_the_gateway(gateway):
     """Step strategies continue each node from its parent's generated ids (input_ids), and the
     gateway passes them through to the worker holding the prefix."""
-    url, workers = gateway
+    url, workers, _ = gateway
     FakeSGLang.text = "<checkpoint>2 + 3 = 5</checkpoint>\n"  # one step per call: nodes stay open
     engine = SGLangEngine(url)
     assert await engine.describe()  # the gateway answers /v1/models: the template follows the model
@@ -152,3 +154,34 @@ async def test_a_beam_search_continues_nodes_by_token_ids_through_the_gateway(ga
 
 async def _no_progress(_progress) -> None:
     return None
+
+
+async def test_the_gateway_down_is_unavailable_and_the_solver_stops_serving(gateway, tmp_path):
+    url, _, process = gateway
+    services = await start_services(
+        ("verifier", "solver", "router"),
+        service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=url, RMESH_ENGINE_HEALTH_SECONDS="0.3"),
+    )
+    solver = next(s for s in services if s.name == "solver")
+    try:
+        router = f"127.0.0.1:{services[-1].port}"
+        assert (await solve(router, "What is 2 + 3?")).released
+        process.terminate()
+        await process.wait()
+        try:
+            await solve(router, "What is 2 + 3?")
+            raise AssertionError("released without an engine")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert error.details().startswith("solver unavailable: UNAVAILABLE: SGLang engine at")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{solver.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(50):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        for service in reversed(services):
+            await service.stop(0)
