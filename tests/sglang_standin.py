@@ -1,8 +1,8 @@
 """A stand-in for SGLang's native HTTP API, for tests on machines without a GPU.
 
 It is a test double, not SGLang, and it is at least as strict as SGLang 0.5.23 where the mesh
-depends on it (checked against ``sglang/srt/sampling/sampling_params.py`` and the reference
-notes in the design docs):
+depends on it (checked against ``sglang/srt/sampling/sampling_params.py`` in the 0.5.23 wheel,
+and the reference notes in the design docs):
 
 - ``POST /generate`` takes ``text`` (a string, or a list for a batch) and ``sampling_params``
   (an object, or a list as long as the batch). A sampling key SGLang does not define, a value
@@ -37,7 +37,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-# SGLang's API sampling parameters and their JSON types (sampling_params.py).
+# SGLang's API sampling parameters and their JSON types: the fields of SamplingParams in the
+# sglang 0.5.23 wheel (sglang/srt/sampling/sampling_params.py). That module cannot be imported
+# here (it imports torch through the watermarking package), so its field list is copied.
 SAMPLING_KEYS: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,), "stop_regex": (str, list),
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
@@ -45,7 +47,8 @@ SAMPLING_KEYS: dict[str, tuple[type, ...]] = {
     "min_new_tokens": (int,), "n": (int,), "json_schema": (str,), "regex": (str,), "ebnf": (str,),
     "structural_tag": (str,), "ignore_eos": (bool,), "skip_special_tokens": (bool,),
     "spaces_between_special_tokens": (bool,), "no_stop_trim": (bool,), "custom_params": (dict,),
-    "stream_interval": (int,), "logit_bias": (dict,), "sampling_seed": (int,),
+    "stream_interval": (int,), "logit_bias": (dict,), "sampling_seed": (int,), "beam_width": (int,),
+    "watermark": (dict,),
 }
 
 
