@@ -30,10 +30,13 @@ POSTGRES = os.environ.get("RMESH_TEST_POSTGRES_URL", "")
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        return SQLiteReviewStore(tmp_path / "reviews.sqlite3")
-    if not POSTGRES:
+        opened = SQLiteReviewStore(tmp_path / "reviews.sqlite3")
+    elif not POSTGRES:
         pytest.skip("RMESH_TEST_POSTGRES_URL is not set (.ci/run starts a real PostgreSQL and sets it)")
-    return PostgresReviewStore(POSTGRES)
+    else:
+        opened = PostgresReviewStore(POSTGRES)
+    yield opened
+    opened.close()  # PostgreSQL's pool: its worker threads end with it
 
 
 def tenant() -> str:

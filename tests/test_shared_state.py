@@ -35,12 +35,27 @@ pytestmark = pytest.mark.skipif(not POSTGRES, reason="RMESH_TEST_POSTGRES_URL is
 RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
 
 
+@pytest.fixture
+def admission():
+    """Make SharedAdmission instances (each its own pool, as separate routers have); all are
+    closed after the test."""
+    made: list[SharedAdmission] = []
+
+    def make(**options) -> SharedAdmission:
+        made.append(SharedAdmission(POSTGRES, **options))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
 def tenant_name() -> str:
     return f"t{uuid.uuid4().hex[:10]}"  # PostgreSQL keeps rows across tests: each test its own tenant
 
 
-async def test_two_routers_share_one_concurrency_cap_and_token_window():
-    routers = [SharedAdmission(POSTGRES), SharedAdmission(POSTGRES)]
+async def test_two_routers_share_one_concurrency_cap_and_token_window(admission):
+    routers = [admission(), admission()]
     tenant = tenant_name()
     quotas = Quotas(max_concurrent=4, tokens_per_window=100_000, window_seconds=60)
     admitted, refused, peak, live = 0, 0, 0, 0
@@ -74,12 +89,12 @@ async def test_two_routers_share_one_concurrency_cap_and_token_window():
     assert "would be exceeded (0 used, 900 reserved, 300 asked)" in info.value.message
 
 
-async def test_a_dead_routers_reservations_return_within_the_lease():
+async def test_a_dead_routers_reservations_return_within_the_lease(admission):
     tenant = tenant_name()
     quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
-    dead = SharedAdmission(POSTGRES, lease_seconds=2.0)
+    dead = admission(lease_seconds=2.0)
     await asyncio.to_thread(dead._reserve, tenant, quotas, 500)  # admitted, then never heard from again
-    alive = SharedAdmission(POSTGRES, lease_seconds=2.0)
+    alive = admission(lease_seconds=2.0)
     with pytest.raises(ResourceExhausted):
         async with alive.admit(tenant, quotas, 100):
             pass
@@ -90,10 +105,10 @@ async def test_a_dead_routers_reservations_return_within_the_lease():
     assert alive.usage(tenant, 60) == (0, 0, 10)
 
 
-async def test_a_heartbeat_keeps_a_long_request_admitted():
+async def test_a_heartbeat_keeps_a_long_request_admitted(admission):
     tenant = tenant_name()
     quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
-    router = SharedAdmission(POSTGRES, lease_seconds=1.5)
+    router = admission(lease_seconds=1.5)
     beating = asyncio.create_task(router.heartbeat())
     try:
         async with router.admit(tenant, quotas, 100) as record:
@@ -101,7 +116,7 @@ async def test_a_heartbeat_keeps_a_long_request_admitted():
             await asyncio.sleep(3.0)  # twice the lease: only the heartbeat keeps it
             assert router.usage(tenant, 60) == (1, 100, 0)
             with pytest.raises(ResourceExhausted):
-                async with SharedAdmission(POSTGRES).admit(tenant, quotas, 100):
+                async with admission().admit(tenant, quotas, 100):
                     pass
     finally:
         beating.cancel()
