@@ -113,6 +113,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
     load_tokens = 0
     # Answer every /generate with this HTTP status and an error body (a server refusing work).
     fail_status = 0
+    model = MODEL  # the model it says it serves
     lock = threading.Lock()
 
     @classmethod
@@ -123,6 +124,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.logprobs = None
         cls.load_tokens = 0
         cls.fail_status = 0
+        cls.model = MODEL
 
     def log_message(self, *args):
         pass
@@ -141,9 +143,13 @@ class FakeSGLang(BaseHTTPRequestHandler):
         elif self.path == "/ready":
             self._send(503 if type(self).starting else 200, b"{}")
         elif self.path in ("/model_info", "/get_model_info"):
-            self._send(200, json.dumps({"model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True}).encode())
+            model = type(self).model
+            self._send(200, json.dumps({"model_path": model, "tokenizer_path": model, "is_generation": True}).encode())
         elif self.path in ("/server_info", "/get_server_info"):
-            info = {"model_path": MODEL, "tp_size": 1, "context_length": CONTEXT, "max_total_num_tokens": KV_TOKENS, "version": VERSION}
+            info = {
+                "model_path": type(self).model, "tp_size": 1, "context_length": CONTEXT, "max_total_num_tokens": KV_TOKENS,
+                "version": VERSION,
+            }
             self._send(200, json.dumps(info).encode())
         elif self.path == "/get_load":
             # SGLang's legacy shape: one entry per data-parallel rank.
@@ -152,7 +158,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         elif self.path == "/version":
             self._send(200, json.dumps({"version": VERSION}).encode())
         elif self.path == "/v1/models":
-            model = {"id": MODEL, "object": "model", "owned_by": "sglang", "root": MODEL, "max_model_len": CONTEXT}
+            model = {"id": type(self).model, "object": "model", "owned_by": "sglang", "root": type(self).model, "max_model_len": CONTEXT}
             self._send(200, json.dumps({"object": "list", "data": [model]}).encode())
         else:
             self._send(404, b"{}")

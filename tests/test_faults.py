@@ -181,6 +181,54 @@ async def test_engine_returning_malformed_json_is_unavailable(sglang_mesh):
     assert (await solve(router))[-1].outcome.released
 
 
+async def test_a_solver_waits_for_its_engine_to_say_which_model_it_serves(tmp_path):
+    """Started before SGLang: alive but not ready; ready once SGLang answers and names a model of
+    a known family; not ready again, saying why, when the model has no known template."""
+    FakeSGLang.reset()
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    standin = StandIn(port.getsockname()[1])
+    port.close()
+    services = await start_services(
+        ("verifier", "solver"),
+        service_env(tmp_path, RMESH_ENGINE="sglang", RMESH_SGLANG_URL=standin.url, RMESH_ENGINE_HEALTH_SECONDS="0.3"),
+    )
+    solver = next(s for s in services if s.name == "solver")
+
+    async def status(service: str = "") -> int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{solver.port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return reply.status
+
+    async def becomes(wanted: int) -> int:
+        for _ in range(60):
+            if await status() == wanted:
+                break
+            await asyncio.sleep(0.2)
+        return await status()
+
+    try:
+        assert await becomes(health_pb2.HealthCheckResponse.NOT_SERVING) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status("rmesh.live") == health_pb2.HealthCheckResponse.SERVING  # alive: no restart
+        standin.start()
+        assert await becomes(health_pb2.HealthCheckResponse.SERVING) == health_pb2.HealthCheckResponse.SERVING
+        engine = solver.core.engine
+        assert engine.model_name == "google/gemma-3-270m-it" and engine.chat_template.name == "gemma"
+        FakeSGLang.model = "meta-llama/Llama-3.1-8B-Instruct"
+        standin.stop()
+        assert await becomes(health_pb2.HealthCheckResponse.NOT_SERVING) == health_pb2.HealthCheckResponse.NOT_SERVING
+        standin.start()
+        await asyncio.sleep(1.5)
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert engine.template_problem().startswith(
+            "the served model meta-llama/Llama-3.1-8B-Instruct is of no family with a shipped chat template"
+        )
+    finally:
+        for service in reversed(services):
+            await service.stop(0)
+        standin.stop()
+
+
 # -- the verifier and the solver ----------------------------------------------------------------------
 
 

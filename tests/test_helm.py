@@ -169,7 +169,7 @@ def test_the_secure_scenario_uses_mutual_tls_and_a_separate_code_verifier():
         assert volumes["mesh-tls"]["secret"]["secretName"] == "rmesh-mesh-tls"
     assert env_of(found["rm-reasoning-mesh-router"])["RMESH_TLS_CERT"] == "/etc/rmesh/public-tls/tls.crt"
     for caller in ("router", "solver"):
-        assert env_of(found[f"rm-reasoning-mesh-{caller}"])["RMESH_CODE_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-code-verifier:50053"
+        assert env_of(found[f"rm-reasoning-mesh-{caller}"])["RMESH_CODE_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-code-verifier-pods:50053"
     assert env_of(found["rm-reasoning-mesh-verifier"])["RMESH_PYTHON_TESTS"] == "off"
     code = found["rm-reasoning-mesh-code-verifier"]["spec"]["template"]["spec"]
     assert env_of(found["rm-reasoning-mesh-code-verifier"])["RMESH_PYTHON_TESTS"] == "on"
@@ -184,7 +184,7 @@ def test_the_secure_scenario_uses_mutual_tls_and_a_separate_code_verifier():
 def test_the_engine_loads_gated_models_survives_slow_starts_and_rolls_out_without_a_spare_gpu():
     docs = render({"engine": {"sglang": {"hfTokenSecret": "hf", "modelCache": {"existingClaim": "weights"}}}})
     engine = deployments(docs)["rm-reasoning-mesh-sglang"]
-    assert engine["spec"]["strategy"] == {"type": "Recreate"}
+    assert engine["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     pod = engine["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "lmsysorg/sglang:v0.5.23-cu130"
@@ -216,17 +216,36 @@ def test_reviews_outlive_the_router_pod_and_calls_spread_over_pods():
     claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     assert claim["metadata"]["name"] == "rm-reasoning-mesh-reviews"
     router = deployments(docs)["rm-reasoning-mesh-router"]
-    assert router["spec"]["strategy"] == {"type": "Recreate"}
+    assert router["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     volumes = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
     assert volumes["reviews"]["persistentVolumeClaim"]["claimName"] == "rm-reasoning-mesh-reviews"
     env = env_of(router)
-    assert env["RMESH_SOLVER_ADDR"] == "dns:///rm-reasoning-mesh-solver:50052"
-    assert env["RMESH_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-verifier:50053"
+    assert env["RMESH_SOLVER_ADDR"] == "dns:///rm-reasoning-mesh-solver-pods:50052"
+    assert env["RMESH_VERIFIER_ADDR"] == "dns:///rm-reasoning-mesh-verifier-pods:50053"
     services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
-    assert services["rm-reasoning-mesh-solver"]["clusterIP"] == "None" == services["rm-reasoning-mesh-verifier"]["clusterIP"]
-    assert "clusterIP" not in services["rm-reasoning-mesh-router"]
+    # Headless Services beside the ClusterIP ones, whose clusterIP an upgrade could not change.
+    assert services["rm-reasoning-mesh-solver-pods"]["clusterIP"] == "None" == services["rm-reasoning-mesh-verifier-pods"]["clusterIP"]
+    assert not any("clusterIP" in services[f"rm-reasoning-mesh-{c}"] for c in ("router", "solver", "verifier"))
     # With PostgreSQL there is no claim and routers roll out as usual.
     scenario = yaml.safe_load((CHART / "ci" / "multi-router-postgres-values.yaml").read_text())
     docs = render(scenario)
     assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     assert "strategy" not in deployments(docs)["rm-reasoning-mesh-router"]["spec"]
+
+
+def test_liveness_reads_its_own_entry_so_a_solver_waiting_for_its_engine_is_not_restarted():
+    for name, deployment in deployments(render({})).items():
+        if name.endswith("sglang"):
+            continue
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["grpc"] == {"port": 8081, "service": "rmesh.live"}
+        assert "service" not in container["readinessProbe"]["grpc"]  # readiness follows the engine
+
+
+def test_the_default_engine_model_needs_no_token_and_networkpolicy_covers_the_engine():
+    engine = deployments(render({}))["rm-reasoning-mesh-sglang"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-path=Qwen/Qwen2.5-0.5B-Instruct" in engine["args"]
+    assert "HF_TOKEN" not in {e["name"] for e in engine["env"]}
+    docs = render({"networkPolicy": {"enabled": True}, "engine": {"gateway": {"enabled": True}, "sglang": {"replicas": 2}}})
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert {"rm-reasoning-mesh-sglang", "rm-reasoning-mesh-gateway", "rm-reasoning-mesh-solver"} <= policies

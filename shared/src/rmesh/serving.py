@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 from rmesh import grpc_edge, metrics
@@ -25,6 +26,8 @@ from rmesh.telemetry import tracer_provider
 
 log = logging.getLogger("rmesh.serve")
 EXIT_CONFIG = 2
+# The health entry liveness probes read: SERVING while the process runs.
+LIVENESS_HEALTH = "rmesh.live"
 
 
 @dataclass
@@ -78,6 +81,8 @@ async def start_server(
         health_server, _ = grpc_edge.create_health_server(settings.health_address, health)
     await server.start()
     service = RunningService(name, server, port, health, names, provider)
+    # Liveness, apart from readiness: a solver whose engine is away is alive, only not ready.
+    await health.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
     if health_server is not None:
         await health_server.start()
         service.health_server = health_server
@@ -141,6 +146,7 @@ def main(prog: str, start: StartFn, env: Mapping[str, str] | None = None) -> int
     # model loads, and is only killed when the stop timeout runs out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per engine call
     try:
         asyncio.run(run_forever(start, env))
     except KeyboardInterrupt:

@@ -49,6 +49,11 @@ async def start_router(
     # With PostgreSQL the tenants' caps hold across every router sharing it; else in memory.
     shared = isinstance(store, PostgresReviewStore)
     admission = SharedAdmission(store.url, admission_lease_seconds, store.pool) if shared else Admission()
+    log.info(
+        "tenant quotas: %s",
+        f"shared by every router on this PostgreSQL (lease {admission_lease_seconds:.0f} s)" if shared
+        else "this router's own (one router; set a postgresql:// RMESH_REVIEW_DB to share them)",
+    )
     core = RouterCore(
         verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store
     )

@@ -89,17 +89,30 @@ class SGLangEngine:
     @property
     def chat_template(self) -> ChatTemplate:
         if self._template is None:
-            raise Unavailable(
+            raise Unavailable(self.template_problem())
+        return self._template
+
+    def template_problem(self) -> str:
+        """Why no chat template is known yet, or "" when one is."""
+        if self._template is not None:
+            return ""
+        if self.model_name == "sglang":
+            return (
                 f"SGLang at {self.base_url} has not said which model it serves yet (/server_info), so its chat "
                 "template is unknown; set RMESH_CHAT_TEMPLATE to name it"
             )
-        return self._template
+        return (
+            f"the served model {self.model_name} is of no family with a shipped chat template; set "
+            "RMESH_CHAT_TEMPLATE to a shipped name or a Jinja file"
+        )
 
     async def describe(self) -> bool:
         """Read the served model and its limits: ``/server_info`` on an SGLang server; through a
         gateway, which does not forward it, the model's name from ``/v1/models``. False when
         neither answers."""
         info = await self._get_json("/server_info")
+        if not (isinstance(info, dict) and info.get("model_path")):
+            info = await self._get_json("/get_server_info")  # the older path, which gateways forward
         if isinstance(info, dict) and info.get("model_path"):
             self.model_name = str(info["model_path"])
             self.context_length = int(info.get("context_length") or 0)

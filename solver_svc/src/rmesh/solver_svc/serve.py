@@ -103,14 +103,24 @@ async def follow_engine_health(engine: Engine, service: RunningService, interval
             healthy = await asyncio.wait_for(engine.healthy(), ENGINE_HEALTH_TIMEOUT_SECONDS)
         except Exception:
             healthy = False
+        problem = template_problem(engine)
+        if healthy and (not serving or problem):
+            # Back, or never described: read the model (hence its template) and its limits again.
+            await adopt_engine_limits(engine, ledger)
+            problem = template_problem(engine)
         if healthy and ledger is not None:
             await follow_engine_load(engine, ledger)
-        if healthy != serving:
-            serving = healthy
-            if healthy:
-                await adopt_engine_limits(engine, ledger)  # a restarted server may have other limits
-            log.warning("engine %s: solver now %s", "answers again" if healthy else "unreachable", "SERVING" if healthy else "NOT_SERVING")
-            await grpc_edge.set_serving(service.health, service.service_names, healthy)
+        ready = healthy and not problem
+        if ready != serving:
+            serving = ready
+            why = "answers again" if ready else ("unreachable" if not healthy else problem)
+            log.warning("engine %s: solver now %s", why, "SERVING" if ready else "NOT_SERVING")
+            await grpc_edge.set_serving(service.health, service.service_names, ready)
+
+
+def template_problem(engine: Engine) -> str:
+    check = getattr(engine, "template_problem", None)
+    return check() if check is not None else ""
 
 
 async def start(env: Mapping[str, str]) -> list[RunningService]:
