@@ -188,3 +188,12 @@ async def test_without_ids_from_the_server_continuations_go_as_text(sglang_url):
     await engine.generate(request)
     assert all("text" in r and "input_ids" not in r for r in FakeSGLang.requests)
     await engine.aclose()
+
+
+async def test_an_engine_reporting_more_tokens_than_it_could_generate_is_malformed(sglang_url):
+    FakeSGLang.logprobs = [[-0.1, 1, None]] * 50
+    engine = SGLangEngine(sglang_url)
+    with pytest.raises(Unavailable) as info:
+        await engine.generate(GenerationRequest("p q", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True))
+    assert "token counts out of range" in info.value.message
+    await engine.aclose()

@@ -323,3 +323,51 @@ def test_postgresql_schema_is_versioned_and_a_newer_one_is_refused():
         with psycopg.connect(POSTGRES, autocommit=True) as connection:
             connection.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
         store.close()
+
+
+async def test_a_caller_leaving_mid_admission_leaves_no_reservation_behind(admission):
+    """A deadline or a cancel while the reservation waits for the tenant's lock: once it commits,
+    its row is closed at once, not left holding the tenant's capacity until its lease ends."""
+    import psycopg
+
+    tenant = tenant_name()
+    quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
+    router = admission()
+
+    async def hold() -> None:
+        async with router.admit(tenant, quotas, 100):
+            await asyncio.sleep(30)
+
+    with psycopg.connect(POSTGRES, autocommit=True) as blocker:
+        blocker.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (tenant,))
+        waiting = asyncio.create_task(hold())
+        await asyncio.sleep(0.3)
+        waiting.cancel()
+        blocker.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (tenant,))
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(1.0)  # the reservation commits once the lock is free, then is closed
+    assert router.usage(tenant, 60) == (0, 0, 0)
+    async with router.admit(tenant, quotas, 100):
+        pass
+
+
+async def test_postgresql_answering_with_an_error_fails_closed_instead_of_falling_back(admission):
+    """A lock timeout is PostgreSQL answering, not PostgreSQL gone: no local ledger then, which
+    would let every router admit the tenant's whole cap on its own."""
+    import psycopg
+
+    tenant = tenant_name()
+    quotas = Quotas(max_concurrent=1, tokens_per_window=100_000, window_seconds=60)
+    separator = "&" if "?" in POSTGRES else "?"
+    impatient = SharedAdmission(f"{POSTGRES}{separator}options=-c%20lock_timeout%3D100ms")
+    try:
+        with psycopg.connect(POSTGRES, autocommit=True) as blocker:
+            blocker.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (tenant,))
+            with pytest.raises(Unavailable) as info:
+                async with impatient.admit(tenant, quotas, 100):
+                    pass
+            blocker.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (tenant,))
+        assert f"tenant {tenant}: quotas could not be checked" in info.value.message
+    finally:
+        impatient.close()

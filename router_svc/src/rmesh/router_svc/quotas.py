@@ -20,7 +20,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from rmesh.errors import QuotaViolation, ResourceExhausted
+from rmesh.errors import QuotaViolation, ResourceExhausted, Unavailable
 from rmesh.router_svc.policy.model import Quotas
 
 log = logging.getLogger("rmesh.router")
@@ -85,6 +85,20 @@ class Admission:
             ledger.spend(self._clock(), actual["tokens"])
 
 
+_SCHEMA_LOCK = 7_414_200_002
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """PostgreSQL unreachable (no connection, a pool timeout, a broken link: SQLSTATE class 08 or
+    none), as opposed to a server that answered with an error."""
+    state = getattr(exc, "sqlstate", None)
+    return state is None or state.startswith("08")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 class SharedAdmission:
     """The same caps held across every router replica, in PostgreSQL.
 
@@ -125,7 +139,10 @@ class SharedAdmission:
         # being served, and a tenant can then get up to (routers) x its caps until it returns.
         self.fallback = Admission()
         self._warned = 0.0
-        with self._pool.connection() as connection:
+        self._orphans: set[asyncio.Future] = set()
+        with self._pool.connection() as connection, connection.transaction():
+            # Under a lock: routers starting together on a fresh database create the table once.
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 connection.execute(statement)
 
@@ -183,6 +200,15 @@ class SharedAdmission:
                 (used, admission_id),
             )
 
+    def _release_orphan(self, reserving: asyncio.Future) -> None:
+        """A reservation whose caller left before it committed: close its row at once."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        admission_id = reserving.result()
+        task = asyncio.ensure_future(asyncio.to_thread(self._release, admission_id, 0))
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
+
     def heartbeat_once(self) -> None:
         """Report every live request's use and extend its lease."""
         rows = [(state["used"], self.lease_seconds, admission_id) for admission_id, state in list(self._live.items())]
@@ -217,9 +243,18 @@ class SharedAdmission:
 
     @asynccontextmanager
     async def admit(self, tenant: str, quotas: Quotas, tokens: int):
+        reserving = asyncio.ensure_future(asyncio.to_thread(self._reserve, tenant, quotas, tokens))
         try:
-            admission_id = await asyncio.to_thread(self._reserve, tenant, quotas, tokens)
+            # Shielded: a caller that gives up mid-reservation must not leave a row nobody owns.
+            admission_id = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(self._release_orphan)
+            raise
         except self._unreachable as exc:
+            if not _connection_lost(exc):
+                # PostgreSQL answered but could not decide (a lock or statement timeout, a
+                # deadlock): fail closed rather than admit on this router's own ledger.
+                raise Unavailable(f"tenant {tenant}: quotas could not be checked ({_first_line(exc)})") from None
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("PostgreSQL unreachable (%s): admitting on this router's own ledger", str(exc).splitlines()[0][:200])

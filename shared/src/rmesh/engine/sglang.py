@@ -77,6 +77,9 @@ class SGLangEngine:
         # SGLang does not report the served model's layout; the configuration gives it.
         self.kv = kv or KVGeometry(layers=18, kv_heads=1, head_dim=256)
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=None)
+        # Health and model questions on connections of their own: busy generations never
+        # starve them (a pool full of long /generate calls would read as an engine down).
+        self._probe = httpx.AsyncClient(base_url=self.base_url, timeout=10)
         self.model_name = "sglang"  # until describe() reads the served model's path
         self.context_length = 0
         self.kv_capacity_tokens = 0  # the server's KV pool, in tokens (max_total_num_tokens)
@@ -113,16 +116,23 @@ class SGLangEngine:
         info = await self._get_json("/server_info")
         if not (isinstance(info, dict) and info.get("model_path")):
             info = await self._get_json("/get_server_info")  # the older path, which gateways forward
+        previous = self.model_name
         if isinstance(info, dict) and info.get("model_path"):
-            self.model_name = str(info["model_path"])
-            self.context_length = int(info.get("context_length") or 0)
-            self.kv_capacity_tokens = int(info.get("max_total_num_tokens") or 0)
+            self.model_name = str(info["model_path"])[:512]
+            try:
+                self.context_length = max(0, int(info.get("context_length") or 0))
+                # A pool that is not a positive count is no answer: keep the configured budget.
+                self.kv_capacity_tokens = max(0, int(info.get("max_total_num_tokens") or 0))
+            except (TypeError, ValueError):
+                self.context_length = self.kv_capacity_tokens = 0
         else:
             models = await self._get_json("/v1/models")
             data = models.get("data") if isinstance(models, dict) else None
             if not (isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("id")):
                 return False
-            self.model_name = str(data[0]["id"])
+            self.model_name = str(data[0]["id"])[:512]
+        if self.model_name != previous:
+            self._prefix_ids.clear()  # another model tokenizes otherwise
         if self._configured_template == "auto":
             self._template = ChatTemplate.for_model(self.model_name)
         return True
@@ -140,7 +150,7 @@ class SGLangEngine:
 
     async def _get_json(self, path: str):
         try:
-            response = await self._client.get(path, timeout=10)
+            response = await self._probe.get(path, timeout=10)
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -204,7 +214,7 @@ class SGLangEngine:
             items = payload if isinstance(payload, list) else [payload]
             if len(items) != r.n:
                 raise Unavailable(f"SGLang returned {len(items)} results for {r.n} branches")
-            grouped.append([self._branch(item) for item in items])
+            grouped.append([self._branch(item, r.sampling.max_new_tokens) for item in items])
         self.stats.jobs_finished += 1
         self.stats.tokens_generated += sum(b.completion_tokens for group in grouped for b in group)
         return grouped
@@ -240,10 +250,16 @@ class SGLangEngine:
             return None  # no ids from this server: continuations go as text
 
     @staticmethod
-    def _branch(item: Any) -> BranchResult:
+    def _branch(item: Any, max_new_tokens: int) -> BranchResult:
+        """One branch of an answer, held to what was asked: a server that reports more tokens
+        than it could have generated, or negative counts, is malformed, not trusted."""
         try:
             meta = item["meta_info"]
             logprobs = meta.get("output_token_logprobs") or []
+            counts = (int(meta["prompt_tokens"]), int(meta["completion_tokens"]), int(meta.get("cached_tokens", 0)))
+            ids = item.get("output_ids") or ()
+            if min(counts) < 0 or counts[1] > max_new_tokens or len(ids) > max_new_tokens or len(logprobs) > max_new_tokens:
+                raise ValueError("counts out of range")
             return BranchResult(
                 text=str(item["text"]),
                 prompt_tokens=int(meta["prompt_tokens"]),
@@ -254,17 +270,20 @@ class SGLangEngine:
                 # SGLang's log-probabilities come after the grammar mask: a forced token is 0.
                 logprob_tokens=sum(1 for entry in logprobs if entry and entry[0] is not None and entry[0] < 0)
                 if logprobs else None,
-                output_ids=tuple(int(t) for t in item.get("output_ids") or ()),
+                output_ids=tuple(int(t) for t in ids),
             )
         except (KeyError, TypeError, ValueError, IndexError):
-            raise Unavailable("SGLang /generate response lacks text or meta_info fields") from None
+            raise Unavailable(
+                "SGLang /generate response is malformed: text or meta_info missing, or token counts out of range"
+            ) from None
 
     async def healthy(self) -> bool:
         try:
-            response = await self._client.get("/health_generate", timeout=10)
+            response = await self._probe.get("/health_generate", timeout=10)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._probe.aclose()

@@ -74,7 +74,8 @@ async def follow_engine_load(engine: Engine, ledger: KVLedger) -> None:
     except Exception:
         return
     if tokens is not None:
-        await ledger.set_external(tokens * engine.kv_bytes_per_token - ledger.in_use)
+        held = min(max(0, tokens), getattr(engine, "kv_capacity_tokens", 0) or tokens)
+        await ledger.set_external(held * engine.kv_bytes_per_token - ledger.in_use)
 
 
 async def adopt_engine_limits(engine: Engine, ledger: KVLedger | None) -> None:
