@@ -24,7 +24,10 @@ from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.api.verifier.v1 import verifier_pb2
 from rmesh.peers import VERIFIER_SERVICE, SolverClient, VerifierClient, wait_serving
 from rmesh.config import ServerSettings
-from rmesh.domain import TaskSpec
+from rmesh.domain import CheckSpec, TaskSpec
+from rmesh.router_svc.core import RouterRequest
+from rmesh.router_svc.core import Status as RouterStatus
+from rmesh.solving import Progress
 from rmesh.engine.instant import DEFAULT_TEXT, InstantEngine
 from rmesh.errors import Unavailable
 from rmesh.grpc_edge import create_channel
@@ -449,6 +452,33 @@ async def test_every_ending_charges_what_the_request_used_not_its_reservation(tm
         error, _ = await status_of(router, timeout=20)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert ledger.reserved == 0 and ledger.used(time.monotonic(), 60) == charged  # nothing ran
+    finally:
+        for service in reversed(services):
+            await service.stop(0)
+
+
+async def test_a_caller_that_stops_reading_is_still_charged_for_the_search_that_ran(tmp_path):
+    """The router reads the solver's events as they come, whatever pace its caller reads at: a
+    caller that takes the first events, then stalls and cancels, is charged every token the
+    search reported meanwhile, not only what it had read."""
+    services = await start_services(
+        ("verifier", "solver", "router"), service_env(tmp_path, RMESH_COLOCATED_CALLS="1"),
+        engine=InstantEngine(delay_seconds=0.3),
+    )
+    router = services[-1]
+    ledger = router.core.admission.ledger("demo")
+    try:
+        policy = router.policies.snapshot.policies["demo"]
+        task = TaskSpec("stall", (CheckSpec("arithmetic", {"expression": "7"}),))  # the engine answers 5: never passes
+        events = router.core.solve(policy, RouterRequest(problem="What is 3 + 4?", task=task), "demo-caller")
+        assert isinstance(await events.__anext__(), RouterStatus)
+        while not isinstance(await events.__anext__(), Progress):
+            pass  # up to the search's first progress event: the search is running
+        await asyncio.sleep(4.0)  # the caller reads nothing more while the ladder runs its rungs
+        await events.aclose()
+        charged = ledger.used(time.monotonic(), 60)
+        # Best-of-8 (greedy, then 7 samples) and beam rounds ran: far more than one branch's cap.
+        assert charged > 2 * 150, charged
     finally:
         for service in reversed(services):
             await service.stop(0)

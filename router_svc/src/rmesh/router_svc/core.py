@@ -309,16 +309,17 @@ class RouterCore:
                 )
                 greedy_tried = greedy_tried or strategy in GREEDY_FIRST
                 result = None
-                async for item in self.solver.solve(solve_request):
+                def charge(item: Progress, spent: Usage = spent) -> None:
+                    # Branches still decoding may be cut off by a cancel or an error before they
+                    # report: until they do, each counts at its token cap.
+                    in_flight = max(0, item.branches_started - item.branches_done)
+                    record((spent + item.usage).completion_tokens + in_flight * decision.budget.max_tokens_per_branch)
+
+                async for item in _read_ahead(self.solver.solve(solve_request), charge):
                     if isinstance(item, SolveResult):
                         result = item
                     else:
-                        so_far = spent + item.usage
-                        # Branches still decoding may be cut off by a cancel or an error before
-                        # they report: until they do, each counts at its token cap.
-                        in_flight = max(0, item.branches_started - item.branches_done)
-                        record(so_far.completion_tokens + in_flight * decision.budget.max_tokens_per_branch)
-                        yield replace(item, usage=so_far)
+                        yield replace(item, usage=spent + item.usage)
                 if result is None:
                     raise RuntimeError("solver stream ended without a result")
                 spent = spent + result.usage
@@ -442,6 +443,42 @@ class RouterCore:
                 yield decided
                 return
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+async def _read_ahead(stream: AsyncIterator, on_progress) -> AsyncIterator:
+    """The solver's events, read as they come whatever pace the caller reads at: each progress
+    is charged to the tenant on arrival, so a caller that stops reading cannot let the search
+    run on uncharged. Leaving early (a cancel) stops the reading and the solver's stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for item in stream:
+                if isinstance(item, Progress):
+                    on_progress(item)
+                queue.put_nowait(item)
+        except BaseException as exc:  # handed to the reader, which raises it
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(done)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
 
 
 # How often a waiting Solve re-reads its review, and the time kept back to send the last event.
