@@ -20,7 +20,9 @@ and the reference notes in the design docs):
   ``{"type": "abort"}`` in the ``abort`` fault mode.
 - ``GET /health`` and ``/health_generate`` sleep 1 s before answering and answer 503 while the
   server is ``starting``; ``GET /ready`` answers at once (503 while starting).
-- ``/model_info``, ``/server_info``, ``/version`` and ``/v1/models`` describe the served model,
+- ``/model_info``, ``/server_info``, ``/version`` and ``/v1/models`` describe the served model
+  (``/server_info`` with the scheduler's ``internal_states[].memory_usage``: the KV pool in GiB
+  rounded to two decimals, and its token capacity, as 0.5.23's ``get_internal_state`` gives them),
   which is what SGLang's gateway reads to register a worker; ``/get_load`` says how many tokens
   its KV holds (``load_tokens``).
 
@@ -57,6 +59,8 @@ MODEL = "google/gemma-3-270m-it"
 VERSION = "0.5.23"
 CONTEXT = 32768
 KV_TOKENS = 500_000
+# Gemma 3 270M's KV cost: 2 (K, V) x 18 layers x 1 KV head x 256 dims x 2 bytes.
+KV_BYTES_PER_TOKEN = 18_432
 
 
 def token_id(word: str) -> int:
@@ -114,6 +118,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
     # Answer every /generate with this HTTP status and an error body (a server refusing work).
     fail_status = 0
     model = MODEL  # the model it says it serves
+    # Whether /server_info carries internal_states[].memory_usage (SGLang 0.5.23 does).
+    report_memory = True
     lock = threading.Lock()
 
     @classmethod
@@ -125,6 +131,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.load_tokens = 0
         cls.fail_status = 0
         cls.model = MODEL
+        cls.report_memory = True
 
     def log_message(self, *args):
         pass
@@ -150,6 +157,12 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 "model_path": type(self).model, "tp_size": 1, "context_length": CONTEXT, "max_total_num_tokens": KV_TOKENS,
                 "version": VERSION,
             }
+            if type(self).report_memory:
+                # The scheduler's get_internal_state: one rank's KV pool in GiB, two decimals.
+                kvcache = round(KV_TOKENS * KV_BYTES_PER_TOKEN / (1 << 30), 2)
+                info["internal_states"] = [
+                    {"memory_usage": {"weight": 0.5, "kvcache": kvcache, "token_capacity": KV_TOKENS}, "last_gen_throughput": 0.0}
+                ]
             self._send(200, json.dumps(info).encode())
         elif self.path == "/get_load":
             # SGLang's legacy shape: one entry per data-parallel rank.

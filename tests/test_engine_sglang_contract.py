@@ -8,10 +8,10 @@ import time
 
 import httpx
 import pytest
-from sglang_standin import FakeSGLang, StandIn
+from sglang_standin import KV_BYTES_PER_TOKEN, FakeSGLang, StandIn
 
 from rmesh.engine import GenerationRequest, SamplingParams
-from rmesh.engine.base import FINISH_ABORT, FINISH_LENGTH
+from rmesh.engine.base import FINISH_ABORT, FINISH_LENGTH, KVGeometry
 from rmesh.engine.sglang import SGLangEngine, sampling_to_sglang
 from rmesh.errors import Unavailable
 
@@ -144,6 +144,10 @@ async def test_the_engine_reads_the_served_model_and_its_kv_pool(sglang_url):
     assert await engine.describe()
     assert engine.model_name == "google/gemma-3-270m-it"
     assert (engine.context_length, engine.kv_capacity_tokens) == (32768, 500_000)
+    # KV bytes per token from the server's pool (8.58 GiB over 500 000 tokens), not a constant:
+    # Gemma 3 270M's 18 432 within the two decimals SGLang rounds the pool to.
+    assert abs(engine.kv_bytes_per_token - KV_BYTES_PER_TOKEN) / KV_BYTES_PER_TOKEN < 0.001
+    assert engine.readiness_problem() == ""
     await engine.aclose()
     unreachable = SGLangEngine("http://127.0.0.1:9")
     assert not await unreachable.describe() and unreachable.kv_capacity_tokens == 0
@@ -196,4 +200,33 @@ async def test_an_engine_reporting_more_tokens_than_it_could_generate_is_malform
     with pytest.raises(Unavailable) as info:
         await engine.generate(GenerationRequest("p q", n=1, sampling=SamplingParams(max_new_tokens=8), logprobs=True))
     assert "token counts out of range" in info.value.message
+    await engine.aclose()
+
+
+async def test_a_server_that_does_not_report_its_kv_cost_is_not_ready_unless_configured(sglang_url):
+    FakeSGLang.report_memory = False
+    engine = SGLangEngine(sglang_url)
+    assert await engine.describe() and engine.kv_capacity_tokens == 500_000
+    assert "has not reported its KV cache size" in engine.readiness_problem()
+    with pytest.raises(Unavailable, match="RMESH_SGLANG_KV_GEOMETRY"):
+        engine.kv_bytes_per_token
+    await engine.aclose()
+    configured = SGLangEngine(sglang_url, kv=KVGeometry(layers=24, kv_heads=2, head_dim=64))
+    assert await configured.describe() and configured.readiness_problem() == ""
+    assert configured.kv_bytes_per_token == 2 * 24 * 2 * 64 * 2
+    await configured.aclose()
+
+
+async def test_prompt_tokens_are_measured_by_the_server_not_estimated(sglang_url):
+    """The stand-in's tokens are words: a prompt of 40 short words is 40 tokens, where the
+    bytes/3 estimate says otherwise; the warm-up that measures it also caches the prompt."""
+    engine = SGLangEngine(sglang_url)
+    prompt = " ".join(f"w{i}" for i in range(40))
+    assert await engine.measure_tokens(prompt, None) == 40
+    assert engine.count_tokens(prompt) != 40
+    (branch,) = await engine.generate(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=4)))
+    assert branch.cached_tokens == 39
+    FakeSGLang.malformed = True
+    with pytest.raises(Unavailable):
+        await engine.measure_tokens(prompt, None)
     await engine.aclose()

@@ -223,9 +223,16 @@ async def test_a_solver_waits_for_its_engine_to_say_which_model_it_serves(tmp_pa
         standin.start()
         await asyncio.sleep(1.5)
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert engine.template_problem().startswith(
+        assert engine.readiness_problem().startswith(
             "the served model meta-llama/Llama-3.1-8B-Instruct is of no family with a shipped chat template"
         )
+        # A known model whose server does not say what a token of KV costs: still not ready.
+        FakeSGLang.model, FakeSGLang.report_memory = "google/gemma-3-270m-it", False
+        await asyncio.sleep(1.5)
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "has not reported its KV cache size" in engine.readiness_problem()
+        FakeSGLang.report_memory = True
+        assert await becomes(health_pb2.HealthCheckResponse.SERVING) == health_pb2.HealthCheckResponse.SERVING
     finally:
         for service in reversed(services):
             await service.stop(0)

@@ -53,6 +53,8 @@ def address_setting(e: Mapping[str, str], name: str, default: str) -> str:
 
 def _geometry(e: Mapping[str, str], name: str, default: str) -> str:
     value = e.get(name) or default
+    if not value:
+        return value
     parts = value.split(",")
     if len(parts) != 4 or not all(p.strip().isdigit() and 0 < int(p) < 1 << 20 for p in parts):
         raise ConfigError(f"{name}={value!r} is not four positive integers: layers,kv_heads,head_dim,bytes_per_element")
@@ -157,8 +159,9 @@ class SolverConfig:
     max_parallel_branches: int = 8
     threads: int = 0  # 0: all cores
     answer_style: str = ""  # "extractive" or "free"; empty: extractive on embedded, free on sglang
-    # The SGLang-served model's KV layout, "layers,kv_heads,head_dim,bytes_per_element".
-    sglang_kv_geometry: str = "18,1,256,2"
+    # The SGLang-served model's KV layout, "layers,kv_heads,head_dim,bytes_per_element", only to
+    # override what SGLang reports (/server_info); empty: the server's own figure.
+    sglang_kv_geometry: str = ""
     # KV bytes all concurrent requests of one solver may hold; 0: the engine's whole context.
     kv_budget_bytes: int = 0
     # How long a request waits for KV budget before RESOURCE_EXHAUSTED.
@@ -177,6 +180,8 @@ class SolverConfig:
     def sglang_kv(self):
         from rmesh.engine.base import KVGeometry
 
+        if not self.sglang_kv_geometry:
+            return None
         layers, kv_heads, head_dim, width = (int(x) for x in self.sglang_kv_geometry.split(","))
         return KVGeometry(layers, kv_heads, head_dim, width)
 
@@ -195,7 +200,7 @@ class SolverConfig:
             max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 8, int, 1, 256),
             threads=_number(e, "RMESH_THREADS", 0, int, 0, 1024),
             answer_style=_choice(e, "RMESH_ANSWER_STYLE", "", ("", "extractive", "free")),
-            sglang_kv_geometry=_geometry(e, "RMESH_SGLANG_KV_GEOMETRY", "18,1,256,2"),
+            sglang_kv_geometry=_geometry(e, "RMESH_SGLANG_KV_GEOMETRY", ""),
             kv_budget_bytes=_number(e, "RMESH_KV_BUDGET_BYTES", 0),
             kv_wait_seconds=_number(e, "RMESH_KV_WAIT_SECONDS", 5.0, float, 0, 3600),
             instant_text=e.get("RMESH_INSTANT_TEXT", ""),

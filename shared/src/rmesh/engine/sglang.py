@@ -14,6 +14,7 @@ and come out identical.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -53,6 +54,24 @@ def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_toke
 PREFIX_IDS_KEPT = 256
 
 
+def _kv_bytes_per_token(info: dict[str, Any]) -> int:
+    """KV bytes one token takes across the server's tensor-parallel ranks, from
+    ``internal_states[0].memory_usage``: ``kvcache`` (one rank's pool, GiB, two decimals) over
+    ``token_capacity``. 0 when the server does not say, or says something impossible."""
+    try:
+        state = info["internal_states"][0]
+        usage = state["memory_usage"]
+        gib, tokens = float(usage["kvcache"]), int(usage["token_capacity"])
+        ranks = max(1, min(int(info.get("tp_size") or 1), 4096))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return 0
+    if not (0 < gib < 1 << 20 and 0 < tokens < 1 << 40) or math.isnan(gib):
+        return 0
+    per_token = round(gib * (1 << 30) * ranks / tokens)
+    # Anything outside 1 B .. 64 MiB a token is no model's cache.
+    return per_token if 0 < per_token <= 64 << 20 else 0
+
+
 def _key(prompt: dict[str, Any]) -> tuple:
     return ("ids", *prompt["input_ids"]) if "input_ids" in prompt else ("text", prompt["text"])
 
@@ -72,10 +91,12 @@ class SGLangEngine:
         chat_template: str = "auto",
     ) -> None:
         """``chat_template``: "auto" takes the shipped template of the family the served model's
-        path names (read by ``describe``), else a shipped name or a Jinja file's path."""
+        path names (read by ``describe``), else a shipped name or a Jinja file's path.
+        ``kv``: the served model's KV layout, only to override what the server reports."""
         self.base_url = base_url.rstrip("/")
-        # SGLang does not report the served model's layout; the configuration gives it.
-        self.kv = kv or KVGeometry(layers=18, kv_heads=1, head_dim=256)
+        self.kv = kv
+        # KV bytes per token as the server reports them (its pool's size over its token count).
+        self.reported_kv_bytes_per_token = 0
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=None)
         # Health and model questions on connections of their own: busy generations never
         # starve them (a pool full of long /generate calls would read as an engine down).
@@ -92,12 +113,18 @@ class SGLangEngine:
     @property
     def chat_template(self) -> ChatTemplate:
         if self._template is None:
-            raise Unavailable(self.template_problem())
+            raise Unavailable(self.readiness_problem())
         return self._template
 
-    def template_problem(self) -> str:
-        """Why no chat template is known yet, or "" when one is."""
+    def readiness_problem(self) -> str:
+        """Why the engine cannot take a search yet (its chat template or its KV cost per token is
+        unknown), or "" when it can."""
         if self._template is not None:
+            if self.kv is None and not self.reported_kv_bytes_per_token:
+                return (
+                    f"SGLang at {self.base_url} has not reported its KV cache size (/server_info "
+                    "internal_states memory_usage); set RMESH_SGLANG_KV_GEOMETRY to give the model's layout"
+                )
             return ""
         if self.model_name == "sglang":
             return (
@@ -125,6 +152,7 @@ class SGLangEngine:
                 self.kv_capacity_tokens = max(0, int(info.get("max_total_num_tokens") or 0))
             except (TypeError, ValueError):
                 self.context_length = self.kv_capacity_tokens = 0
+            self.reported_kv_bytes_per_token = _kv_bytes_per_token(info)
         else:
             models = await self._get_json("/v1/models")
             data = models.get("data") if isinstance(models, dict) else None
@@ -174,12 +202,30 @@ class SGLangEngine:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.kv.bytes_per_token
+        if self.kv is not None:
+            return self.kv.bytes_per_token
+        if not self.reported_kv_bytes_per_token:
+            raise Unavailable(self.readiness_problem())
+        return self.reported_kv_bytes_per_token
 
     def count_tokens(self, text: str) -> int:
         # No tokenizer on this side of the HTTP API: a conservative estimate (about 3 bytes a
         # token for English under SentencePiece vocabularies) that errs towards more tokens.
+        # A search measures its prompt with ``measure_tokens`` instead.
         return len(text.encode()) // 3 + 1
+
+    async def measure_tokens(self, prompt: str, deadline: float | None) -> int:
+        """The prompt's exact token count under the served tokenizer, from a warm-up that
+        generates nothing (the same one that puts the prompt in the radix cache)."""
+        payload = await self._post("/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 0}}, deadline)
+        item = payload[0] if isinstance(payload, list) and payload else payload
+        try:
+            count = int(item["meta_info"]["prompt_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise Unavailable("SGLang /generate response is malformed: meta_info.prompt_tokens missing") from None
+        if not 0 < count <= 4 * len(prompt.encode()) + 16:
+            raise Unavailable(f"SGLang /generate response is malformed: {count} prompt tokens for {len(prompt)} characters")
+        return count
 
     async def generate(self, request: GenerationRequest) -> list[BranchResult]:
         (results,) = await self.generate_many([request])

@@ -124,7 +124,8 @@ class SolverCore:
             request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer,
             self.engine.chat_template,
         )
-        prompt_tokens = self.engine.count_tokens(prompt)
+        measure = getattr(self.engine, "measure_tokens", None)
+        prompt_tokens = await measure(prompt, limit) if measure is not None else self.engine.count_tokens(prompt)
         live_cap = self.live_branch_cap(request, prompt_tokens)
         state = SearchState(
             request=request,

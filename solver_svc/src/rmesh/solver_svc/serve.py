@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from rmesh import grpc_edge, peers
 from rmesh.config import Addresses, ServerSettings, SolverConfig
 from rmesh.engine import Engine, create_engine
+from rmesh.errors import Unavailable
 from rmesh.serving import RunningService, provider_factory, start_server
 from rmesh.solver_svc import servicer as solver_servicer
 from rmesh.solver_svc.core import SolverCore
@@ -73,9 +74,18 @@ async def follow_engine_load(engine: Engine, ledger: KVLedger) -> None:
         tokens = await asyncio.wait_for(tokens_in_use(), ENGINE_HEALTH_TIMEOUT_SECONDS)
     except Exception:
         return
-    if tokens is not None:
+    per_token = _kv_cost(engine)
+    if tokens is not None and per_token:
         held = min(max(0, tokens), getattr(engine, "kv_capacity_tokens", 0) or tokens)
-        await ledger.set_external(held * engine.kv_bytes_per_token - ledger.in_use)
+        await ledger.set_external(held * per_token - ledger.in_use)
+
+
+def _kv_cost(engine: Engine) -> int:
+    """KV bytes per token, or 0 while the engine has not said."""
+    try:
+        return engine.kv_bytes_per_token
+    except Unavailable:
+        return 0
 
 
 async def adopt_engine_limits(engine: Engine, ledger: KVLedger | None) -> None:
@@ -89,9 +99,10 @@ async def adopt_engine_limits(engine: Engine, ledger: KVLedger | None) -> None:
     except Exception:
         described = False
     tokens = getattr(engine, "kv_capacity_tokens", 0)
-    if described and tokens and ledger is not None:
-        await ledger.set_capacity(tokens * engine.kv_bytes_per_token)
-        log.info("engine %s: KV pool of %d tokens", engine.model_name, tokens)
+    per_token = _kv_cost(engine)
+    if described and tokens and per_token and ledger is not None:
+        await ledger.set_capacity(tokens * per_token)
+        log.info("engine %s: KV pool of %d tokens, %d bytes each", engine.model_name, tokens, per_token)
 
 
 async def follow_engine_health(engine: Engine, service: RunningService, interval: float, ledger: KVLedger | None = None) -> None:
@@ -104,11 +115,11 @@ async def follow_engine_health(engine: Engine, service: RunningService, interval
             healthy = await asyncio.wait_for(engine.healthy(), ENGINE_HEALTH_TIMEOUT_SECONDS)
         except Exception:
             healthy = False
-        problem = template_problem(engine)
+        problem = readiness_problem(engine)
         if healthy and (not serving or problem):
             # Back, or never described: read the model (hence its template) and its limits again.
             await adopt_engine_limits(engine, ledger)
-            problem = template_problem(engine)
+            problem = readiness_problem(engine)
         if healthy and ledger is not None:
             await follow_engine_load(engine, ledger)
         ready = healthy and not problem
@@ -119,8 +130,8 @@ async def follow_engine_health(engine: Engine, service: RunningService, interval
             await grpc_edge.set_serving(service.health, service.service_names, ready)
 
 
-def template_problem(engine: Engine) -> str:
-    check = getattr(engine, "template_problem", None)
+def readiness_problem(engine: Engine) -> str:
+    check = getattr(engine, "readiness_problem", None)
     return check() if check is not None else ""
 
 
