@@ -232,3 +232,31 @@ async def test_a_beam_trace_shows_the_tree(mesh):
     assert depths >= {1, 2}
     rounds = [s for s in mesh.spans.get_finished_spans() if s.name.startswith("round ")]
     assert all(s.attributes["rmesh.round.branches"] >= 1 for s in rounds)
+
+
+async def test_a_search_wider_than_the_whole_kv_budget_runs_narrower_instead_of_failing(mesh):
+    """Four self-consistency samples of 120 tokens would need more KV than a small solver has at
+    all: it runs two at a time, says so in a progress event, and still evaluates all four."""
+    per_token = mesh.engine.kv_bytes_per_token
+    provider = tracer_provider("rmesh-solver-fit", {})
+    service = await start_solver(
+        "127.0.0.1:0", SETTINGS, provider, mesh.address("verifier"), mesh.engine, own_engine=False,
+        kv_budget_bytes=per_token * (300 + 2 * 120 + 60), kv_wait_seconds=0.3,
+    )
+    try:
+        request = arithmetic("9 + 8 + 2", "self_consistency", Budget(1200, 4, 4, 60, 120), SearchParams(samples=4))
+        progress, result = await solve(f"127.0.0.1:{service.port}", request)
+        fitted = [p.stage for p in progress if p.stage.startswith("fit to KV")]
+        assert fitted and fitted[0].startswith("fit to KV: 2 live branches instead of 4"), [p.stage for p in progress]
+        assert result.candidates_evaluated == 4 and result.peak_live_branches == 2
+    finally:
+        await service.stop(1)
+
+
+async def test_a_kv_budget_too_small_for_one_branch_names_the_smallest_that_fits(mesh):
+    per_token = mesh.engine.kv_bytes_per_token
+    details = await invalid(mesh, arithmetic("2 + 3", "best_of_n", Budget(400, 2, 1, 60, 100, max_kv_bytes=per_token * 320)))
+    assert details.startswith("budget.max_kv_bytes:") and "the smallest budget that fits one" in details
+    smallest = int(details.rsplit(" ", 1)[1])
+    _, result = await solve(mesh.address("solver"), arithmetic("2 + 3", "best_of_n", Budget(400, 2, 1, 60, 100, max_kv_bytes=smallest)))
+    assert result.peak_live_branches == 1

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from opentelemetry import trace
 
 from rmesh.domain import Budget, Checkpoint, CheckResult, Precheck, SearchParams, TaskSpec, Usage, Verdict, verifies_answer
-from rmesh.errors import InvalidRequest, PermissionDenied
+from rmesh.errors import DeadlineExceeded, InvalidRequest, PermissionDenied, ResourceExhausted, Unavailable
 from rmesh.router_svc import reviews as reviews_module
 from rmesh.router_svc.policy.engine import DecisionCache, request_view
 from rmesh.router_svc.policy.model import (
@@ -49,6 +49,10 @@ HISTORY_KINDS = 4096
 PRIOR_TIMEOUT_SECONDS = 0.5
 # Climbing a rung with less than this left would only produce truncated answers.
 MIN_ESCALATION_TOKENS = 64
+# Nor is a rung worth starting with less wall clock than this left.
+MIN_ESCALATION_SECONDS = 1.0
+# Time kept back from the caller's deadline for the release gate and the final event.
+GATE_RESERVE_SECONDS = 2.0
 # Strategies whose first (or only) branch is the greedy answer.
 GREEDY_FIRST = frozenset({"single_pass", "single_path", "best_of_n"})
 MAX_EVIDENCE_ITEMS = 64
@@ -287,14 +291,21 @@ class RouterCore:
             )
             return
         kind = request.task.kind or "default"
+        started = time.monotonic()
         async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
             spent = Usage()
             result: SolveResult | None = None
+            kept: tuple[int, SolveResult] | None = None  # the best result of the rungs run so far
+            stopped = ""  # why a higher rung ended without a result
             rung = route_plan.start
             greedy_tried = False
             while True:
                 strategy = decision.strategies[rung]
-                budget = replace(decision.budget, max_tokens=decision.budget.max_tokens - spent.completion_tokens)
+                budget = replace(
+                    decision.budget,
+                    max_tokens=decision.budget.max_tokens - spent.completion_tokens,
+                    wall_clock_seconds=_wall_budget(_wall_left(decision.budget.wall_clock_seconds, started, deadline)),
+                )
                 solve_request = SolveRequest(
                     problem=request.problem,
                     task=request.task,
@@ -315,19 +326,43 @@ class RouterCore:
                     in_flight = max(0, item.branches_started - item.branches_done)
                     record((spent + item.usage).completion_tokens + in_flight * decision.budget.max_tokens_per_branch)
 
-                async for item in _read_ahead(self.solver.solve(solve_request), charge):
-                    if isinstance(item, SolveResult):
-                        result = item
-                    else:
-                        yield replace(item, usage=spent + item.usage)
-                if result is None:
-                    raise RuntimeError("solver stream ended without a result")
+                last: Progress | None = None
+                try:
+                    async for item in _read_ahead(self.solver.solve(solve_request), charge):
+                        if isinstance(item, SolveResult):
+                            result = item
+                        else:
+                            last = item
+                            yield replace(item, usage=spent + item.usage)
+                    if result is None:
+                        raise Unavailable("solver stream ended without a result")
+                except (ResourceExhausted, Unavailable, DeadlineExceeded) as exc:
+                    if kept is None:
+                        raise  # nothing ran before this rung: the caller gets the status
+                    # A higher rung failed: what the lower rungs found is kept, never thrown away.
+                    spent = spent + (last.usage if last is not None else Usage())
+                    stopped = f"{strategy} stopped without a result ({type(exc).__name__}: {exc.message})"
+                    log.warning("tenant %s: %s; keeping the %s result", policy.tenant, stopped, decision.strategies[kept[0]])
+                    yield Progress(
+                        stage=f"{strategy} failed; keeping the {decision.strategies[kept[0]]} result",
+                        branches_started=0, branches_done=0, usage=spent,
+                        checks_passed=_checks_passed(kept[1]), checks_total=_checks_total(kept[1]),
+                        stop_reason=type(exc).__name__,
+                    )
+                    rung, result = kept
+                    break
                 spent = spent + result.usage
                 record(spent.completion_tokens)
                 if self.reviews is not None:
                     await self._record_rung(policy.tenant, kind, strategy, result.eligible)
+                kept = (rung, result) if kept is None or _better(result, kept[1]) else kept
                 left = decision.budget.max_tokens - spent.completion_tokens
-                if result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies) or left < MIN_ESCALATION_TOKENS:
+                wall = _wall_left(decision.budget.wall_clock_seconds, started, deadline)
+                if (
+                    result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies)
+                    or left < MIN_ESCALATION_TOKENS or wall < MIN_ESCALATION_SECONDS
+                ):
+                    rung, result = kept
                     break
                 rung += 1
                 # The verifier found nothing eligible: climb one rung with what the budget has left.
@@ -336,11 +371,13 @@ class RouterCore:
                     branches_started=0,
                     branches_done=0,
                     usage=spent,
-                    checks_passed=result.verdict.checks_passed if result.verdict else 0,
-                    checks_total=len(result.verdict.checks) if result.verdict else 0,
+                    checks_passed=_checks_passed(result),
+                    checks_total=_checks_total(result),
                 )
         result = replace(result, usage=spent, strategy=decision.strategies[rung])
         gate = await self._gate(decision, request, evidence, result, precheck)
+        if stopped:
+            gate = replace(gate, problems="; ".join(p for p in (gate.problems, stopped) if p))
         below = gate.eligible and assurance_rank(gate.assurance) < assurance_rank(decision.min_assurance)
         if decision.escalate or (below and decision.below_min_assurance == ESCALATE):
             why = decision.escalation_reason if decision.escalate else (
@@ -443,6 +480,39 @@ class RouterCore:
                 yield decided
                 return
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+def _wall_left(route_seconds: float, started: float, deadline: float | None) -> float:
+    """Wall clock the next rung may use: the route's, shared by the whole ladder, and never past
+    the caller's deadline less the time the release gate needs (the search returns what it
+    has found when its wall clock runs out, where a deadline would cut it off with nothing)."""
+    now = time.monotonic()
+    left = route_seconds - (now - started) if route_seconds > 0 else float("inf")
+    if deadline is not None:
+        left = min(left, deadline - now - min(GATE_RESERVE_SECONDS, 0.2 * (deadline - started)))
+    return left  # inf: no limit
+
+
+def _wall_budget(left: float) -> float:
+    """The solver's ``wall_clock_seconds`` for ``left`` (0 there means no limit)."""
+    return 0.0 if left == float("inf") else max(0.01, left)
+
+
+def _checks_passed(result: SolveResult) -> int:
+    return result.verdict.checks_passed if result.verdict else 0
+
+
+def _checks_total(result: SolveResult) -> int:
+    return len(result.verdict.checks) if result.verdict else 0
+
+
+def _better(new: SolveResult, old: SolveResult) -> bool:
+    """Whether a higher rung's result replaces the one kept: an eligible answer first, then any
+    answer over none, then more checks passed; a tie goes to the higher rung's."""
+    def rank(result: SolveResult) -> tuple:
+        return (result.eligible, result.best is not None, _checks_passed(result))
+
+    return rank(new) >= rank(old)
 
 
 async def _read_ahead(stream: AsyncIterator, on_progress) -> AsyncIterator:

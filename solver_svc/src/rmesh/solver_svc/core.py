@@ -92,17 +92,29 @@ class SolverCore:
                 raise InvalidRequest(
                     "budget.max_kv_bytes",
                     f"{request.budget.max_kv_bytes} bytes is smaller than the prompt itself "
-                    f"({prompt_tokens} tokens x {per_token} bytes = {prompt_bytes})",
+                    f"({prompt_tokens} tokens x {per_token} bytes = {prompt_bytes}); the smallest budget that "
+                    f"fits one branch is {prompt_bytes + self._path_tokens(request) * per_token}",
                 )
             path_tokens = self._path_tokens(request)
             room = (request.budget.max_kv_bytes - prompt_bytes) // (path_tokens * per_token)
             if room < 1:
                 raise InvalidRequest(
                     "budget.max_kv_bytes",
-                    f"{request.budget.max_kv_bytes} bytes leaves no room for one branch of {path_tokens} tokens",
+                    f"{request.budget.max_kv_bytes} bytes leaves no room for one branch of {path_tokens} tokens; "
+                    f"the smallest budget that fits one is {prompt_bytes + path_tokens * per_token}",
                 )
             cap = min(cap, room)
         return cap
+
+    def fit_to_capacity(self, live_cap: int, prompt_tokens: int, path_tokens: int, per_token: int) -> int:
+        """Fewer live branches when the request's would not fit the solver's whole KV budget even
+        alone: the search runs narrower (in more rounds) instead of being refused. A request
+        whose single branch cannot fit keeps its cap, and the ledger refuses it."""
+        if self.kv_ledger is None:
+            return live_cap
+        room = self.kv_ledger.capacity // per_token - prompt_tokens
+        fits = room // path_tokens if path_tokens > 0 else live_cap
+        return live_cap if fits >= live_cap or fits < 1 else fits
 
     @staticmethod
     def _path_tokens(request: SolveRequest) -> int:
@@ -142,9 +154,18 @@ class SolverCore:
             expression_answer=precheck.expression_answer,
             learned_max_n=precheck.learned_max_n,
         )
+        per_token = self.engine.kv_bytes_per_token
+        path_tokens = self._path_tokens(request)
+        fitted = self.fit_to_capacity(live_cap, prompt_tokens, path_tokens, per_token)
+        if fitted != live_cap:
+            await state.report(
+                f"fit to KV: {fitted} live branches instead of {live_cap}, so the search fits the engine's "
+                f"{self.kv_ledger.capacity // per_token} tokens of KV"
+            )
+            live_cap = state.live_cap = fitted
         span = trace.get_current_span()
         span.set_attributes({"rmesh.strategy": request.strategy, "rmesh.live_cap": live_cap})
-        reserve = (prompt_tokens + live_cap * self._path_tokens(request)) * self.engine.kv_bytes_per_token
+        reserve = (prompt_tokens + live_cap * path_tokens) * per_token
         if self.kv_ledger is None:
             result = await self._run(state)
         else:
