@@ -4,35 +4,87 @@ from __future__ import annotations
 
 
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
-from rmesh.router_svc.ladder import plan
+import random
+from collections import Counter
+
+from rmesh.router_svc.ladder import MIN_ATTEMPTS, Attempt, best_of_n_samples, climb_cost, plan, rung_stats
 
 LADDER = ("single_pass", "best_of_n", "beam")
+
+
+def attempts(rung: str, passed: int, failed: int, tokens: int = 100, samples: int = 1) -> list[Attempt]:
+    return [Attempt(rung, True, tokens, samples)] * passed + [Attempt(rung, False, tokens, samples)] * failed
+
+
+def starts(ladder, history, draws: int = 400, **kwargs) -> Counter:
+    rng = random.Random(7)
+    return Counter(plan(ladder, history, rng=rng, **kwargs).start for _ in range(draws))
 
 
 def test_no_history_starts_cheap():
     assert plan(LADDER, []).start == 0 and plan(LADDER, []).escalate
 
 
-def test_a_rung_that_rarely_succeeds_is_skipped():
-    history = [("single_pass", False)] * 5 + [("best_of_n", True)] * 3 + [("best_of_n", False)] * 2
-    chosen = plan(LADDER, history)
-    assert chosen.start == 1 and "skip single_pass: 0/5" in chosen.why and "3/5" in chosen.why
+def test_a_rung_is_never_skipped_before_it_has_enough_attempts():
+    """Three failures are not evidence enough: the first rung is still where every plan starts."""
+    history = attempts("single_pass", 0, MIN_ATTEMPTS - 1)
+    assert starts(LADDER, history) == Counter({0: 400})
+    assert "single_pass has too few attempts to judge" in plan(LADDER, history, rng=random.Random(1)).why
 
 
-def test_a_rung_that_succeeds_often_enough_is_kept():
-    history = [("single_pass", True)] + [("single_pass", False)] * 4
-    assert plan(LADDER, history).start == 0
+def test_a_rung_that_rarely_succeeds_is_mostly_skipped_but_still_tried():
+    """0/8 at single_pass against 6/8 at best_of_n at the same cost: most plans start at
+    best_of_n, and a few still try single_pass, so the prior cannot lock itself out."""
+    history = attempts("single_pass", 0, 8) + attempts("best_of_n", 6, 2)
+    counts = starts(LADDER, history)
+    assert counts[1] > 0.75 * 400 and 0 < counts[0] < 0.25 * 400, counts
+    chosen = plan(LADDER, history, rng=random.Random(3))
+    assert "single_pass 0/8" in chosen.why and "best_of_n 6/8" in chosen.why
+
+
+def test_a_cheap_rung_that_succeeds_often_enough_is_kept():
+    history = attempts("single_pass", 3, 5, tokens=60) + attempts("best_of_n", 6, 2, tokens=600)
+    assert starts(LADDER, history).most_common(1)[0][0] == 0
+
+
+def test_cost_decides_between_rungs_of_equal_success():
+    """Same success rates; the dearer first rung is skipped when the next one is cheaper per success."""
+    cheap_first = attempts("single_pass", 4, 4, tokens=50) + attempts("best_of_n", 4, 4, tokens=800)
+    dear_first = attempts("single_pass", 4, 4, tokens=800) + attempts("best_of_n", 6, 2, tokens=100)
+    assert starts(LADDER, cheap_first).most_common(1)[0][0] == 0
+    assert starts(LADDER, dear_first).most_common(1)[0][0] == 1
+
+
+def test_a_rung_beyond_the_remaining_budget_does_not_count():
+    stats = rung_stats(LADDER, attempts("single_pass", 1, 7) + attempts("best_of_n", 1, 7) + attempts("beam", 7, 1, tokens=900), 1000)
+    rates = [s.mean_rate for s in stats]
+    with_beam = climb_cost(stats, rates, 0, 10_000)
+    without = climb_cost(stats, rates, 0, 300)
+    # Beam's expected spend does not fit after the first two rungs: the climb stops before it.
+    assert without == climb_cost(stats[:2], rates[:2], 0, 10_000) != with_beam
+
+
+def test_best_of_n_width_follows_the_learned_per_sample_rate():
+    """N = ceil(log(1 - 0.9) / log(1 - q)): an easy kind (1 pass in ~2 samples) needs few, a
+    hard one the route's whole width; too little data leaves the route's own."""
+    easy = attempts("best_of_n", 8, 0, samples=2)  # q = 9/18 = 0.5 -> N = 4
+    assert best_of_n_samples(easy, cap=8)[0] == 4
+    hard = attempts("best_of_n", 1, 7, samples=8)  # q = 2/66 -> N > 8
+    assert best_of_n_samples(hard, cap=8)[0] == 8
+    assert best_of_n_samples(easy[:MIN_ATTEMPTS - 1], cap=8) == (0, "")
+    chosen = plan(("best_of_n", "beam"), easy, max_samples=8, rng=random.Random(1))
+    assert chosen.samples == 4 and "best_of_n N=4" in chosen.why
 
 
 def test_hopeless_kind_gets_one_cheap_attempt_and_no_escalation():
     ladder = ("single_pass", "best_of_n")
-    two_requests = [("best_of_n", False), ("single_pass", False)] * 2
+    two_requests = [Attempt("best_of_n", False), Attempt("single_pass", False)] * 2
     assert plan(ladder, two_requests).escalate, "two failed requests are not enough evidence"
     four_requests = two_requests * 2
     chosen = plan(ladder, four_requests)
     assert (chosen.start, chosen.escalate) == (0, False)
     assert "failed the last 4 requests" in chosen.why
-    assert plan(ladder, [("best_of_n", True)] + four_requests).escalate  # one success keeps it alive
+    assert plan(ladder, [Attempt("best_of_n", True)] + four_requests).escalate  # one success keeps it alive
 
 
 async def test_failed_rung_escalates_and_progress_shows_it(mesh):
@@ -58,4 +110,4 @@ async def test_failed_rung_escalates_and_progress_shows_it(mesh):
 
 
 def test_a_one_rung_ladder_with_history_says_so():
-    assert plan(["best_of_n"], [("best_of_n", False)] * 6).why == "start at best_of_n, the only rung"
+    assert plan(["best_of_n"], [Attempt("best_of_n", False)] * 6).why == "start at best_of_n, the only rung"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
+import pytest
+
+from rmesh.domain import CheckSpec
+from rmesh.solver_svc.prompt import answer_choices, build_grammar, build_prompt, parse_response
 
 WELL_FORMED = """<response>
 <checkpoint cite="carrier">Laptop at the hub; ETA tomorrow.</checkpoint>
@@ -60,3 +63,36 @@ def test_extractive_grammar_answers_only_with_evidence_values():
     assert 'answer ::= "<final_answer>" quote (" " quote){0,2}' in grammar
     assert 'quote ::= "ETA tomorrow" | "30-day returns"' in grammar
     assert "line ::=" in grammar  # only the summary stays free text
+
+
+@pytest.mark.parametrize(
+    "pattern, choices",
+    [
+        ("billing|shipping|other", ("billing", "shipping", "other")),
+        ("^(billing|shipping)$", ("billing", "shipping")),
+        ("(?:yes|no)", ("yes", "no")),
+        ("late delivery|damaged item", ("late delivery", "damaged item")),
+        ("b.lling|other", ()),  # a metacharacter: not a list of words
+        ("[a-z]+", ()),
+        ("billing", ()),  # one word is no choice
+        ("(a|b)|(c|d)", ()),
+    ],
+)
+def test_a_regex_that_lists_words_gives_the_answer_choices(pattern, choices):
+    assert answer_choices([CheckSpec("regex", {"pattern": pattern})]) == choices
+
+
+def test_choices_hold_the_final_answer_and_are_offered_in_the_prompt():
+    checks = [CheckSpec("regex", {"pattern": "billing|shipping|other"})]
+    assert answer_choices([*checks, CheckSpec("json_schema", {"schema": {}})]) == ()
+    choices = answer_choices(checks)
+    grammar = build_grammar({}, numeric_answer=False, max_checkpoints=2, choices=choices)
+    assert 'answer ::= "<final_answer>" ("billing" | "shipping" | "other") "</final_answer>\\n"' in grammar
+    prompt = build_prompt("Label this ticket: charged twice.", {}, numeric_answer=False, choices=choices)
+    assert prompt.count("Answer with one of: billing, shipping, other.") == 1
+
+
+def test_a_free_question_gets_examples_with_no_evidence_to_copy():
+    prompt = build_prompt("Name a colour.", {}, numeric_answer=False, extractive_answer=True)
+    assert "Invoice 77" not in prompt and "chairs" not in prompt
+    assert "<final_answer>Paris</final_answer>" in prompt

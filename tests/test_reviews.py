@@ -153,9 +153,9 @@ def test_racing_reviewers_make_one_resolution(store):
 
 def test_rung_rows_are_written_together_newest_first(store):
     who = tenant()
-    store.record_rungs([(who, "sum", "best_of_n", False, 100.0), (who, "sum", "beam", True, 101.0)])
-    store.record_rungs([(who, "sum", "mcts", False, 102.0)])
-    assert store.rung_history(who, "sum") == [("mcts", False), ("beam", True), ("best_of_n", False)]
+    store.record_rungs([(who, "sum", "best_of_n", False, 100.0, 560, 8), (who, "sum", "beam", True, 101.0, 300, 6)])
+    store.record_rungs([(who, "sum", "mcts", False, 102.0, 0, 0)])
+    assert store.rung_history(who, "sum") == [("mcts", False, 0, 0), ("beam", True, 300, 6), ("best_of_n", False, 560, 8)]
     assert store.rung_history(who, "other") == []
 
 
@@ -194,7 +194,7 @@ async def test_rung_log_batches_rows_and_drains(tmp_path):
     # The rows that queued while r0 was being written went in one batch.
     assert store.batches == [1, 49]
     history = store.store.rung_history("t", "sum", limit=100)
-    assert len(history) == 50 and history[0] == ("r49", False)
+    assert len(history) == 50 and history[0] == ("r49", False, 0, 0)
 
 
 async def test_rung_log_makes_a_caller_wait_past_its_bound_and_survives_a_failing_store(tmp_path, caplog):
@@ -216,7 +216,7 @@ async def test_rung_log_makes_a_caller_wait_past_its_bound_and_survives_a_failin
     store.fail = False
     await rungs.add("t", "sum", "after", True)
     await rungs.drain()
-    assert store.store.rung_history("t", "sum", limit=1) == [("after", True)]
+    assert store.store.rung_history("t", "sum", limit=1) == [("after", True, 0, 0)]
 
 
 # -- over gRPC, through the router ----------------------------------------------------------------

@@ -33,7 +33,7 @@ from rmesh.router_svc.policy.model import (
     assurance_rank,
 )
 from rmesh.router_svc.reviews import Review
-from rmesh.router_svc.ladder import plan
+from rmesh.router_svc.ladder import BEST_OF_N, Attempt, plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.router_svc.rung_log import RungLog
 from rmesh.solving import Progress, SolveRequest, SolveResult, VerifierPort
@@ -208,9 +208,9 @@ class RouterCore:
         self._rungs = RungLog(reviews)
         self._decisions = DecisionCache()
         # (tenant, kind) -> (when read, attempts newest first); least recently used first.
-        self._history: OrderedDict[tuple[str, str], tuple[float, list[tuple[str, bool]]]] = OrderedDict()
+        self._history: OrderedDict[tuple[str, str], tuple[float, list[Attempt]]] = OrderedDict()
 
-    async def _rung_history(self, tenant: str, kind: str) -> list[tuple[str, bool]]:
+    async def _rung_history(self, tenant: str, kind: str) -> list[Attempt]:
         """The prior's recent attempts, newest first: from memory, re-read from the store after
         HISTORY_TTL_SECONDS so routers sharing a PostgreSQL store learn from each other. The
         memory holds HISTORY_KINDS kinds at most (callers name kinds freely)."""
@@ -232,12 +232,13 @@ class RouterCore:
             self._history.popitem(last=False)
         return history
 
-    async def _record_rung(self, tenant: str, kind: str, rung: str, success: bool) -> None:
+    async def _record_rung(self, tenant: str, kind: str, rung: str, result: SolveResult) -> None:
         """Learning data for the prior: in this router's memory at once, in the store in batches."""
+        attempt = Attempt(rung, result.eligible, result.usage.completion_tokens, result.candidates_evaluated)
         cached = self._history.get((tenant, kind))
         if cached is not None:
-            self._history[(tenant, kind)] = (cached[0], [(rung, success), *cached[1]][:HISTORY_LIMIT])
-        await self._rungs.add(tenant, kind, rung, success)
+            self._history[(tenant, kind)] = (cached[0], [attempt, *cached[1]][:HISTORY_LIMIT])
+        await self._rungs.add(tenant, kind, *attempt)
 
     async def drain(self) -> None:
         """Wait for the prior's pending writes (at shutdown, and in tests before reading them)."""
@@ -261,7 +262,7 @@ class RouterCore:
         )
         decision = self._decisions.decide(policy, view)
         _annotate_span(policy, decision.route, request.problem, evidence)
-        history: list[tuple[str, bool]] = []
+        history: list[Attempt] = []
         if self.reviews is not None:
             precheck, history = await asyncio.gather(
                 self.verifier.precheck(request.task, evidence, decision.required_evidence),
@@ -269,7 +270,10 @@ class RouterCore:
             )
         else:
             precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
-        route_plan = plan(decision.strategies, history)
+        route_plan = plan(
+            decision.strategies, history, budget_tokens=decision.budget.max_tokens,
+            max_samples=decision.search.samples or decision.budget.max_branches,
+        )
         yield Config(
             decision.strategies[route_plan.start],
             decision.budget,
@@ -315,7 +319,11 @@ class RouterCore:
                     required_evidence=decision.required_evidence,
                     tenant=policy.tenant,
                     # A greedy answer was already judged on a cheaper rung: do not pay for it twice.
-                    search=replace(decision.search, skip_greedy=rung > route_plan.start and greedy_tried),
+                    search=replace(
+                        decision.search,
+                        skip_greedy=rung > route_plan.start and greedy_tried,
+                        samples=route_plan.samples if strategy == BEST_OF_N and route_plan.samples else decision.search.samples,
+                    ),
                     precheck=precheck,
                 )
                 greedy_tried = greedy_tried or strategy in GREEDY_FIRST
@@ -354,7 +362,7 @@ class RouterCore:
                 spent = spent + result.usage
                 record(spent.completion_tokens)
                 if self.reviews is not None:
-                    await self._record_rung(policy.tenant, kind, strategy, result.eligible)
+                    await self._record_rung(policy.tenant, kind, strategy, result)
                 kept = (rung, result) if kept is None or _better(result, kept[1]) else kept
                 left = decision.budget.max_tokens - spent.completion_tokens
                 wall = _wall_left(decision.budget.wall_clock_seconds, started, deadline)

@@ -1,25 +1,67 @@
-"""Compute-optimal escalation: where on a route's strategy ladder to start, and when to stop.
+"""Compute-optimal escalation: where on a route's strategy ladder to start, and how wide to sample.
 
-The learned prior is the recent history of rung attempts for one tenant and task kind: a rung
-that has been tried enough and almost never succeeds is skipped; a kind whose top rung has
-failed several requests in a row, with no success anywhere in the window, gets one cheap
-attempt and no escalation (knowing when to give up is part of spending compute only where it
-pays). Counting top-rung failures counts whole requests that climbed the ladder and still
-failed, not the individual rungs they tried on the way.
+The learned prior is the recent history of rung attempts for one tenant and task kind: whether
+each succeeded, the tokens it spent and the samples it drew. Each rung keeps a Beta posterior
+of its success rate and a shrunken mean of its token cost. A plan starts at the rung whose
+climb (start there, go up on failure) has the lowest expected tokens per success within the
+route's budget, judged on a draw from the posteriors (Thompson sampling): a rung the data
+argues against is skipped most of the time but still tried now and then, so the prior never
+locks itself out. No rung is skipped before it has MIN_ATTEMPTS attempts in the window.
+
+Best-of-N's N comes from its learned per-sample pass rate q (it samples until the first exact
+pass, so successes over samples drawn estimate q): the seed's N = ceil(log(1 - target) /
+log(1 - q)), within the route's samples.
+
+A kind whose top rung has failed several requests in a row, with no success anywhere in the
+window, gets one cheap attempt and no escalation (knowing when to give up is part of spending
+compute only where it pays).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-# A rung is judged once it has this many attempts in the window.
+# A rung can be skipped only once it has this many attempts in the window.
 MIN_ATTEMPTS = 4
-# Below this success rate a judged rung is skipped.
-SKIP_BELOW = 0.15
 # With this many failed top-rung attempts and no success anywhere, stop after the first rung.
 HOPELESS_AFTER = 4
 WINDOW = 60
+# Best-of-N draws enough samples to pass with this probability, at its learned per-sample rate.
+TARGET_PASS = 0.9
+# Weight, in attempts, of a rung's assumed token cost before it has data.
+COST_PRIOR_WEIGHT = 1.0
+BEST_OF_N = "best_of_n"
+
+
+class Attempt(NamedTuple):
+    rung: str
+    success: bool
+    tokens: int = 0  # completion tokens the rung spent
+    samples: int = 0  # candidates it evaluated
+
+
+@dataclass(frozen=True)
+class RungStats:
+    name: str
+    attempts: int
+    successes: int
+    mean_tokens: float
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 + self.successes
+
+    @property
+    def beta(self) -> float:
+        return 1.0 + self.attempts - self.successes
+
+    @property
+    def mean_rate(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
 
 
 @dataclass(frozen=True)
@@ -27,28 +69,93 @@ class Plan:
     start: int
     escalate: bool
     why: str
+    samples: int = 0  # best_of_n's N from the learned per-sample rate; 0: the route's own
 
 
-def plan(ladder: Sequence[str], history: Sequence[tuple[str, bool]]) -> Plan:
-    """Where to start on ``ladder`` given recent ``(rung, success)`` attempts, newest first."""
-    recent = list(history[:WINDOW])
+def rung_stats(ladder: Sequence[str], history: Sequence[Attempt], budget_tokens: int) -> list[RungStats]:
+    """Each rung's posterior summary. Before data, a rung is assumed to cost its share of the
+    budget, growing up the ladder (rung i of k: budget · (i + 1) / k)."""
+    out = []
+    for index, name in enumerate(ladder):
+        rows = [a for a in history if a.rung == name]
+        assumed = budget_tokens * (index + 1) / len(ladder)
+        spent = sum(max(0, a.tokens) for a in rows)
+        mean = (spent + COST_PRIOR_WEIGHT * assumed) / (len(rows) + COST_PRIOR_WEIGHT)
+        out.append(RungStats(name, len(rows), sum(1 for a in rows if a.success), max(1.0, mean)))
+    return out
+
+
+def climb_cost(stats: Sequence[RungStats], rates: Sequence[float], start: int, budget_tokens: int) -> float:
+    """Expected tokens per success of starting at ``start`` and climbing on failure, over the
+    rungs whose expected spend fits ``budget_tokens``; inf when none can succeed."""
+    cost, reach, failing = 0.0, 1.0, 1.0
+    spent = 0.0
+    for rung in range(start, len(stats)):
+        if rung > start and spent + stats[rung].mean_tokens > budget_tokens:
+            break
+        cost += reach * stats[rung].mean_tokens
+        spent += stats[rung].mean_tokens
+        failing *= 1.0 - rates[rung]
+        reach = failing
+    success = 1.0 - failing
+    return cost / success if success > 0 else math.inf
+
+
+def best_of_n_samples(history: Sequence[Attempt], cap: int, target: float = TARGET_PASS) -> tuple[int, str]:
+    """N for Best-of-N from its learned per-sample pass rate, within ``cap``; 0 without enough data."""
+    rows = [a for a in history if a.rung == BEST_OF_N and a.samples > 0]
+    if len(rows) < MIN_ATTEMPTS or cap < 1:
+        return 0, ""
+    drawn = sum(a.samples for a in rows)
+    passed = sum(1 for a in rows if a.success)
+    rate = (1.0 + passed) / (2.0 + drawn)  # posterior mean of Beta(1 + passes, 1 + misses)
+    wanted = math.ceil(math.log(1.0 - target) / math.log(1.0 - rate)) if rate < 1 else 1
+    n = max(1, min(cap, wanted))
+    return n, f"{BEST_OF_N} N={n}: {passed} passes in {drawn} samples, q={rate:.2f}, target {target:.0%}"
+
+
+def plan(
+    ladder: Sequence[str],
+    history: Sequence[Attempt | tuple],
+    *,
+    budget_tokens: int = 1000,
+    max_samples: int = 0,
+    rng: random.Random | None = None,
+) -> Plan:
+    """Where to start on ``ladder`` given recent attempts, newest first; ``max_samples`` is the
+    route's Best-of-N width (the cap on a learned N)."""
+    recent = [Attempt(*row) for row in history[:WINDOW]]
     if not recent:
         return Plan(0, True, f"no history for this task kind: start at {ladder[0]}")
-    top_failures = sum(1 for name, ok in recent if name == ladder[-1] and not ok)
-    if len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(ok for _, ok in recent):
+    samples, sampled_why = best_of_n_samples(recent, max_samples) if BEST_OF_N in ladder else (0, "")
+    top_failures = sum(1 for a in recent if a.rung == ladder[-1] and not a.success)
+    if len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(a.success for a in recent):
         return Plan(
-            0, False, f"{ladder[-1]} failed the last {top_failures} requests and nothing succeeded: one {ladder[0]} attempt, no escalation"
+            0, False,
+            f"{ladder[-1]} failed the last {top_failures} requests and nothing succeeded: one {ladder[0]} attempt, no escalation",
+            samples,
         )
-    notes = []
-    for index, rung in enumerate(ladder[:-1]):
-        attempts = [ok for name, ok in recent if name == rung]
-        if len(attempts) < MIN_ATTEMPTS:
-            return Plan(index, True, f"start at {rung}" + (f" ({'; '.join(notes)})" if notes else ""))
-        rate = sum(attempts) / len(attempts)
-        if rate >= SKIP_BELOW:
-            return Plan(index, True, f"start at {rung}: it succeeded in {sum(attempts)}/{len(attempts)} recent attempts"
-                        + (f" ({'; '.join(notes)})" if notes else ""))
-        notes.append(f"skip {rung}: {sum(attempts)}/{len(attempts)}")
-    if not notes:
-        return Plan(0, True, f"start at {ladder[0]}, the only rung")
-    return Plan(len(ladder) - 1, True, f"start at {ladder[-1]} ({'; '.join(notes)})")
+    if len(ladder) == 1:
+        return Plan(0, True, _join(f"start at {ladder[0]}, the only rung", sampled_why), samples)
+    stats = rung_stats(ladder, recent, budget_tokens)
+    # No rung is skipped before it has been judged: the latest start is the first unjudged rung.
+    latest = next((i for i, s in enumerate(stats) if s.attempts < MIN_ATTEMPTS), len(ladder) - 1)
+    draw = rng or random
+    drawn = [draw.betavariate(s.alpha, s.beta) for s in stats]
+    costs = [climb_cost(stats, drawn, start, budget_tokens) for start in range(latest + 1)]
+    start = min(range(latest + 1), key=lambda i: (costs[i], i))
+    expected = [climb_cost(stats, [s.mean_rate for s in stats], i, budget_tokens) for i in range(latest + 1)]
+    favoured = min(range(latest + 1), key=lambda i: (expected[i], i))
+    summary = ", ".join(f"{s.name} {s.successes}/{s.attempts} ~{s.mean_tokens:.0f} tok" for s in stats)
+    why = f"start at {ladder[start]}"
+    if start != favoured:
+        why += f" (exploring: the posterior means favour {ladder[favoured]})"
+    elif start > 0:
+        why += " (skip " + ", ".join(ladder[:start]) + ")"
+    if latest < len(ladder) - 1 and start == latest and stats[latest].attempts < MIN_ATTEMPTS:
+        why += f"; {ladder[latest]} has too few attempts to judge"
+    return Plan(start, True, _join(f"{why}; {summary}", sampled_why), samples)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)

@@ -18,6 +18,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 
 from rmesh.errors import ConfigError, FailedPrecondition, InvalidRequest, NotFound, Unavailable
+from rmesh.router_svc.ladder import Attempt
 
 PENDING, APPROVED, EDITED, REJECTED, EXPIRED = "pending", "approved", "edited", "rejected", "expired"
 ACTION_STATES = {"approve": APPROVED, "edit": EDITED, "reject": REJECTED}
@@ -57,6 +58,10 @@ _MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (2, "drafts and the caller of each review", [
         "ALTER TABLE reviews ADD COLUMN IF NOT EXISTS caller TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE reviews ADD COLUMN IF NOT EXISTS draft TEXT NOT NULL DEFAULT '{}'",
+    ]),
+    (3, "the tokens and samples of each rung attempt (the prior's cost and Best-of-N's rate)", [
+        "ALTER TABLE rung_outcomes ADD COLUMN IF NOT EXISTS tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE rung_outcomes ADD COLUMN IF NOT EXISTS samples INTEGER NOT NULL DEFAULT 0",
     ]),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
@@ -256,24 +261,31 @@ class ReviewStore:
             return cur.rowcount
 
     # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
-    def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float]]) -> None:
-        """Many (tenant, kind, rung, success, when) attempts in one transaction."""
+    def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float, int, int]]) -> None:
+        """Many (tenant, kind, rung, success, when, tokens, samples) attempts in one transaction."""
         with self._transaction() as cur:
             cur.executemany(
-                self._sql("INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at) VALUES (?, ?, ?, ?, ?)"),
-                [(tenant, kind, rung, 1 if success else 0, when) for tenant, kind, rung, success, when in rows],
+                self._sql(
+                    "INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at, tokens, samples) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+                ),
+                [
+                    (tenant, kind, rung, 1 if success else 0, when, int(tokens), int(samples))
+                    for tenant, kind, rung, success, when, tokens, samples in rows
+                ],
             )
 
-    def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[tuple[str, bool]]:
+    def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[Attempt]:
         """The most recent rung attempts for this tenant and kind, newest first."""
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
-                    "SELECT rung, success FROM rung_outcomes WHERE tenant = ? AND kind = ? ORDER BY created_at DESC LIMIT ?"
+                    "SELECT rung, success, tokens, samples FROM rung_outcomes WHERE tenant = ? AND kind = ? "
+                    "ORDER BY created_at DESC LIMIT ?"
                 ),
                 (tenant, kind, limit),
             )
-            return [(rung, bool(success)) for rung, success in cur.fetchall()]
+            return [Attempt(rung, bool(success), int(tokens), int(samples)) for rung, success, tokens, samples in cur.fetchall()]
 
     def pending_count(self) -> int:
         with self._transaction() as cur:

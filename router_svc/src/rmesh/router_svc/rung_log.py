@@ -1,6 +1,6 @@
 """The learned prior's data, written off the request path in batches.
 
-Every routed request adds one (tenant, kind, rung, success, when) row. Writing each row in its
+Every rung a routed request runs adds one (tenant, kind, rung, success, when, tokens, samples) row. Writing each row in its
 own transaction costs a connection, a lock and a sync per request; here rows queue in memory
 and one task writes whatever has queued in a single transaction, so a busy router writes a few
 large batches instead of many single rows. A request waits only when MAX_PENDING rows are
@@ -22,12 +22,12 @@ class RungLog:
     def __init__(self, store, max_pending: int = MAX_PENDING) -> None:
         self._store = store  # a ReviewStore
         self.max_pending = max_pending
-        self._pending: list[tuple[str, str, str, bool, float]] = []
+        self._pending: list[tuple[str, str, str, bool, float, int, int]] = []
         self._written: asyncio.Future | None = None  # resolves when the pending rows are written
         self._writer: asyncio.Task | None = None
 
-    async def add(self, tenant: str, kind: str, rung: str, success: bool) -> None:
-        self._pending.append((tenant, kind, rung, success, time.time()))
+    async def add(self, tenant: str, kind: str, rung: str, success: bool, tokens: int = 0, samples: int = 0) -> None:
+        self._pending.append((tenant, kind, rung, success, time.time(), tokens, samples))
         if self._written is None:
             self._written = asyncio.get_running_loop().create_future()
         written = self._written

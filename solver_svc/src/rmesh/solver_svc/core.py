@@ -11,7 +11,7 @@ from rmesh.engine import Engine
 from rmesh.errors import DeadlineExceeded, InvalidRequest
 from rmesh.solver_svc.kv_budget import KVLedger
 from rmesh.solving import STOP_WALL_CLOCK, Emit, SolveRequest, SolveResult, VerifierPort
-from rmesh.solver_svc.prompt import build_prompt
+from rmesh.solver_svc.prompt import answer_choices, build_prompt
 from rmesh.solver_svc.search import SearchState
 from rmesh.solver_svc.strategies import REGISTRY, TREE_STRATEGIES
 
@@ -134,7 +134,7 @@ class SolverCore:
         extractive = self.answer_style == "extractive"
         prompt = build_prompt(
             request.problem, request.evidence, precheck.numeric_answer, extractive, precheck.expression_answer,
-            self.engine.chat_template,
+            self.engine.chat_template, answer_choices(request.task.checks),
         )
         measure = getattr(self.engine, "measure_tokens", None)
         prompt_tokens = await measure(prompt, limit) if measure is not None else self.engine.count_tokens(prompt)

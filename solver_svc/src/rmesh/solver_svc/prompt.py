@@ -66,6 +66,44 @@ _EXPRESSION_EXAMPLES = (
 )
 
 
+# A question with no evidence and no checker: examples that share nothing with a support
+# ticket, so the model has no evidence example to copy from.
+_FREE_EXAMPLES = (
+    ("Name a primary colour.", ["Red, yellow and blue are the primary colours."], "Red"),
+    ("What is the capital of France?", ["The capital city of France is Paris."], "Paris"),
+)
+# A label chosen from a fixed set (a regex check that is a list of words).
+_CHOICE_EXAMPLE = (
+    "Label this message: \"The screen of my new phone arrived cracked.\"\nAnswer with one of: damaged, late, other.",
+    ["The phone arrived with a cracked screen, so it is damaged."],
+    "damaged",
+)
+MAX_CHOICES = 32
+_CHOICE_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,63}")
+
+
+def answer_choices(checks: Sequence) -> tuple[str, ...]:
+    """The literal answers a regex check allows when its pattern is a plain list of words
+    (``billing|shipping|other``, optionally anchored or grouped): the final answer can then be
+    held to them by the grammar. Empty for any other pattern, or beside a JSON schema check."""
+    if any(spec.name == "json_schema" for spec in checks):
+        return ()
+    regexes = [str(spec.params.get("pattern", "")) for spec in checks if spec.name == "regex"]
+    if len(regexes) != 1:
+        return ()
+    body = regexes[0]
+    body = body[1:] if body.startswith("^") else body
+    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
+    for opener in ("(?:", "("):
+        if body.startswith(opener) and body.endswith(")") and "(" not in body[len(opener):-1]:
+            body = body[len(opener):-1]
+            break
+    words = body.split("|")
+    if not 1 < len(words) <= MAX_CHOICES or not all(_CHOICE_WORD.fullmatch(w) for w in words):
+        return ()
+    return tuple(dict.fromkeys(words))
+
+
 def _numeric_reply(steps: list[str], answer: str) -> str:
     checkpoints = "".join(f"<checkpoint>{step}</checkpoint>\n" for step in steps)
     return (
@@ -97,13 +135,30 @@ def build_prompt(
     extractive_answer: bool = False,
     expression_answer: bool = False,
     template: ChatTemplate | None = None,
+    choices: Sequence[str] = (),
 ) -> str:
     """The prompt in the served model's chat template (``template``; Gemma's when none is given):
     instructions, worked examples, then the request, with the model's turn opened.
 
     Evidence is presented as data; the grammar, not the text, decides what may be cited.
+    ``choices``: the only answers allowed (``answer_choices``).
     """
-    if expression_answer and not evidence:
+    request = _user_turn(problem, evidence)
+    if choices and not evidence and not numeric_answer and not expression_answer:
+        rules = (
+            "Choose the label that fits the request. Reply in XML: a <checkpoint> with your reason, a "
+            "<verification_summary>, and a <final_answer> that is exactly one of the labels offered."
+        )
+        question, steps, answer = _CHOICE_EXAMPLE
+        exchanges = [(question, _numeric_reply(steps, answer))]
+        request = f"{request}\nAnswer with one of: {', '.join(choices)}."
+    elif not evidence and not numeric_answer and not expression_answer:
+        rules = (
+            "Answer the request briefly and plainly. Reply in XML: one <checkpoint> per step of your "
+            "reasoning, a <verification_summary>, and a <final_answer> that is the short answer itself."
+        )
+        exchanges = [(q, _numeric_reply(steps, a)) for q, steps, a in _FREE_EXAMPLES]
+    elif expression_answer and not evidence:
         rules = (
             "Build an arithmetic expression from the given numbers that equals the target. Reply in "
             "XML: one <checkpoint> per step, a <verification_summary>, and a <final_answer> that is "
@@ -127,7 +182,7 @@ def build_prompt(
         exchanges = [(_user_turn(_EXAMPLE_PROBLEM, _EXAMPLE_EVIDENCE), reply)]
     first_user, first_reply = exchanges[0]
     exchanges[0] = (f"{rules}\n\n{first_user}", first_reply)
-    return (template or ChatTemplate.named("gemma")).render(_turns(exchanges, _user_turn(problem, evidence)))
+    return (template or ChatTemplate.named("gemma")).render(_turns(exchanges, request))
 
 
 def quotable(value: str) -> bool:
@@ -147,6 +202,7 @@ class _Rules:
         extractive_answer: bool,
         max_line_chars: int,
         expression_answer: bool = False,
+        choices: Sequence[str] = (),
     ) -> None:
         self.evidence = evidence
         self.quote_evidence = quote_evidence
@@ -156,6 +212,8 @@ class _Rules:
         quotable_values = [v for v in evidence.values() if quotable(v)]
         if numeric_answer:
             answer = '"-"? [0-9]{1,12} ("." [0-9]{1,6})?'
+        elif choices and not evidence:
+            answer = "(" + " | ".join(_literal(c) for c in choices) + ")"
         elif expression_answer:
             answer = '[-+*/() 0-9]{1,48}'
         elif extractive_answer and quotable_values:
@@ -194,6 +252,7 @@ def build_grammar(
     extractive_answer: bool = False,
     expression_answer: bool = False,
     max_line_chars: int = 160,
+    choices: Sequence[str] = (),
 ) -> str:
     """A whole response, as GBNF (llama.cpp) that SGLang's ``ebnf`` parameter also accepts.
 
@@ -210,6 +269,7 @@ def build_grammar(
         extractive_answer=extractive_answer,
         max_line_chars=max_line_chars,
         expression_answer=expression_answer,
+        choices=choices,
     )
     parts = [f"cite{i}" for i in range(len(r.required))]
     r.rules[:0] = [f"cite{i} ::= {r.cite(key)}" for i, key in enumerate(r.required)]
@@ -231,6 +291,7 @@ def build_step_grammar(
     extractive_answer: bool = False,
     expression_answer: bool = False,
     max_line_chars: int = 160,
+    choices: Sequence[str] = (),
 ) -> str:
     """One step after ``depth`` checkpoints: the next required citation, another checkpoint,
     or the finish (summary, answer, closing tag). Tree searches expand nodes with it."""
@@ -242,6 +303,7 @@ def build_step_grammar(
         extractive_answer=extractive_answer,
         max_line_chars=max_line_chars,
         expression_answer=expression_answer,
+        choices=choices,
     )
     finish = 'summary answer "</response>"'
     if must_finish:

@@ -33,6 +33,7 @@ from rmesh.solving import (
 )
 from rmesh.solver_svc.prompt import (
     RESPONSE_OPEN,
+    answer_choices,
     build_grammar,
     build_prompt,
     build_step_grammar,
@@ -193,9 +194,10 @@ class SearchState:
         request = self.request
         total = n * len(parents)
         per_branch = max(1, min(request.budget.max_tokens_per_branch, self.tokens_left // total))
+        choices = answer_choices(request.task.checks)
         base = build_prompt(
             request.problem, request.evidence, self.numeric_answer, self.extractive_answer, self.expression_answer,
-            self.engine.chat_template,
+            self.engine.chat_template, choices,
         )
         generations = []
         for index, parent in enumerate(parents):
@@ -209,6 +211,7 @@ class SearchState:
                     must_finish=depth + 1 >= request.budget.max_depth,
                     extractive_answer=self.extractive_answer,
                     expression_answer=self.expression_answer,
+                    choices=choices,
                 )
                 prompt = base + RESPONSE_OPEN + (parent.text if parent else "")
                 prefix = base + RESPONSE_OPEN
@@ -221,6 +224,7 @@ class SearchState:
                     required=request.required_evidence,
                     extractive_answer=self.extractive_answer,
                     expression_answer=self.expression_answer,
+                    choices=choices,
                 )
                 prompt = base
                 prefix, continuation = None, None
