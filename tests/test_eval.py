@@ -51,8 +51,11 @@ def test_goals_compare_adaptive_with_the_most_accurate_fixed_policy():
     result = goals(summarise(rows))
     assert result["best_fixed_policy"] == "best_of_8"
     assert result["accuracy_gap_points"] == 0.0
-    assert result["adaptive_token_share_of_best_fixed"] == pytest.approx(0.3)
-    assert result["within_2_points_with_at_most_35_percent_tokens"] is True
+    assert result["adaptive_token_share_of_best_of_8"] == pytest.approx(0.3)
+    assert result["met_at_least_best_of_8_accuracy_with_at_most_60_percent_tokens"] is True
+    worse = goals(summarise(rows[:8] + [_row("adaptive", "a", i < 1, 180) for i in range(4)]))
+    assert worse["adaptive_accuracy_at_least_best_of_8"] is False
+    assert worse["met_at_least_best_of_8_accuracy_with_at_most_60_percent_tokens"] is False
 
 
 def test_oracle_router_takes_the_cheapest_best_policy_per_kind_and_skips_unsolved_kinds():

@@ -254,10 +254,10 @@ def _review(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rmesh.mesh.evaluation import POLICIES, SPECS, EvalError, run
+    from rmesh.mesh.evaluation import DEFAULT_POLICIES, SPECS, EvalError, run
 
     datasets = args.datasets.split(",") if args.datasets else list(SPECS)
-    policies = args.policies.split(",") if args.policies else list(POLICIES)
+    policies = args.policies.split(",") if args.policies else list(DEFAULT_POLICIES)
     try:
         payload = asyncio.run(
             run(datasets, args.size, policies, args.router, args.seed, args.out, args.plot, args.timeout)
@@ -323,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="compare fixed and adaptive policies on reasoning-gym tasks through the mesh")
     evaluate.add_argument("--datasets", help="comma-separated (default: all): basic_arithmetic/1-digit, basic_arithmetic/2-digit, basic_arithmetic/3-digit, chain_sum/1-digit, countdown/3-numbers, countdown/5-numbers")
-    evaluate.add_argument("--size", type=int, default=8, help="tasks per dataset")
-    evaluate.add_argument("--policies", help="comma-separated (default: single_pass,best_of_8,beam,adaptive)")
-    evaluate.add_argument("--router", help="an already running mesh with the policy/eval tenants (default: start one)")
+    evaluate.add_argument("--size", type=int, default=24, help="tasks per dataset")
+    evaluate.add_argument("--policies", help="comma-separated (default: single_pass,best_of_8,adaptive; also beam); adaptive is the shipped demo tenant's arithmetic route")
+    evaluate.add_argument("--router", help="an already running mesh with the policy/eval tenants and the shipped demo tenant (default: start one)")
     evaluate.add_argument("--seed", type=int, default=7)
     evaluate.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds")
     evaluate.add_argument("--out", default="bench/out/eval.json")

@@ -130,10 +130,12 @@ def plan(
     samples, sampled_why = best_of_n_samples(recent, max_samples) if BEST_OF_N in ladder else (0, "")
     top_failures = sum(1 for a in recent if a.rung == ladder[-1] and not a.success)
     if len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(a.success for a in recent):
+        # One cheap attempt: a Best-of-N first rung draws its greedy answer only.
         return Plan(
             0, False,
-            f"{ladder[-1]} failed the last {top_failures} requests and nothing succeeded: one {ladder[0]} attempt, no escalation",
-            samples,
+            f"{ladder[-1]} failed the last {top_failures} requests and nothing succeeded: one {ladder[0]} attempt"
+            + (" (greedy only)" if ladder[0] == BEST_OF_N else "") + ", no escalation",
+            1 if ladder[0] == BEST_OF_N else samples,
         )
     if len(ladder) == 1:
         return Plan(0, True, _join(f"start at {ladder[0]}, the only rung", sampled_why), samples)

@@ -1,7 +1,9 @@
 """``best_of_n``: N whole answers from one shared prefix; the verifier picks the best eligible.
 
 The first branch is greedy so Best-of-N never does worse than a single pass; the other N-1
-sample in one batch. The search stops as soon as an answer passes every check.
+sample in batches that double (2, 4, 8, ... up to the live-branch cap): an easy task stops after
+a few samples, a hard one still gets wide batches. The search stops as soon as an answer passes
+every check, so no sample is drawn after the first exact pass's batch.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ async def run(*, state: SearchState) -> SolveResult:
         if any(node.verdict.release for node in greedy):
             return state.result(NAME, STOP_EXACT_CHECK_PASSED)
         remaining = n - 1
+    width = 2
     while remaining > 0:
-        batch = min(remaining, state.live_cap)
+        batch = min(remaining, state.live_cap, width)
+        width *= 2
         if stop := state.stop_before_round(batch):
             return state.result(NAME, stop)
         sampled = await state.expand([None], n=batch, temperature=state.temperature(TEMPERATURE), stage="sampled", step=False)
