@@ -277,6 +277,76 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """``rmesh plan``: the seed's capacity table for one model."""
+    from rmesh.capacity import capacity_rows, human_bytes
+    from rmesh.errors import ConfigError
+
+    for flag, value, low in (("--branches", args.branches, 1), ("--context", args.context, 1), ("--prefix", args.prefix, 0)):
+        if not low <= value <= 1 << 24:
+            print(f"rmesh plan: {flag} must be from {low} to {1 << 24}, got {value}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.prefix > args.context:
+        print(f"rmesh plan: --prefix {args.prefix} is longer than --context {args.context}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model, per_token, layout = _plan_geometry(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"rmesh plan: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    counts = sorted({*(1 << i for i in range(20) if 1 << i < args.branches), args.branches})
+    rows = capacity_rows(per_token, counts, args.context, args.prefix)
+    if args.json:
+        print(json.dumps({
+            "model": model, "layout": layout, "kv_bytes_per_token": per_token, "context": args.context,
+            "prefix": args.prefix, "rows": [row.__dict__ for row in rows],
+        }))
+        return 0
+    print(f"{model}: {layout}{per_token} bytes ({human_bytes(per_token)}) of KV per token")
+    print(f"{args.context} tokens per branch, the first {args.prefix} shared\n")
+    print(f"{'branches':>8}  {'per branch':>12}  {'worst case':>12}  {'shared prefix':>13}  {'saved':>6}")
+    for row in rows:
+        saved = 1 - row.shared_prefix / row.worst_case if row.worst_case else 0.0
+        print(
+            f"{row.branches:>8}  {human_bytes(row.per_branch):>12}  {human_bytes(row.worst_case):>12}  "
+            f"{human_bytes(row.shared_prefix):>13}  {saved:>6.0%}"
+        )
+    return 0
+
+
+def _plan_geometry(args: argparse.Namespace) -> tuple[str, int, str]:
+    """(model, KV bytes per token, how that figure is made up) from the flag given."""
+    if args.geometry:
+        parts = args.geometry.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() and 0 < int(p) < 1 << 20 for p in parts):
+            raise ValueError(f"--geometry {args.geometry!r} is not four positive integers: layers,kv_heads,head_dim,bytes")
+        layers, heads, dim, width = (int(p) for p in parts)
+        return "the given geometry", 2 * layers * heads * dim * width, f"2 x {layers} layers x {heads} KV heads x {dim} dims x {width} bytes = "
+    if args.sglang:
+        from rmesh.engine.sglang import SGLangEngine
+
+        async def ask() -> tuple[str, int]:
+            engine = SGLangEngine(args.sglang)
+            try:
+                if not await engine.describe():
+                    raise ValueError(f"SGLang at {args.sglang} did not answer /server_info")
+                if not engine.reported_kv_bytes_per_token:
+                    raise ValueError(f"SGLang at {args.sglang} does not report its KV pool (internal_states memory_usage)")
+                return engine.model_name, engine.reported_kv_bytes_per_token
+            finally:
+                await engine.aclose()
+
+        model, per_token = asyncio.run(ask())
+        return model, per_token, "SGLang's pool over its token capacity: "
+    from rmesh.engine.llama import gguf_kv_geometry
+
+    name, geometry = gguf_kv_geometry(args.gguf)
+    return name, geometry.bytes_per_token, (
+        f"2 x {geometry.layers} layers x {geometry.kv_heads} KV heads x {geometry.head_dim} dims x "
+        f"{geometry.bytes_per_element} bytes = "
+    )
+
+
 def _policy(args: argparse.Namespace) -> int:
     """As ``rmesh-router policy``; lint checks python_tests against this machine's sandbox, where
     ``rmesh serve`` runs the verifier."""
@@ -287,7 +357,7 @@ def _policy(args: argparse.Namespace) -> int:
     if args.policy_command == "lint":
         from rmesh.verifier_svc.sandbox import probe
 
-        return policy_cli.lint(directory, probe)
+        return policy_cli.lint(directory, probe, args.engine_tokens, args.kv_bytes_per_token)
     return policy_cli.test(directory)
 
 
@@ -319,7 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("lint", "schema, CEL compilation, identifiers, types, route reachability"), ("test", "run each file's sample requests and report rule coverage")):
         command = policy_sub.add_parser(name, help=text)
         command.add_argument("directory", nargs="?", help="a tenant directory or one file (default: $RMESH_TENANTS_DIR, else policy/tenants)")
+        if name == "lint":
+            from rmesh.router_svc.__main__ import add_engine_arguments
+
+            add_engine_arguments(command)
         command.set_defaults(func=_policy)
+
+    capacity = sub.add_parser("plan", help="KV capacity for a model's geometry: per branch, worst case, with a shared prefix")
+    source = capacity.add_mutually_exclusive_group()
+    source.add_argument("--gguf", metavar="PATH", help="read the geometry from a GGUF file (default: the packaged Gemma 3 270M)")
+    source.add_argument("--sglang", metavar="URL", help="ask a running SGLang server (/server_info) for its KV bytes per token")
+    source.add_argument("--geometry", metavar="L,H,D,B", help="layers, KV heads, head dim, bytes per element")
+    capacity.add_argument("--branches", type=int, default=8, help="live branches (rows double up to it; default 8)")
+    capacity.add_argument("--context", type=int, default=4096, help="tokens per branch, prefix included (default 4096)")
+    capacity.add_argument("--prefix", type=int, default=350, help="tokens the branches share (default 350: a shipped prompt)")
+    capacity.add_argument("--json", action="store_true", help="print JSON")
+    capacity.set_defaults(func=_plan)
 
     evaluate = sub.add_parser("eval", help="compare fixed and adaptive policies on reasoning-gym tasks through the mesh")
     evaluate.add_argument("--datasets", help="comma-separated (default: all): basic_arithmetic/1-digit, basic_arithmetic/2-digit, basic_arithmetic/3-digit, chain_sum/1-digit, countdown/3-numbers, countdown/5-numbers")

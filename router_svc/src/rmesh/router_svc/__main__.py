@@ -29,7 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="ADDR",
                 help="a running verifier: a file with allow_python_tests fails unless its sandbox is SERVING",
             )
+            add_engine_arguments(command)
     return parser
+
+
+def add_engine_arguments(command: argparse.ArgumentParser) -> None:
+    """The engine capacity ``policy lint`` checks routes against."""
+    command.add_argument(
+        "--engine-tokens", type=int, default=4096, metavar="N",
+        help="KV tokens the engine holds for one solver (default 4096: the embedded default RMESH_N_CTX; "
+        "for SGLang, its max_total_num_tokens)",
+    )
+    command.add_argument(
+        "--kv-bytes-per-token", type=int, default=18_432, metavar="B",
+        help="KV bytes per token of the served model (default 18432: Gemma 3 270M; see rmesh plan)",
+    )
 
 
 def tenants_dir(flag: str | None) -> str:
@@ -44,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = tenants_dir(args.directory or args.tenants)
         if args.policy_command == "lint":
             probe = policy_cli.verifier_sandbox(args.verifier) if args.verifier else None
-            return policy_cli.lint(directory, probe)
+            return policy_cli.lint(directory, probe, args.engine_tokens, args.kv_bytes_per_token)
         return policy_cli.test(directory)
     from rmesh import serving
     from rmesh.router_svc.serve import start

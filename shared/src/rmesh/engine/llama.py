@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import functools
 import math
+import os
 import pathlib
 import threading
 import time
@@ -587,4 +588,28 @@ def _make_chain(params: SamplingParams, branch_index: int, n_vocab: int, eog_tok
     return chain
 
 
-__all__ = ["KVGeometry", "LlamaEngine", "default_model_path"]
+def gguf_kv_geometry(path: str | None = None) -> tuple[str, KVGeometry]:
+    """A GGUF's name and KV layout, read from its metadata without loading its weights (the
+    packaged model when ``path`` is None). An f16 cache (llama.cpp's default) is assumed."""
+    from llama_cpp import Llama
+
+    path = path or default_model_path()
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such GGUF file")
+    try:
+        meta = Llama(model_path=path, vocab_only=True, verbose=False).metadata
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{path}: not a GGUF model llama.cpp can read ({exc})") from None
+    arch = meta.get("general.architecture", "llama")
+    try:
+        layers = int(meta[f"{arch}.block_count"])
+        heads = int(meta[f"{arch}.attention.head_count"])
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        key_length = meta.get(f"{arch}.attention.key_length")
+        head_dim = int(key_length) if key_length else int(meta[f"{arch}.embedding_length"]) // heads
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"{path}: the GGUF's metadata does not give its KV layout ({exc})") from None
+    return meta.get("general.name", arch), KVGeometry(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+
+
+__all__ = ["KVGeometry", "LlamaEngine", "default_model_path", "gguf_kv_geometry"]

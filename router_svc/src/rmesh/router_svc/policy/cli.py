@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 from collections.abc import Callable
 
+from rmesh.capacity import route_warnings
 from rmesh.router_svc.policy.engine import decide
 from rmesh.router_svc.policy.loader import PolicyError, load_policy, run_test, sample_view
 
@@ -21,9 +23,22 @@ def _files(directory: str) -> list[pathlib.Path]:
 SandboxProbe = Callable[[], str]
 
 
-def lint(directory: str, sandbox: SandboxProbe | None = None) -> int:
+# The engine a file is linted against unless told otherwise: the embedded default (Gemma 3
+# 270M, RMESH_N_CTX 4096, an f16 cache).
+DEFAULT_ENGINE_TOKENS = 4096
+DEFAULT_KV_BYTES_PER_TOKEN = 18_432
+
+
+def lint(
+    directory: str,
+    sandbox: SandboxProbe | None = None,
+    engine_tokens: int = DEFAULT_ENGINE_TOKENS,
+    kv_bytes_per_token: int = DEFAULT_KV_BYTES_PER_TOKEN,
+) -> int:
     """Check every file; with ``sandbox`` (which returns why the python_tests sandbox cannot
-    run, or ""), a file that allows python_tests fails where the sandbox is unavailable."""
+    run, or ""), a file that allows python_tests fails where the sandbox is unavailable. A route
+    whose ladder cannot run as written on an engine of ``engine_tokens`` KV tokens is a warning
+    (``WARN file:line: routes.NAME: ...``); warnings do not fail the lint."""
     failures = 0
     problem: str | None = None
     for file in _files(directory):
@@ -45,8 +60,26 @@ def lint(directory: str, sandbox: SandboxProbe | None = None) -> int:
                     print(f"FAIL {file}:{line}: allow_python_tests: the python_tests sandbox is unavailable: {problem}")
                     continue
                 note = "; python_tests sandbox available"
+        for route in policy.routes:
+            for warning in route_warnings(
+                route.strategies, route.budget, route.search, engine_tokens=engine_tokens, bytes_per_token=kv_bytes_per_token
+            ):
+                print(f"WARN {file}:{_route_line(file, route.name)}: routes.{route.name}: {warning}")
         print(f"ok   {file}: tenant {policy.tenant}, revision {policy.revision}, {len(policy.routes)} routes{note}")
     return 1 if failures else 0
+
+
+def _route_line(file: pathlib.Path, name: str) -> int:
+    """The line of a route's ``- name:`` entry under ``routes:``."""
+    in_routes = False
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if line.startswith("routes:"):
+            in_routes = True
+        elif in_routes and line[:1].isalpha():
+            break
+        elif in_routes and re.match(rf"\s*-\s*(\{{\s*)?name:\s*['\"]?{re.escape(name)}['\"]?\s*[,}}]?\s*$", line):
+            return number
+    return _line_of(file, "routes")
 
 
 def _line_of(file: pathlib.Path, key: str) -> int:
