@@ -64,27 +64,38 @@ def test_a_rung_beyond_the_remaining_budget_does_not_count():
     assert without == climb_cost(stats[:2], rates[:2], 0, 10_000) != with_beam
 
 
-def test_best_of_n_width_follows_the_learned_per_sample_rate():
-    """N = ceil(log(1 - 0.9) / log(1 - q)): an easy kind (1 pass in ~2 samples) needs few, a
-    hard one the route's whole width; too little data leaves the route's own."""
-    easy = attempts("best_of_n", 8, 0, samples=2)  # q = 9/18 = 0.5 -> N = 4
-    assert best_of_n_samples(easy, cap=8)[0] == 4
-    hard = attempts("best_of_n", 1, 7, samples=8)  # q = 2/66 -> N > 8
+def test_best_of_n_width_follows_the_learned_rates():
+    """The greedy answer's rate g and the samples' rate q apart; N the least with
+    1 - (1 - g)(1 - q)^(N - 1) >= 0.9, within the route's width, never the greedy answer alone."""
+    # Greedy failed each time, then the second of two samples passed: g = 1/10, q = 9/18.
+    sampled_easy = attempts("best_of_n", 8, 0, samples=3)
+    assert best_of_n_samples(sampled_easy, cap=8)[0] == 5  # 1 + ceil(log(0.1 / 0.9) / log(0.5))
+    hard = attempts("best_of_n", 0, 8, samples=8)  # q = 1/58: the whole width
     assert best_of_n_samples(hard, cap=8)[0] == 8
-    assert best_of_n_samples(easy[:MIN_ATTEMPTS - 1], cap=8) == (0, "")
-    chosen = plan(("best_of_n", "beam"), easy, max_samples=8, rng=random.Random(1))
-    assert chosen.samples == 4 and "best_of_n N=4" in chosen.why
+    # Greedy always passed: a caller sending only easy requests cannot shrink N below 2.
+    greedy_easy = attempts("best_of_n", 8, 0, samples=1)
+    assert best_of_n_samples(greedy_easy, cap=8)[0] == 2
+    assert best_of_n_samples(sampled_easy[:MIN_ATTEMPTS - 1], cap=8) == (0, "")
+    chosen = plan(("best_of_n", "beam"), sampled_easy, max_samples=8, rng=random.Random(1))
+    assert chosen.samples == 5 and "best_of_n N=5" in chosen.why
 
 
-def test_hopeless_kind_gets_one_cheap_attempt_and_no_escalation():
-    ladder = ("single_pass", "best_of_n")
-    two_requests = [Attempt("best_of_n", False), Attempt("single_pass", False)] * 2
-    assert plan(ladder, two_requests).escalate, "two failed requests are not enough evidence"
+def test_hopeless_kind_gets_one_greedy_attempt_and_no_escalation_most_of_the_time():
+    ladder = ("best_of_n", "beam")
+    two_requests = [Attempt("beam", False), Attempt("best_of_n", False)] * 2
+    assert plan(ladder, two_requests, rng=random.Random(1)).escalate, "two failed requests are not enough evidence"
     four_requests = two_requests * 2
-    chosen = plan(ladder, four_requests)
-    assert (chosen.start, chosen.escalate) == (0, False)
-    assert "failed the last 4 requests" in chosen.why
-    assert plan(ladder, [Attempt("best_of_n", True)] + four_requests).escalate  # one success keeps it alive
+    plans = [plan(ladder, four_requests, rng=random.Random(seed)) for seed in range(200)]
+    given_up = [p for p in plans if not p.escalate]
+    assert 0.8 * 200 < len(given_up) < 200, "one request in ten still climbs"
+    assert all((p.start, p.samples) == (0, 1) and "failed the last 4 requests" in p.why for p in given_up)
+    assert plan(ladder, [Attempt("best_of_n", True)] + four_requests, rng=random.Random(1)).escalate  # one success keeps it alive
+
+
+def test_rows_without_a_token_count_do_not_make_a_rung_look_free():
+    old_rows = [Attempt("best_of_n", False, 0, 0)] * 6  # written before tokens were recorded
+    (stats,) = rung_stats(("best_of_n",), old_rows, 1000)
+    assert stats.mean_tokens == 1000 and stats.attempts == 6
 
 
 async def test_failed_rung_escalates_and_progress_shows_it(mesh):

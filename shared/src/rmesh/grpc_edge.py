@@ -7,7 +7,6 @@ downstream service back into the same exceptions.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import hmac
 import inspect
@@ -25,11 +24,13 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 
 from rmesh import errors
 from rmesh.config import ServerSettings
+from rmesh.solving import CALL_DEADLINE
 
 log = logging.getLogger("rmesh.grpc")
 
-# Absolute time.monotonic() by which the current call must finish; None when unbounded.
-DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rmesh_deadline", default=None)
+# Absolute time.monotonic() by which the current call must finish; None when unbounded. It lives
+# with the ports (rmesh.solving) so a core can narrow it for one downstream call.
+DEADLINE = CALL_DEADLINE
 
 _CODES: list[tuple[type[errors.MeshError], grpc.StatusCode]] = [
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from rmesh.domain import Budget, Candidate, Precheck, SearchParams, TaskSpec, Usage, Verdict
+
+# Absolute time.monotonic() by which the current call must finish (None: unbounded). The gRPC
+# edge sets it from the caller's deadline; every port's downstream call carries what is left.
+CALL_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("rmesh_deadline", default=None)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from rmesh.router_svc.reviews import Review
 from rmesh.router_svc.ladder import BEST_OF_N, Attempt, plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.router_svc.rung_log import RungLog
-from rmesh.solving import Progress, SolveRequest, SolveResult, VerifierPort
+from rmesh.solving import CALL_DEADLINE, Progress, SolveRequest, SolveResult, VerifierPort
 
 
 log = logging.getLogger("rmesh.router")
@@ -53,6 +53,8 @@ MIN_ESCALATION_TOKENS = 64
 MIN_ESCALATION_SECONDS = 1.0
 # Time kept back from the caller's deadline for the release gate and the final event.
 GATE_RESERVE_SECONDS = 2.0
+# The most wall clock a solver call takes (the solver's own limit on budget.wall_clock_seconds).
+MAX_WALL_SECONDS = 3600.0
 # Strategies whose first (or only) branch is the greedy answer.
 GREEDY_FIRST = frozenset({"single_pass", "single_path", "best_of_n"})
 MAX_EVIDENCE_ITEMS = 64
@@ -335,6 +337,9 @@ class RouterCore:
                     record((spent + item.usage).completion_tokens + in_flight * decision.budget.max_tokens_per_branch)
 
                 last: Progress | None = None
+                # The solver's call ends early enough to leave the release gate its time: a rung
+                # cut off at the hard deadline would leave nothing to gate what was kept.
+                narrowed = CALL_DEADLINE.set(_solver_deadline(started, deadline))
                 try:
                     async for item in _read_ahead(self.solver.solve(solve_request), charge):
                         if isinstance(item, SolveResult):
@@ -348,9 +353,14 @@ class RouterCore:
                     if kept is None:
                         raise  # nothing ran before this rung: the caller gets the status
                     # A higher rung failed: what the lower rungs found is kept, never thrown away.
+                    # The outcome names the kind of failure; its details (addresses, free KV)
+                    # stay in the router's log.
                     spent = spent + (last.usage if last is not None else Usage())
-                    stopped = f"{strategy} stopped without a result ({type(exc).__name__}: {exc.message})"
-                    log.warning("tenant %s: %s; keeping the %s result", policy.tenant, stopped, decision.strategies[kept[0]])
+                    stopped = f"{strategy} stopped without a result ({_RUNG_FAILURES[type(exc)]})"
+                    log.warning(
+                        "tenant %s: %s stopped (%s: %s); keeping the %s result",
+                        policy.tenant, strategy, type(exc).__name__, exc.message, decision.strategies[kept[0]],
+                    )
                     yield Progress(
                         stage=f"{strategy} failed; keeping the {decision.strategies[kept[0]]} result",
                         branches_started=0, branches_done=0, usage=spent,
@@ -359,6 +369,8 @@ class RouterCore:
                     )
                     rung, result = kept
                     break
+                finally:
+                    CALL_DEADLINE.reset(narrowed)
                 spent = spent + result.usage
                 record(spent.completion_tokens)
                 if self.reviews is not None:
@@ -496,14 +508,30 @@ def _wall_left(route_seconds: float, started: float, deadline: float | None) -> 
     has found when its wall clock runs out, where a deadline would cut it off with nothing)."""
     now = time.monotonic()
     left = route_seconds - (now - started) if route_seconds > 0 else float("inf")
-    if deadline is not None:
-        left = min(left, deadline - now - min(GATE_RESERVE_SECONDS, 0.2 * (deadline - started)))
+    hard = _solver_deadline(started, deadline)
+    if hard is not None:
+        left = min(left, hard - now)
     return left  # inf: no limit
 
 
 def _wall_budget(left: float) -> float:
-    """The solver's ``wall_clock_seconds`` for ``left`` (0 there means no limit)."""
-    return 0.0 if left == float("inf") else max(0.01, left)
+    """The solver's ``wall_clock_seconds`` for ``left`` (0 there means no limit; it takes at
+    most MAX_WALL_SECONDS)."""
+    return 0.0 if left == float("inf") else min(MAX_WALL_SECONDS, max(0.01, left))
+
+
+def _solver_deadline(started: float, deadline: float | None) -> float | None:
+    """The hard deadline of one rung's solver call: the caller's, less the gate's reserve."""
+    if deadline is None:
+        return None
+    return deadline - min(GATE_RESERVE_SECONDS, 0.2 * (deadline - started))
+
+
+_RUNG_FAILURES = {
+    ResourceExhausted: "the solver's KV budget or a quota ran out",
+    Unavailable: "the solver or its engine was unavailable",
+    DeadlineExceeded: "its time ran out",
+}
 
 
 def _checks_passed(result: SolveResult) -> int:

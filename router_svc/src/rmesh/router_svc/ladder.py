@@ -14,7 +14,7 @@ log(1 - q)), within the route's samples.
 
 A kind whose top rung has failed several requests in a row, with no success anywhere in the
 window, gets one cheap attempt and no escalation (knowing when to give up is part of spending
-compute only where it pays).
+compute only where it pays); one request in ten still climbs, so that state cannot last.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from typing import NamedTuple
 
 # A rung can be skipped only once it has this many attempts in the window.
 MIN_ATTEMPTS = 4
-# With this many failed top-rung attempts and no success anywhere, stop after the first rung.
+# With this many failed top-rung attempts and no success anywhere, stop after the first rung...
 HOPELESS_AFTER = 4
+# ... except for this share of requests, which still climb, so a kind that became solvable (or
+# whose window a run of unsolvable requests filled) is noticed.
+HOPELESS_RETRY = 0.1
 WINDOW = 60
 # Best-of-N draws enough samples to pass with this probability, at its learned per-sample rate.
 TARGET_PASS = 0.9
@@ -74,13 +77,14 @@ class Plan:
 
 def rung_stats(ladder: Sequence[str], history: Sequence[Attempt], budget_tokens: int) -> list[RungStats]:
     """Each rung's posterior summary. Before data, a rung is assumed to cost its share of the
-    budget, growing up the ladder (rung i of k: budget · (i + 1) / k)."""
+    budget, growing up the ladder (rung i of k: budget · (i + 1) / k); attempts recorded
+    without a token count (rows older than the count) say nothing about cost."""
     out = []
     for index, name in enumerate(ladder):
         rows = [a for a in history if a.rung == name]
+        costed = [a.tokens for a in rows if a.tokens > 0]
         assumed = budget_tokens * (index + 1) / len(ladder)
-        spent = sum(max(0, a.tokens) for a in rows)
-        mean = (spent + COST_PRIOR_WEIGHT * assumed) / (len(rows) + COST_PRIOR_WEIGHT)
+        mean = (sum(costed) + COST_PRIOR_WEIGHT * assumed) / (len(costed) + COST_PRIOR_WEIGHT)
         out.append(RungStats(name, len(rows), sum(1 for a in rows if a.success), max(1.0, mean)))
     return out
 
@@ -102,16 +106,30 @@ def climb_cost(stats: Sequence[RungStats], rates: Sequence[float], start: int, b
 
 
 def best_of_n_samples(history: Sequence[Attempt], cap: int, target: float = TARGET_PASS) -> tuple[int, str]:
-    """N for Best-of-N from its learned per-sample pass rate, within ``cap``; 0 without enough data."""
+    """N for Best-of-N from what its attempts show, within ``cap``; 0 without enough data.
+
+    Best-of-N draws its greedy answer first, then samples until a batch passes. The greedy
+    answer's pass rate g and the samples' per-draw rate q are estimated apart (an attempt that
+    passed with one candidate passed on its greedy answer; one with more drew ``samples - 1``
+    samples, and passed on one of them if it passed at all), and N is the least with
+    1 - (1 - g)(1 - q)^(N - 1) >= target: the seed's N = ceil(log(1 - target) / log(1 - q)),
+    after the greedy draw. A learned N keeps at least one sample beyond the greedy answer."""
     rows = [a for a in history if a.rung == BEST_OF_N and a.samples > 0]
     if len(rows) < MIN_ATTEMPTS or cap < 1:
         return 0, ""
-    drawn = sum(a.samples for a in rows)
-    passed = sum(1 for a in rows if a.success)
-    rate = (1.0 + passed) / (2.0 + drawn)  # posterior mean of Beta(1 + passes, 1 + misses)
-    wanted = math.ceil(math.log(1.0 - target) / math.log(1.0 - rate)) if rate < 1 else 1
-    n = max(1, min(cap, wanted))
-    return n, f"{BEST_OF_N} N={n}: {passed} passes in {drawn} samples, q={rate:.2f}, target {target:.0%}"
+    greedy_passes = sum(1 for a in rows if a.success and a.samples == 1)
+    g = (1.0 + greedy_passes) / (2.0 + len(rows))
+    sampled = [a for a in rows if a.samples > 1]
+    drawn = sum(a.samples - 1 for a in sampled)
+    passed = sum(1 for a in sampled if a.success)
+    q = (1.0 + passed) / (2.0 + drawn)
+    left = (1.0 - target) / (1.0 - g)
+    more = math.ceil(math.log(left) / math.log(1.0 - q)) if left < 1 else 0
+    n = max(min(2, cap), min(cap, 1 + more))
+    return n, (
+        f"{BEST_OF_N} N={n}: greedy passed {greedy_passes}/{len(rows)}, samples {passed} in {drawn} "
+        f"(q={q:.2f}), target {target:.0%}"
+    )
 
 
 def plan(
@@ -128,8 +146,12 @@ def plan(
     if not recent:
         return Plan(0, True, f"no history for this task kind: start at {ladder[0]}")
     samples, sampled_why = best_of_n_samples(recent, max_samples) if BEST_OF_N in ladder else (0, "")
+    draw = rng or random
     top_failures = sum(1 for a in recent if a.rung == ladder[-1] and not a.success)
-    if len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(a.success for a in recent):
+    hopeless = len(ladder) > 1 and top_failures >= HOPELESS_AFTER and not any(a.success for a in recent)
+    if hopeless and draw.random() < HOPELESS_RETRY:
+        return Plan(0, True, f"{ladder[-1]} failed the last {top_failures} requests: climbing once more in case that changed", samples)
+    if hopeless:
         # One cheap attempt: a Best-of-N first rung draws its greedy answer only.
         return Plan(
             0, False,
@@ -142,7 +164,6 @@ def plan(
     stats = rung_stats(ladder, recent, budget_tokens)
     # No rung is skipped before it has been judged: the latest start is the first unjudged rung.
     latest = next((i for i, s in enumerate(stats) if s.attempts < MIN_ATTEMPTS), len(ladder) - 1)
-    draw = rng or random
     drawn = [draw.betavariate(s.alpha, s.beta) for s in stats]
     costs = [climb_cost(stats, drawn, start, budget_tokens) for start in range(latest + 1)]
     start = min(range(latest + 1), key=lambda i: (costs[i], i))
