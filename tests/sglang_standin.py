@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,6 +121,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
     model = MODEL  # the model it says it serves
     # Whether /server_info carries internal_states[].memory_usage (SGLang 0.5.23 does).
     report_memory = True
+    # A hostile server: raw JSON text replacing /server_info's answer, and a prompt_tokens value
+    # (raw JSON text) for every answer, when set.
+    server_info_raw: str | None = None
+    prompt_tokens_raw: str | None = None
     lock = threading.Lock()
 
     @classmethod
@@ -132,6 +137,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         cls.fail_status = 0
         cls.model = MODEL
         cls.report_memory = True
+        cls.server_info_raw = cls.prompt_tokens_raw = None
 
     def log_message(self, *args):
         pass
@@ -163,7 +169,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 info["internal_states"] = [
                     {"memory_usage": {"weight": 0.5, "kvcache": kvcache, "token_capacity": KV_TOKENS}, "last_gen_throughput": 0.0}
                 ]
-            self._send(200, json.dumps(info).encode())
+            raw = type(self).server_info_raw
+            self._send(200, raw.encode() if raw is not None else json.dumps(info).encode())
         elif self.path == "/get_load":
             # SGLang's legacy shape: one entry per data-parallel rank.
             load = [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": type(self).load_tokens}]
@@ -266,11 +273,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
                     copies.append({"text": answer, "output_ids": output_ids, "meta_info": meta})
                 type(self).seen.setdefault(self.server.server_address[1], []).append(tokens)
                 results.append(copies if (p.get("n") or 1) > 1 else copies[0])
-        if batch:
-            flat = [c for r in results for c in (r if isinstance(r, list) else [r])]
-            self._send(200, json.dumps(flat).encode())
-        else:
-            self._send(200, json.dumps(results[0]).encode())
+        body = json.dumps([c for r in results for c in (r if isinstance(r, list) else [r])] if batch else results[0])
+        if type(self).prompt_tokens_raw is not None:
+            body = re.sub(r'"prompt_tokens": \d+', f'"prompt_tokens": {type(self).prompt_tokens_raw}', body)
+        self._send(200, body.encode())
 
 
 class StandIn:

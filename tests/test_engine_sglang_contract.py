@@ -230,3 +230,40 @@ async def test_prompt_tokens_are_measured_by_the_server_not_estimated(sglang_url
     with pytest.raises(Unavailable):
         await engine.measure_tokens(prompt, None)
     await engine.aclose()
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        '{"model_path": "google/gemma-3-270m-it", "max_total_num_tokens": Infinity, "context_length": 1e400, "tp_size": 99999, '
+        '"internal_states": [{"memory_usage": {"kvcache": Infinity, "token_capacity": 5}}]}',
+        '{"model_path": "google/gemma-3-270m-it", "max_total_num_tokens": "500000", "internal_states": [{"memory_usage": {"kvcache": NaN, "token_capacity": 1}}]}',
+        '{"model_path": "google/gemma-3-270m-it", "max_total_num_tokens": -5, "internal_states": [{"memory_usage": {"kvcache": 8.5, "token_capacity": true}}]}',
+        '{"model_path": "google/gemma-3-270m-it", "max_total_num_tokens": 1e30, "internal_states": "x"}',
+    ],
+    ids=["infinities", "nan-and-strings", "negative-and-bool", "absurd"],
+)
+async def test_a_hostile_server_info_is_no_answer_not_a_crash(sglang_url, info):
+    FakeSGLang.server_info_raw = info
+    engine = SGLangEngine(sglang_url)
+    assert await engine.describe()  # the model is named; nothing else is believed
+    assert (engine.kv_capacity_tokens, engine.context_length, engine.reported_kv_bytes_per_token) == (0, 0, 0)
+    assert "has not reported its KV cache size" in engine.readiness_problem()
+    await engine.aclose()
+
+
+async def test_a_model_name_with_terminal_escapes_is_cleaned(sglang_url):
+    FakeSGLang.server_info_raw = '{"model_path": "\\u001b[2Jgoogle/gemma-3-270m-it\\u0007"}'
+    engine = SGLangEngine(sglang_url)
+    assert await engine.describe() and engine.model_name == "[2Jgoogle/gemma-3-270m-it"
+    await engine.aclose()
+
+
+@pytest.mark.parametrize("raw", ["Infinity", "1", "true", "-3", "4.5"])
+async def test_an_impossible_prompt_count_is_malformed_not_believed(sglang_url, raw):
+    """A count of 1 for a 120-byte prompt would under-reserve KV; Infinity would crash int()."""
+    FakeSGLang.prompt_tokens_raw = raw
+    engine = SGLangEngine(sglang_url)
+    with pytest.raises(Unavailable, match="malformed"):
+        await engine.measure_tokens(" ".join(f"word{i}" for i in range(20)), None)
+    await engine.aclose()

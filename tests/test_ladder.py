@@ -116,7 +116,7 @@ async def test_failed_rung_escalates_and_progress_shows_it(mesh):
         later = [e.progress for e in events if e.WhichOneof("event") == "progress"][-1]
         assert later.usage.completion_tokens >= escalation.usage.completion_tokens > 0
     await mesh.services["router"].core.drain()
-    history = mesh.services["router"].reviews.rung_history("demo", "arithmetic-escalation-test")
+    history = mesh.services["router"].reviews.rung_history("demo", "arithmetic/arithmetic-escalation-test")
     assert history and history[-1][0] == "best_of_n"
 
 

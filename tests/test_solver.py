@@ -247,7 +247,7 @@ async def test_a_search_wider_than_the_whole_kv_budget_runs_narrower_instead_of_
         request = arithmetic("9 + 8 + 2", "self_consistency", Budget(1200, 4, 4, 60, 120), SearchParams(samples=4))
         progress, result = await solve(f"127.0.0.1:{service.port}", request)
         fitted = [p.stage for p in progress if p.stage.startswith("fit to KV")]
-        assert fitted and fitted[0].startswith("fit to KV: 2 live branches instead of 4"), [p.stage for p in progress]
+        assert fitted and fitted[0].startswith("fit to KV: at most 2 branches alive at once instead of 4"), [p.stage for p in progress]
         assert result.candidates_evaluated == 4 and result.peak_live_branches == 2
     finally:
         await service.stop(1)

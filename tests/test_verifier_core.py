@@ -195,3 +195,18 @@ def test_a_literal_too_large_for_a_float_is_an_expression_error(text):
     with pytest.raises(ExpressionError, match="out of range"):
         evaluate(text)
     assert equation_score(f"{text} = 5") == 0.5  # a model's checkpoint cannot crash the verifier
+
+
+def test_a_false_equation_among_the_checkpoints_keeps_a_right_answer_from_release():
+    """17 + 25 = 32, then 32 + 25 = 42: the final number is right, the reasoning shown is not."""
+    task = TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "17 + 25"}),))
+    wrong = Candidate("a", (Checkpoint("17 + 25 = 32"), Checkpoint("32 + 25 = 42")), "Checked.", "42", True)
+    right = Candidate("b", (Checkpoint("17 + 25 = 42"),), "Checked.", "42", True)
+    words = Candidate("c", (Checkpoint("Add the tens, then the ones."),), "Checked.", "42", True)
+    core = VerifierCore()
+    verdicts = [core.verify(task, {}, (), [c])[0] for c in (wrong, right, words)]
+    assert not verdicts[0].release
+    assert [(c.name, c.detail) for c in verdicts[0].checks if not c.passed] == [
+        ("steps", "checkpoint 1 states a false equation: 17 + 25 = 32")
+    ]
+    assert verdicts[1].release and verdicts[2].release  # a true equation, or words nothing can judge

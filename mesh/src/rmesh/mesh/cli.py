@@ -112,10 +112,12 @@ def _describe(event: dict[str, Any]) -> str:
         lines.append(f"  review: {event['review_id']}")
     if event["released"]:
         for cp in event["checkpoints"]:
-            lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}")
+            lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}" if cp["cites"] else f"  - {cp['text']}")
         lines.append(f"  answer: {event['answer']}")
     if event["missing_evidence"]:
-        lines.append(f"  missing evidence: {', '.join(event['missing_evidence'])}; next: {event['next_step']}")
+        lines.append(f"  missing evidence: {', '.join(event['missing_evidence'])}")
+    if event.get("next_step"):
+        lines.append(f"  next: {event['next_step']}")
     u = event["usage"]
     lines.append(
         f"  usage: prompt {u['prompt_tokens']}, completion {u['completion_tokens']}, cached {u['cached_tokens']}"
@@ -302,7 +304,7 @@ def _plan(args: argparse.Namespace) -> int:
             "prefix": args.prefix, "rows": [row.__dict__ for row in rows],
         }))
         return 0
-    print(f"{model}: {layout}{per_token} bytes ({human_bytes(per_token)}) of KV per token")
+    print(f"{model}: {layout} = {per_token} bytes ({human_bytes(per_token)}) of KV per token")
     print(f"{args.context} tokens per branch, the first {args.prefix} shared\n")
     print(f"{'branches':>8}  {'per branch':>12}  {'worst case':>12}  {'shared prefix':>13}  {'saved':>6}")
     for row in rows:
@@ -321,7 +323,7 @@ def _plan_geometry(args: argparse.Namespace) -> tuple[str, int, str]:
         if len(parts) != 4 or not all(p.strip().isdigit() and 0 < int(p) < 1 << 20 for p in parts):
             raise ValueError(f"--geometry {args.geometry!r} is not four positive integers: layers,kv_heads,head_dim,bytes")
         layers, heads, dim, width = (int(p) for p in parts)
-        return "the given geometry", 2 * layers * heads * dim * width, f"2 x {layers} layers x {heads} KV heads x {dim} dims x {width} bytes = "
+        return "the given geometry", 2 * layers * heads * dim * width, f"2 x {layers} layers x {heads} KV heads x {dim} dims x {width} bytes"
     if args.sglang:
         from rmesh.engine.sglang import SGLangEngine
 
@@ -337,13 +339,13 @@ def _plan_geometry(args: argparse.Namespace) -> tuple[str, int, str]:
                 await engine.aclose()
 
         model, per_token = asyncio.run(ask())
-        return model, per_token, "SGLang's pool over its token capacity: "
+        return model, per_token, "SGLang's KV pool over its token capacity"
     from rmesh.engine.llama import gguf_kv_geometry
 
     name, geometry = gguf_kv_geometry(args.gguf)
     return name, geometry.bytes_per_token, (
         f"2 x {geometry.layers} layers x {geometry.kv_heads} KV heads x {geometry.head_dim} dims x "
-        f"{geometry.bytes_per_element} bytes = "
+        f"{geometry.bytes_per_element} bytes"
     )
 
 

@@ -268,7 +268,7 @@ class RouterCore:
         if self.reviews is not None:
             precheck, history = await asyncio.gather(
                 self.verifier.precheck(request.task, evidence, decision.required_evidence),
-                self._rung_history(policy.tenant, request.task.kind or "default"),
+                self._rung_history(policy.tenant, prior_key(decision.route, request.task.kind)),
             )
         else:
             precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
@@ -296,7 +296,7 @@ class RouterCore:
                 policy_revision=decision.revision,
             )
             return
-        kind = request.task.kind or "default"
+        kind = prior_key(decision.route, request.task.kind)
         started = time.monotonic()
         async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
             spent = Usage()
@@ -500,6 +500,12 @@ class RouterCore:
                 yield decided
                 return
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+def prior_key(route: str, kind: str) -> str:
+    """What the learned prior is kept under, within a tenant: the route (each has its own
+    ladder) and the caller's task kind."""
+    return f"{route}/{kind or 'default'}"
 
 
 def _wall_left(route_seconds: float, started: float, deadline: float | None) -> float:

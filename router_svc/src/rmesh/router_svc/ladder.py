@@ -143,6 +143,9 @@ def plan(
     """Where to start on ``ladder`` given recent attempts, newest first; ``max_samples`` is the
     route's Best-of-N width (the cap on a learned N)."""
     recent = [Attempt(*row) for row in history[:WINDOW]]
+    if len(ladder) == 1:
+        samples, sampled_why = best_of_n_samples(recent, max_samples) if BEST_OF_N in ladder else (0, "")
+        return Plan(0, True, _join(f"start at {ladder[0]}, the only rung", sampled_why), samples)
     if not recent:
         return Plan(0, True, f"no history for this task kind: start at {ladder[0]}")
     samples, sampled_why = best_of_n_samples(recent, max_samples) if BEST_OF_N in ladder else (0, "")
@@ -159,8 +162,6 @@ def plan(
             + (" (greedy only)" if ladder[0] == BEST_OF_N else "") + ", no escalation",
             1 if ladder[0] == BEST_OF_N else samples,
         )
-    if len(ladder) == 1:
-        return Plan(0, True, _join(f"start at {ladder[0]}, the only rung", sampled_why), samples)
     stats = rung_stats(ladder, recent, budget_tokens)
     # No rung is skipped before it has been judged: the latest start is the first unjudged rung.
     latest = next((i for i, s in enumerate(stats) if s.attempts < MIN_ATTEMPTS), len(ladder) - 1)

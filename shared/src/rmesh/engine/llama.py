@@ -596,6 +596,7 @@ def gguf_kv_geometry(path: str | None = None) -> tuple[str, KVGeometry]:
     path = path or default_model_path()
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such GGUF file")
+    _backend()  # llama.cpp's log lines silenced
     try:
         meta = Llama(model_path=path, vocab_only=True, verbose=False).metadata
     except (ValueError, RuntimeError) as exc:
@@ -607,9 +608,12 @@ def gguf_kv_geometry(path: str | None = None) -> tuple[str, KVGeometry]:
         kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
         key_length = meta.get(f"{arch}.attention.key_length")
         head_dim = int(key_length) if key_length else int(meta[f"{arch}.embedding_length"]) // heads
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"{path}: the GGUF's metadata does not give its KV layout ({exc})") from None
-    return meta.get("general.name", arch), KVGeometry(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+    except (KeyError, ValueError, ZeroDivisionError) as exc:
+        raise ConfigError(f"{path}: the GGUF's metadata does not give its KV layout ({exc!r})") from None
+    if min(layers, kv_heads, head_dim) < 1:
+        raise ConfigError(f"{path}: the GGUF's KV layout is not positive ({layers} layers, {kv_heads} KV heads, {head_dim} dims)")
+    name = "".join(ch for ch in meta.get("general.name", arch) if ch.isprintable())[:200]
+    return name, KVGeometry(layers=layers, kv_heads=kv_heads, head_dim=head_dim)
 
 
 __all__ = ["KVGeometry", "LlamaEngine", "default_model_path", "gguf_kv_geometry"]

@@ -14,7 +14,7 @@ and come out identical.
 from __future__ import annotations
 
 import asyncio
-import math
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -54,22 +54,43 @@ def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_toke
 PREFIX_IDS_KEPT = 256
 
 
+def _count(value: Any, high: int) -> int | None:
+    """A count a server reported, if it is a JSON integer from 0 to ``high``; else None (a
+    float, a bool, a string, a negative or an absurd number is no count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        return None
+    return value
+
+
+# The largest KV pool, context and tensor-parallel degree believed from a server.
+MAX_POOL_TOKENS = 1 << 34
+MAX_TP = 64
+
+
 def _kv_bytes_per_token(info: dict[str, Any]) -> int:
     """KV bytes one token takes across the server's tensor-parallel ranks, from
     ``internal_states[0].memory_usage``: ``kvcache`` (one rank's pool, GiB, two decimals) over
     ``token_capacity``. 0 when the server does not say, or says something impossible."""
     try:
-        state = info["internal_states"][0]
-        usage = state["memory_usage"]
-        gib, tokens = float(usage["kvcache"]), int(usage["token_capacity"])
-        ranks = max(1, min(int(info.get("tp_size") or 1), 4096))
-    except (KeyError, TypeError, ValueError, IndexError):
+        usage = info["internal_states"][0]["memory_usage"]
+        gib = usage["kvcache"]
+        tokens = _count(usage["token_capacity"], MAX_POOL_TOKENS)
+        ranks = _count(info.get("tp_size", 1), MAX_TP) or 1
+    except (KeyError, TypeError, IndexError):
         return 0
-    if not (0 < gib < 1 << 20 and 0 < tokens < 1 << 40) or math.isnan(gib):
-        return 0
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not tokens or not 0 < gib < 1 << 20:
+        return 0  # NaN and infinities fail the range test too
     per_token = round(gib * (1 << 30) * ranks / tokens)
     # Anything outside 1 B .. 64 MiB a token is no model's cache.
     return per_token if 0 < per_token <= 64 << 20 else 0
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _name(value: Any) -> str:
+    """A model name as a server gave it, without control characters (it reaches logs and terminals)."""
+    return _CONTROL.sub("", str(value))[:512]
 
 
 def _key(prompt: dict[str, Any]) -> tuple:
@@ -145,20 +166,17 @@ class SGLangEngine:
             info = await self._get_json("/get_server_info")  # the older path, which gateways forward
         previous = self.model_name
         if isinstance(info, dict) and info.get("model_path"):
-            self.model_name = str(info["model_path"])[:512]
-            try:
-                self.context_length = max(0, int(info.get("context_length") or 0))
-                # A pool that is not a positive count is no answer: keep the configured budget.
-                self.kv_capacity_tokens = max(0, int(info.get("max_total_num_tokens") or 0))
-            except (TypeError, ValueError):
-                self.context_length = self.kv_capacity_tokens = 0
+            self.model_name = _name(info["model_path"])
+            # A pool or context that is not a plausible count is no answer: 0, the configured budget.
+            self.context_length = _count(info.get("context_length"), MAX_POOL_TOKENS) or 0
+            self.kv_capacity_tokens = _count(info.get("max_total_num_tokens"), MAX_POOL_TOKENS) or 0
             self.reported_kv_bytes_per_token = _kv_bytes_per_token(info)
         else:
             models = await self._get_json("/v1/models")
             data = models.get("data") if isinstance(models, dict) else None
             if not (isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("id")):
                 return False
-            self.model_name = str(data[0]["id"])[:512]
+            self.model_name = _name(data[0]["id"])
         if self.model_name != previous:
             self._prefix_ids.clear()  # another model tokenizes otherwise
         if self._configured_template == "auto":
@@ -172,7 +190,7 @@ class SGLangEngine:
         ranks = load if isinstance(load, list) else [load] if isinstance(load, dict) else []
         try:
             counts = [int(rank["num_tokens"]) for rank in ranks]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
         return sum(counts) if counts else None
 
@@ -220,11 +238,13 @@ class SGLangEngine:
         payload = await self._post("/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 0}}, deadline)
         item = payload[0] if isinstance(payload, list) and payload else payload
         try:
-            count = int(item["meta_info"]["prompt_tokens"])
-        except (KeyError, TypeError, ValueError):
-            raise Unavailable("SGLang /generate response is malformed: meta_info.prompt_tokens missing") from None
-        if not 0 < count <= 4 * len(prompt.encode()) + 16:
-            raise Unavailable(f"SGLang /generate response is malformed: {count} prompt tokens for {len(prompt)} characters")
+            count = _count(item["meta_info"]["prompt_tokens"], MAX_POOL_TOKENS)
+        except (KeyError, TypeError):
+            count = None
+        size = len(prompt.encode())
+        # No tokenizer makes a token of more than 32 bytes of text, or of less than a quarter byte.
+        if count is None or not max(1, size // 32) <= count <= 4 * size + 16:
+            raise Unavailable(f"SGLang /generate response is malformed: {count} prompt tokens for {size} bytes of prompt")
         return count
 
     async def generate(self, request: GenerationRequest) -> list[BranchResult]:
@@ -292,7 +312,7 @@ class SGLangEngine:
         try:
             entries = item["meta_info"]["input_token_logprobs"]
             return tuple(int(entry[1]) for entry in entries)
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             return None  # no ids from this server: continuations go as text
 
     @staticmethod
@@ -318,7 +338,7 @@ class SGLangEngine:
                 if logprobs else None,
                 output_ids=tuple(int(t) for t in ids),
             )
-        except (KeyError, TypeError, ValueError, IndexError):
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError):
             raise Unavailable(
                 "SGLang /generate response is malformed: text or meta_info missing, or token counts out of range"
             ) from None

@@ -106,15 +106,16 @@ class SolverCore:
             cap = min(cap, room)
         return cap
 
-    def fit_to_capacity(self, live_cap: int, prompt_tokens: int, path_tokens: int, per_token: int) -> int:
+    def fit_to_capacity(self, live_cap: int, prompt_tokens: int, path_tokens: int, per_token: int, floor: int = 1) -> int:
         """Fewer live branches when the request's would not fit the solver's whole KV budget even
-        alone: the search runs narrower (in more rounds) instead of being refused. A request
-        whose single branch cannot fit keeps its cap, and the ledger refuses it."""
+        alone: the search runs narrower (in more rounds) instead of being refused. ``floor`` is
+        the fewest a round holds (a tree node's children); a request that cannot fit that many
+        keeps its cap, and the ledger refuses it."""
         if self.kv_ledger is None:
             return live_cap
         room = self.kv_ledger.capacity // per_token - prompt_tokens
         fits = room // path_tokens if path_tokens > 0 else live_cap
-        return live_cap if fits >= live_cap or fits < 1 else fits
+        return live_cap if fits >= live_cap or fits < max(1, floor) else fits
 
     @staticmethod
     def _path_tokens(request: SolveRequest) -> int:
@@ -156,16 +157,18 @@ class SolverCore:
         )
         per_token = self.engine.kv_bytes_per_token
         path_tokens = self._path_tokens(request)
-        fitted = self.fit_to_capacity(live_cap, prompt_tokens, path_tokens, per_token)
+        # A tree search expands a node into all its children at once, however few are alive.
+        floor = request.search.branching_factor if request.strategy in ("beam", "mcts") else 1
+        fitted = self.fit_to_capacity(live_cap, prompt_tokens, path_tokens, per_token, floor)
         if fitted != live_cap:
             await state.report(
-                f"fit to KV: {fitted} live branches instead of {live_cap}, so the search fits the engine's "
-                f"{self.kv_ledger.capacity // per_token} tokens of KV"
+                f"fit to KV: at most {fitted} branches alive at once instead of {live_cap}, so the search fits "
+                f"the solver's KV budget"
             )
             live_cap = state.live_cap = fitted
         span = trace.get_current_span()
         span.set_attributes({"rmesh.strategy": request.strategy, "rmesh.live_cap": live_cap})
-        reserve = (prompt_tokens + live_cap * path_tokens) * per_token
+        reserve = (prompt_tokens + max(live_cap, min(floor, request.budget.max_branches)) * path_tokens) * per_token
         if self.kv_ledger is None:
             result = await self._run(state)
         else:

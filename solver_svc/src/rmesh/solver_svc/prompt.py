@@ -79,7 +79,7 @@ _CHOICE_EXAMPLE = (
     "damaged",
 )
 MAX_CHOICES = 32
-_CHOICE_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _-]{0,63}")
+_CHOICE_WORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 _-]{0,62}[A-Za-z0-9_-])?")
 
 
 def answer_choices(checks: Sequence) -> tuple[str, ...]:
@@ -212,7 +212,7 @@ class _Rules:
         quotable_values = [v for v in evidence.values() if quotable(v)]
         if numeric_answer:
             answer = '"-"? [0-9]{1,12} ("." [0-9]{1,6})?'
-        elif choices and not evidence:
+        elif choices and not evidence and not expression_answer:
             answer = "(" + " | ".join(_literal(c) for c in choices) + ")"
         elif expression_answer:
             answer = '[-+*/() 0-9]{1,48}'

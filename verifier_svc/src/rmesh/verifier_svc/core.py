@@ -224,6 +224,12 @@ class VerifierCore:
             results.append(CheckResult("final_answer", False, "candidate has no final answer"))
         results.extend(c.checker.check(candidate.final_answer, c.prepared) for c in checks)
         steps = step_scores(candidate, evidence)
+        # A released answer shows its checkpoints: one that states an equation the verifier
+        # recomputes as false keeps the answer from release, whatever the final number.
+        false = [i for i, (cp, score) in enumerate(zip(candidate.checkpoints, steps)) if score == 0.0 and not cp.cites]
+        if false:
+            shown = candidate.checkpoints[false[0]].text[:80]
+            results.append(CheckResult("steps", False, f"checkpoint {false[0] + 1} states a false equation: {shown}"))
         exact_ok = all(r.passed for r in results)
         grounded = not missing and not unknown and not uncited and not ungrounded and candidate.well_formed
         release = exact_ok and grounded
