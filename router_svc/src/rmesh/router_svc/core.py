@@ -356,7 +356,8 @@ class RouterCore:
                     # The outcome names the kind of failure; its details (addresses, free KV)
                     # stay in the router's log.
                     spent = spent + (last.usage if last is not None else Usage())
-                    stopped = f"{strategy} stopped without a result ({_RUNG_FAILURES[type(exc)]})"
+                    why = next(text for kind, text in _RUNG_FAILURES.items() if isinstance(exc, kind))
+                    stopped = f"{strategy} stopped without a result ({why})"
                     log.warning(
                         "tenant %s: %s stopped (%s: %s); keeping the %s result",
                         policy.tenant, strategy, type(exc).__name__, exc.message, decision.strategies[kept[0]],
