@@ -10,6 +10,7 @@ a test key. Their routes, rules and budgets are the shipped ones (checked below)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,12 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rmesh import peers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RMESH = str(pathlib.Path(sys.executable).parent / "rmesh")
@@ -73,17 +73,10 @@ def shipped(tmp_path_factory):
     log = open(tmp / "serve.log", "w")
     process = subprocess.Popen([RMESH, "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp / "serve.log").read_text()
-            with grpc.insecure_channel(f"127.0.0.1:{ports['ROUTER']}") as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-            time.sleep(0.5)
+        try:
+            asyncio.run(peers.wait_serving(f"127.0.0.1:{ports['ROUTER']}", 120))
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; rmesh serve said:\n{(tmp / 'serve.log').read_text()}") from None
         yield {"RMESH_ROUTER_ADDR": f"127.0.0.1:{ports['ROUTER']}", "tmp": tmp}
     finally:
         process.send_signal(signal.SIGINT)
