@@ -7,7 +7,22 @@ from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 import random
 from collections import Counter
 
-from rmesh.router_svc.ladder import MIN_ATTEMPTS, Attempt, best_of_n_samples, climb_cost, plan, rung_stats
+import pytest
+
+from rmesh.router_svc.ladder import (
+    EXPLORE_SHARE,
+    MIN_ATTEMPTS,
+    OPTIMISM,
+    POOL_WEIGHT,
+    Attempt,
+    Reading,
+    best_of_n_samples,
+    beta_quantile,
+    climb_cost,
+    plan,
+    rung_stats,
+    samples_for,
+)
 
 LADDER = ("single_pass", "best_of_n", "beam")
 
@@ -32,10 +47,13 @@ def test_a_rung_is_never_skipped_before_it_has_enough_attempts():
     assert "single_pass has too few attempts to judge" in plan(LADDER, history, rng=random.Random(1)).why
 
 
-def test_a_rung_that_rarely_succeeds_is_mostly_skipped_but_still_tried():
-    """0/8 at single_pass against 6/8 at best_of_n at the same cost: most plans start at
-    best_of_n, and a few still try single_pass, so the prior cannot lock itself out."""
+def test_a_rung_that_rarely_succeeds_is_mostly_skipped_but_still_tried(monkeypatch):
+    """0/8 at single_pass against 6/8 at best_of_n at the same cost: plans start at best_of_n.
+    The EXPLORE_SHARE of plans that read a random draw instead sometimes start at single_pass,
+    so the prior cannot lock itself out."""
     history = attempts("single_pass", 0, 8) + attempts("best_of_n", 6, 2)
+    assert starts(LADDER, history)[1] >= (1 - EXPLORE_SHARE) * 400 - 20
+    monkeypatch.setattr("rmesh.router_svc.ladder.EXPLORE_SHARE", 1.0)
     counts = starts(LADDER, history)
     assert counts[1] > 0.75 * 400 and 0 < counts[0] < 0.25 * 400, counts
     chosen = plan(LADDER, history, rng=random.Random(3))
@@ -76,20 +94,71 @@ def test_best_of_n_width_follows_the_learned_rates():
     greedy_easy = attempts("best_of_n", 8, 0, samples=1)
     assert best_of_n_samples(greedy_easy, cap=8)[0] == 2
     assert best_of_n_samples(sampled_easy[:MIN_ATTEMPTS - 1], cap=8) == (0, "")
-    chosen = plan(("best_of_n", "beam"), sampled_easy, max_samples=8, rng=random.Random(1))
-    assert chosen.samples == 5 and "best_of_n N=5" in chosen.why
+    # A plan reads q at the OPTIMISM quantile of its posterior, Beta(1 + 8, 1 + 8).
+    steady = random.Random(1)
+    assert not Reading(random.Random(1)).exploring
+    chosen = plan(("best_of_n", "beam"), sampled_easy, max_samples=8, rng=steady)
+    expected = samples_for(1 / 10, beta_quantile(OPTIMISM, 9, 9), cap=8)
+    assert chosen.samples == expected and f"best_of_n N={expected}" in chosen.why
 
 
-def test_hopeless_kind_gets_one_greedy_attempt_and_no_escalation_most_of_the_time():
-    ladder = ("best_of_n", "beam")
-    two_requests = [Attempt("beam", False), Attempt("best_of_n", False)] * 2
-    assert plan(ladder, two_requests, rng=random.Random(1)).escalate, "two failed requests are not enough evidence"
-    four_requests = two_requests * 2
-    plans = [plan(ladder, four_requests, rng=random.Random(seed)) for seed in range(200)]
-    given_up = [p for p in plans if not p.escalate]
-    assert 0.8 * 200 < len(given_up) < 200, "one request in ten still climbs"
-    assert all((p.start, p.samples) == (0, 1) and "failed the last 4 requests" in p.why for p in given_up)
-    assert plan(ladder, [Attempt("best_of_n", True)] + four_requests, rng=random.Random(1)).escalate  # one success keeps it alive
+def test_beta_quantile_matches_closed_forms():
+    """Beta(1, 1) is uniform; Beta(1, b) has the quantile 1 - (1 - p)^(1 / b)."""
+    for p in (0.05, 0.5, 0.6, 0.95):
+        assert beta_quantile(p, 1, 1) == pytest.approx(p, abs=1e-12)
+        for b in (2, 7.5, 400):
+            assert beta_quantile(p, 1, b) == pytest.approx(1 - (1 - p) ** (1 / b), abs=1e-12)
+    assert beta_quantile(0.6, 30, 2) > beta_quantile(0.6, 2, 30)
+
+
+# A kind nothing solves: six Best-of-16 requests without a pass (~70 tokens a candidate), four
+# climbs to beam without one.
+NOTHING_PASSES = attempts("best_of_n", 0, 6, tokens=1120, samples=16) + attempts("beam", 0, 4, tokens=400, samples=7)
+LADDER2 = ("best_of_n", "beam")
+
+
+def plans(history, draws=400, **kwargs):
+    rng = random.Random(11)
+    return [plan(LADDER2, history, rng=rng, max_samples=16, budget_tokens=2400, **kwargs) for _ in range(draws)]
+
+
+def test_a_kind_nothing_solves_settles_on_its_greedy_answer_when_a_success_has_a_worth():
+    """0 passes in 90 samples at ~70 tokens each: even a generous reading of q buys less than a
+    sample costs at 2000 tokens a success, and beam's 0/4 at 400 tokens does not pay either.
+    Most plans draw the greedy answer alone and do not climb; a few still explore."""
+    given_up = [p for p in plans(NOTHING_PASSES, worth=2000) if p.samples == 1 and not p.escalate]
+    assert 0.85 * 400 < len(given_up) < 400
+    why = given_up[0].why
+    assert "best_of_n greedy only" in why and "no climb past best_of_n" in why and "2000 a success is worth" in why
+    # Without a worth nothing is given up: the whole width, and the climb.
+    assert all(p.samples == 16 and p.last == 1 for p in plans(NOTHING_PASSES, worth=0))
+
+
+def test_a_kind_where_samples_pass_keeps_its_width():
+    """3 passes in 90 samples (q ~ 0.04) at ~70 tokens: a sample is worth its tokens at 2000 a
+    success, and the seed's N for q = 0.04 is over the route's 16."""
+    some_pass = attempts("best_of_n", 3, 3, tokens=1120, samples=16)
+    chosen = plans(some_pass, worth=2000)
+    assert sum(p.samples == 16 for p in chosen) > 0.9 * 400
+    # At 500 tokens a success the same record no longer pays for its samples.
+    assert sum(p.samples == 1 for p in plans(some_pass, worth=500)) > 0.9 * 400
+
+
+def test_nothing_is_given_up_before_the_evidence_minimum():
+    """Three failed requests are not enough to stop sampling or climbing, however dear."""
+    few = NOTHING_PASSES[: MIN_ATTEMPTS - 1]
+    assert all(p.samples == 0 and p.last == 1 for p in plans(few, worth=10))
+
+
+def test_other_kinds_of_the_route_lend_a_new_kind_their_record():
+    """A kind never seen, on a route whose other kinds pass nothing: the lent record (at most
+    POOL_WEIGHT requests) is evidence enough to draw the greedy answer alone and not climb."""
+    chosen = plans([], worth=2000, pooled=NOTHING_PASSES * 5)
+    assert sum(p.samples == 1 and not p.escalate for p in chosen) > 0.85 * 400
+    assert f"and {POOL_WEIGHT} requests lent by the route's other kinds" in chosen[0].why
+    # The kind's own record outweighs what is lent: its samples pass, so it keeps its width.
+    own = attempts("best_of_n", 5, 3, tokens=600, samples=8)
+    assert sum(p.samples > 1 for p in plans(own, worth=2000, pooled=NOTHING_PASSES * 5)) > 0.9 * 400
 
 
 def test_rows_without_a_token_count_do_not_make_a_rung_look_free():

@@ -199,6 +199,26 @@ def test_negative_budget_fails_the_schema_at_its_line():
     assert error.rule == "routes default" and "schema" in error.reason and error.line == 8
 
 
+def test_a_routes_worth_per_success_reaches_its_decision_and_must_be_positive():
+    policy = parse_policy(policy_text(routes="""
+      - name: default
+        difficulty: easy
+        strategies: [best_of_n, beam]
+        budget: {max_tokens: 900, max_branches: 8, max_tokens_per_success: 1500}
+    """), "t.yaml")
+    assert decide(policy, sample_view("t", {"problem": "hi"})).max_tokens_per_success == 1500
+    unset = parse_policy(policy_text(), "t.yaml")
+    assert decide(unset, sample_view("t", {"problem": "hi"})).max_tokens_per_success == 0
+    for bad in ("0", "-3", "'lots'", "1.5"):
+        error = refused(policy_text(routes=f"""
+          - name: default
+            difficulty: easy
+            strategies: [best_of_n]
+            budget: {{max_tokens: 900, max_branches: 8, max_tokens_per_success: {bad}}}
+        """))
+        assert error.rule == "routes default" and "max_tokens_per_success" in error.reason and error.line == 8, error
+
+
 def test_failing_file_test_refuses_the_file():
     error = refused(policy_text(extra="""
         tests:

@@ -159,6 +159,24 @@ def test_rung_rows_are_written_together_newest_first(store):
     assert store.rung_history(who, "other") == []
 
 
+def test_a_routes_history_holds_its_kinds_and_no_other_route_or_tenant(store):
+    """What a route's other kinds lend: rows under "route/..." only, of this tenant only. A route
+    named like a LIKE pattern matches itself, not its look-alikes."""
+    who, other = tenant(), tenant()
+    store.record_rungs([
+        (who, "maths/sum", "best_of_n", False, 100.0, 560, 8),
+        (who, "maths/product", "beam", True, 101.0, 300, 6),
+        (who, "mathsy/sum", "best_of_n", True, 102.0, 70, 1),
+        (who, "m_ths/sum", "best_of_n", True, 103.0, 70, 1),
+        (other, "maths/sum", "best_of_n", True, 104.0, 70, 1),
+        (who, "%/sum", "best_of_n", True, 105.0, 70, 1),
+    ])
+    assert store.route_history(who, "maths") == [("maths/product", ("beam", True, 300, 6)), ("maths/sum", ("best_of_n", False, 560, 8))]
+    assert store.route_history(who, "%") == [("%/sum", ("best_of_n", True, 70, 1))]
+    assert store.route_history(who, "m_ths") == [("m_ths/sum", ("best_of_n", True, 70, 1))]
+    assert store.route_history(who, "maths", limit=1) == [("maths/product", ("beam", True, 300, 6))]
+
+
 class CountingStore:
     """A review store that records each batch, holds writes until released, can be made to fail."""
 

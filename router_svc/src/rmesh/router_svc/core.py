@@ -211,35 +211,30 @@ class RouterCore:
         self._decisions = DecisionCache()
         # (tenant, kind) -> (when read, attempts newest first); least recently used first.
         self._history: OrderedDict[tuple[str, str], tuple[float, list[Attempt]]] = OrderedDict()
+        # (tenant, route) -> (when read, (kind, attempt) newest first): what other kinds lend.
+        self._route_history: OrderedDict[tuple[str, str], tuple[float, list[tuple[str, Attempt]]]] = OrderedDict()
 
     async def _rung_history(self, tenant: str, kind: str) -> list[Attempt]:
         """The prior's recent attempts, newest first: from memory, re-read from the store after
         HISTORY_TTL_SECONDS so routers sharing a PostgreSQL store learn from each other. The
         memory holds HISTORY_KINDS kinds at most (callers name kinds freely)."""
-        key = (tenant, kind)
-        cached = self._history.get(key)
-        if cached is not None and time.monotonic() - cached[0] < HISTORY_TTL_SECONDS:
-            self._history.move_to_end(key)
-            return cached[1]
-        try:
-            history = await asyncio.wait_for(asyncio.to_thread(self.reviews.rung_history, tenant, kind), PRIOR_TIMEOUT_SECONDS)
-        except Exception as exc:  # the store is down or slow: the ladder starts at its first rung
-            if cached is not None:
-                return cached[1]
-            log.warning("reading the prior for %s/%s failed (%s): starting at the first rung", tenant, kind, type(exc).__name__)
-            return []
-        self._history[key] = (time.monotonic(), history)
-        self._history.move_to_end(key)
-        while len(self._history) > HISTORY_KINDS:
-            self._history.popitem(last=False)
-        return history
+        return await _remembered(self._history, (tenant, kind), self.reviews.rung_history)
 
-    async def _record_rung(self, tenant: str, kind: str, rung: str, result: SolveResult) -> None:
+    async def _pooled_history(self, tenant: str, route: str, kind: str) -> list[Attempt]:
+        """The route's other kinds' recent attempts, newest first, from memory or the store as
+        ``_rung_history`` reads a kind's own."""
+        rows = await _remembered(self._route_history, (tenant, route), self.reviews.route_history)
+        return [attempt for other, attempt in rows if other != kind]
+
+    async def _record_rung(self, tenant: str, route: str, kind: str, rung: str, result: SolveResult) -> None:
         """Learning data for the prior: in this router's memory at once, in the store in batches."""
         attempt = Attempt(rung, result.eligible, result.usage.completion_tokens, result.candidates_evaluated)
         cached = self._history.get((tenant, kind))
         if cached is not None:
             self._history[(tenant, kind)] = (cached[0], [attempt, *cached[1]][:HISTORY_LIMIT])
+        pooled = self._route_history.get((tenant, route))
+        if pooled is not None:
+            self._route_history[(tenant, route)] = (pooled[0], [(kind, attempt), *pooled[1]][:HISTORY_LIMIT])
         await self._rungs.add(tenant, kind, *attempt)
 
     async def drain(self) -> None:
@@ -265,16 +260,20 @@ class RouterCore:
         decision = self._decisions.decide(policy, view)
         _annotate_span(policy, decision.route, request.problem, evidence)
         history: list[Attempt] = []
+        pooled: list[Attempt] = []
+        kind = prior_key(decision.route, request.task.kind)
         if self.reviews is not None:
-            precheck, history = await asyncio.gather(
+            precheck, history, pooled = await asyncio.gather(
                 self.verifier.precheck(request.task, evidence, decision.required_evidence),
-                self._rung_history(policy.tenant, prior_key(decision.route, request.task.kind)),
+                self._rung_history(policy.tenant, kind),
+                self._pooled_history(policy.tenant, decision.route, kind),
             )
         else:
             precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
         route_plan = plan(
             decision.strategies, history, budget_tokens=decision.budget.max_tokens,
             max_samples=decision.search.samples or decision.budget.max_branches,
+            worth=decision.max_tokens_per_success, pooled=pooled,
         )
         yield Config(
             decision.strategies[route_plan.start],
@@ -296,7 +295,6 @@ class RouterCore:
                 policy_revision=decision.revision,
             )
             return
-        kind = prior_key(decision.route, request.task.kind)
         started = time.monotonic()
         async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
             spent = Usage()
@@ -375,12 +373,12 @@ class RouterCore:
                 spent = spent + result.usage
                 record(spent.completion_tokens)
                 if self.reviews is not None:
-                    await self._record_rung(policy.tenant, kind, strategy, result)
+                    await self._record_rung(policy.tenant, decision.route, kind, strategy, result)
                 kept = (rung, result) if kept is None or _better(result, kept[1]) else kept
                 left = decision.budget.max_tokens - spent.completion_tokens
                 wall = _wall_left(decision.budget.wall_clock_seconds, started, deadline)
                 if (
-                    result.eligible or not route_plan.escalate or rung + 1 >= len(decision.strategies)
+                    result.eligible or rung + 1 > route_plan.last
                     or left < MIN_ESCALATION_TOKENS or wall < MIN_ESCALATION_SECONDS
                 ):
                     rung, result = kept
@@ -501,6 +499,28 @@ class RouterCore:
                 yield decided
                 return
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+async def _remembered(memory: OrderedDict, key: tuple[str, str], read) -> list:
+    """``read(*key)`` from memory while fresh, else from the store, keeping HISTORY_KINDS keys at
+    most; when the store is down or slow, what memory holds, or nothing (the ladder then
+    starts at its first rung)."""
+    cached = memory.get(key)
+    if cached is not None and time.monotonic() - cached[0] < HISTORY_TTL_SECONDS:
+        memory.move_to_end(key)
+        return cached[1]
+    try:
+        rows = await asyncio.wait_for(asyncio.to_thread(read, *key), PRIOR_TIMEOUT_SECONDS)
+    except Exception as exc:
+        if cached is not None:
+            return cached[1]
+        log.warning("reading the prior for %s/%s failed (%s): starting at the first rung", *key, type(exc).__name__)
+        return []
+    memory[key] = (time.monotonic(), rows)
+    memory.move_to_end(key)
+    while len(memory) > HISTORY_KINDS:
+        memory.popitem(last=False)
+    return rows
 
 
 def prior_key(route: str, kind: str) -> str:

@@ -287,6 +287,23 @@ class ReviewStore:
             )
             return [Attempt(rung, bool(success), int(tokens), int(samples)) for rung, success, tokens, samples in cur.fetchall()]
 
+    def route_history(self, tenant: str, route: str, limit: int = 200) -> list[tuple[str, Attempt]]:
+        """The most recent rung attempts of every kind on one of this tenant's routes, newest
+        first, each with its kind: what the route's other kinds lend a kind's prior."""
+        prefix = f"{route}/"
+        with self._transaction() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT kind, rung, success, tokens, samples FROM rung_outcomes "
+                    "WHERE tenant = ? AND substr(kind, 1, ?) = ? ORDER BY created_at DESC LIMIT ?"
+                ),
+                (tenant, len(prefix), prefix, limit),
+            )
+            return [
+                (kind, Attempt(rung, bool(success), int(tokens), int(samples)))
+                for kind, rung, success, tokens, samples in cur.fetchall()
+            ]
+
     def pending_count(self) -> int:
         with self._transaction() as cur:
             cur.execute(self._sql("SELECT COUNT(*) FROM reviews WHERE state = ?"), (PENDING,))

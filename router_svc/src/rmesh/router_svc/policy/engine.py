@@ -84,6 +84,7 @@ def decide(policy: TenantPolicy, request: Mapping[str, Any]) -> Decision:
         min_assurance=min_assurance,
         below_min_assurance=route.below_min_assurance,
         high_impact=high_impact,
+        max_tokens_per_success=route.max_tokens_per_success,
         matched=tuple(matched),
         errors=tuple(errors),
     )

@@ -86,7 +86,8 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         error = errors[0]
         path = tuple(error.absolute_path)
         rule = _rule_name(doc, path)
-        raise PolicyError(source, _line(lines, path), rule, f"schema: {error.message}")
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+        raise PolicyError(source, _line(lines, path), rule, f"schema: {where + ': ' if where else ''}{error.message}")
 
     def fail(path: tuple, rule: str, reason: str) -> PolicyError:
         return PolicyError(source, _line(lines, path), rule, reason)
@@ -116,6 +117,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         when = compile_at(("routes", i, "when"), rule, item["when"], known) if "when" in item else None
         budget_doc = dict(item["budget"])
         max_cost = budget_doc.pop("max_cost", None)
+        worth = budget_doc.pop("max_tokens_per_success", 0)
         routes.append(
             Route(
                 name=item["name"],
@@ -125,6 +127,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
                 budget=Budget(**budget_doc),
                 search=SearchParams(**item.get("search", {})),
                 max_cost=max_cost,
+                max_tokens_per_success=worth,
                 min_assurance=item.get("min_assurance", UNVERIFIED),
                 below_min_assurance=item.get("below_min_assurance", WITHHOLD),
                 high_impact=bool(item.get("high_impact", False)),

@@ -40,6 +40,9 @@ class Route:
     budget: Budget
     search: SearchParams
     max_cost: float | None = None
+    # What a passing answer is worth, in generated tokens: the ladder spends no sample and
+    # climbs no rung whose learned cost per success is over it (0: no limit).
+    max_tokens_per_success: int = 0
     min_assurance: str = UNVERIFIED
     below_min_assurance: str = WITHHOLD
     high_impact: bool = False
@@ -116,6 +119,7 @@ class Decision:
     min_assurance: str = UNVERIFIED
     below_min_assurance: str = WITHHOLD
     high_impact: bool = False  # the request, its route or its escalation rule is high-impact
+    max_tokens_per_success: int = 0  # the route's; 0: no limit
     matched: tuple[str, ...] = field(default_factory=tuple)  # rule names that matched, in order
     errors: tuple[str, ...] = field(default_factory=tuple)  # runtime errors and how on_error read them
 
