@@ -31,7 +31,7 @@ proto: $(STAMP)
 
 ## Start router, solver and verifier on localhost in the foreground; Ctrl-C stops them.
 run: $(STAMP)
-	$(BIN)/rmesh serve
+	RMESH_DEMO_TOOL_TOKEN=$${RMESH_DEMO_TOOL_TOKEN:-demo-tool-token} $(BIN)/rmesh serve
 
 ## A local CA and certificates for mutual TLS between the services (build/certs; development only).
 certs:

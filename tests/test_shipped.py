@@ -69,6 +69,8 @@ def shipped(tmp_path_factory):
         "RMESH_REVIEW_DB": str(tmp / "reviews.sqlite3"),
         "RMESH_METRICS_ADDR": "127.0.0.1:0",
         "RMESH_GRACE_SECONDS": "2",
+        # What `make run` gives the router: the demo tenant's public tool credential.
+        "RMESH_DEMO_TOOL_TOKEN": "demo-tool-token",
     }
     log = open(tmp / "serve.log", "w")
     process = subprocess.Popen([RMESH, "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -116,7 +118,7 @@ def route_of(events: list[dict]) -> str:
 
 
 def test_every_example_has_a_case_here():
-    assert [p.name for p in EXAMPLES] == ["arithmetic.yaml", "fulfillment.yaml"]
+    assert [p.name for p in EXAMPLES] == ["arithmetic.yaml", "fulfillment-by-order-id.yaml", "fulfillment.yaml"]
 
 
 def test_example_arithmetic(shipped):
@@ -145,6 +147,39 @@ def test_example_fulfillment(shipped):
     assert {"order", "carrier", "return_policy"} <= cited
     evidence = yaml.safe_load((ROOT / "examples" / "fulfillment.yaml").read_text())["evidence"]
     assert outcome["answer"] in " ".join(evidence.values())  # the embedded default quotes its evidence
+
+
+def test_example_fulfillment_by_order_id_fetches_the_evidence_from_the_example_tool(shipped):
+    """Only an order id: the demo tenant's fulfillment tool (examples/tools/fulfillment_server.py,
+    run as the README says) supplies the ticket's evidence, cited and traced to the tool. Before
+    the tool runs, the same request names the tool that failed and the keys it left missing."""
+    example = ROOT / "examples" / "fulfillment-by-order-id.yaml"
+    code, events = solve(shipped, "demo-key", example)
+    outcome = events[-1]
+    assert code == 3 and outcome["kind"] == "OUTCOME_KIND_MISSING_EVIDENCE"
+    assert sorted(outcome["missing_evidence"]) == ["carrier", "order", "return_policy"]
+    assert "order (fulfillment: unavailable)" in outcome["reason"] and outcome["usage"]["completion_tokens"] == 0
+    env = {**os.environ, "RMESH_DEMO_TOOL_TOKEN": "demo-tool-token"}
+    tool = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "tools" / "fulfillment_server.py")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert "fulfillment tool serving on 127.0.0.1:50070" in tool.stdout.readline()
+        code, events = solve(shipped, "demo-key", example)
+    finally:
+        tool.terminate()
+        tool.wait(10)
+    outcome = events[-1]
+    assert route_of(events) == "support" and code == 0 and outcome["released"], (outcome["kind"], outcome["reason"], outcome["answer"])
+    assert outcome["assurance"] == "ASSURANCE_EVIDENCE_GROUNDED"
+    cited = {key for checkpoint in outcome["checkpoints"] for key in checkpoint["cites"]}
+    assert {"order", "carrier", "return_policy"} <= cited
+    sources = {s["key"]: s for s in outcome["evidence_sources"]}
+    assert sources["order_id"]["source"] == "caller"
+    assert all(sources[key]["source"] == "fulfillment" and sources[key]["fetched_at"] for key in ("order", "carrier", "return_policy"))
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    assert any(s.startswith("fetched carrier, order, return_policy from fulfillment in ") for s in stages), stages
 
 
 def test_example_fulfillment_without_carrier_names_the_missing_key(shipped):

@@ -54,6 +54,8 @@ class RunningService:
             await self.health_server.stop(0)
         if hasattr(self.core, "drain"):
             await self.core.drain()
+        if hasattr(self.core, "close"):
+            await self.core.close()
         for channel in self.channels:
             await channel.close()
         if hasattr(self.reviews, "close"):

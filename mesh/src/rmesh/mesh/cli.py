@@ -114,6 +114,9 @@ def _describe(event: dict[str, Any]) -> str:
         for cp in event["checkpoints"]:
             lines.append(f"  [{','.join(cp['cites'])}] {cp['text']}" if cp["cites"] else f"  - {cp['text']}")
         lines.append(f"  answer: {event['answer']}")
+    fetched = [s for s in event.get("evidence_sources", []) if s["source"] != "caller"]
+    if fetched:
+        lines.append("  fetched evidence: " + ", ".join(f"{s['key']} from {s['source']} at {s['fetched_at']}" for s in fetched))
     if event["missing_evidence"]:
         lines.append(f"  missing evidence: {', '.join(event['missing_evidence'])}")
     if event.get("next_step"):

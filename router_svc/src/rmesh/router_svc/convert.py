@@ -93,4 +93,15 @@ def outcome_to_proto(event: router_core.Outcome) -> router_pb2.Outcome:
             vote_share=event.vote_share,
             review_id=event.review_id,
             assurance=ASSURANCES[event.assurance],
+            evidence_sources=[
+                evidence_source_to_proto(p.key, p.source, p.fetched_at, p.sha256) for p in event.evidence_sources
+            ],
     )
+
+
+def evidence_source_to_proto(key: str, source: str, fetched_at: float, sha256: str) -> router_pb2.EvidenceSource:
+    """One value's provenance; the caller's values carry no fetch time."""
+    message = router_pb2.EvidenceSource(key=key, source=source, sha256=sha256)
+    if fetched_at > 0:
+        message.fetched_at.FromNanoseconds(int(fetched_at * 1e9))
+    return message

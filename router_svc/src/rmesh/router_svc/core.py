@@ -36,6 +36,7 @@ from rmesh.router_svc.reviews import Review
 from rmesh.router_svc.ladder import BEST_OF_N, Attempt, plan
 from rmesh.router_svc.quotas import Admission
 from rmesh.router_svc.rung_log import RungLog
+from rmesh.router_svc.tools import EvidenceTools, Filled, Provenance, value_kind
 from rmesh.solving import CALL_DEADLINE, Progress, SolveRequest, SolveResult, VerifierPort
 
 
@@ -117,6 +118,7 @@ class Outcome:
     vote_share: float = 0.0
     review_id: str = ""
     assurance: str = ""  # what stands behind a released answer (policy.model's levels)
+    evidence_sources: tuple[Provenance, ...] = ()  # where each evidence value came from
 
     @property
     def released(self) -> bool:
@@ -153,7 +155,7 @@ def validate(request: RouterRequest) -> dict[str, str]:
         if not _EVIDENCE_KEY.fullmatch(key):
             raise InvalidRequest(f"evidence.{key}", "key must match [A-Za-z_][A-Za-z0-9_.-]{0,63}")
         if not isinstance(value, str):
-            raise InvalidRequest(f"evidence.{key}", f"value must be a string, got {_kind(value)}")
+            raise InvalidRequest(f"evidence.{key}", f"value must be a string, got {value_kind(value)}")
         if len(value) > MAX_EVIDENCE_VALUE_CHARS:
             raise InvalidRequest(f"evidence.{key}", f"longer than {MAX_EVIDENCE_VALUE_CHARS} characters")
         _no_control_characters(f"evidence.{key}", value)
@@ -185,26 +187,14 @@ def _no_control_characters(field_path: str, text: str) -> None:
         raise InvalidRequest(field_path, f"contains control character U+{ord(found.group()):04X} at offset {found.start()}")
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 class RouterCore:
     def __init__(
-        self, verifier: VerifierPort, solver: SolverPort, admission: Admission | None = None, reviews=None
+        self, verifier: VerifierPort, solver: SolverPort, admission: Admission | None = None, reviews=None,
+        tools: EvidenceTools | None = None,
     ) -> None:
         self.verifier = verifier
         self.solver = solver
+        self.tools = tools or EvidenceTools()
         self.admission = admission or Admission()
         self.reviews = reviews  # a ReviewStore; escalations become reviews there
         self._rungs = RungLog(reviews)
@@ -241,13 +231,29 @@ class RouterCore:
         """Wait for the prior's pending writes (at shutdown, and in tests before reading them)."""
         await self._rungs.drain()
 
+    async def close(self) -> None:
+        """Close the evidence tools' connections (at shutdown)."""
+        await self.tools.close()
+
     async def solve(
         self, policy: TenantPolicy, request: RouterRequest, caller: str = "", deadline: float | None = None
     ) -> AsyncIterator[Event]:
         """``caller`` is the name of the key that sent the request (its reviews are its own);
-        ``deadline`` the call's monotonic deadline, which bounds waiting for a review."""
+        ``deadline`` the call's monotonic deadline, which bounds waiting for a review. The
+        outcome says where each evidence value came from."""
+        sources: dict[str, Provenance] = {}
+        async for event in self._solve(policy, request, caller, deadline, sources):
+            if isinstance(event, Outcome):
+                event = replace(event, evidence_sources=tuple(sources[key] for key in sorted(sources)))
+            yield event
+
+    async def _solve(
+        self, policy: TenantPolicy, request: RouterRequest, caller: str, deadline: float | None,
+        sources: dict[str, Provenance],
+    ) -> AsyncIterator[Event]:
         evidence = validate(request)
         allowed_checks(policy, request.task)
+        sources.update({key: Provenance.of(key, value) for key, value in evidence.items()})
         yield Status("accepted")
         view = request_view(
             problem=request.problem,
@@ -284,13 +290,30 @@ class RouterCore:
             decision.revision,
             decision.search,
         )
+        failures: dict[str, str] = {}
+        if precheck.missing_evidence and policy.tools:
+            # The tenant's own tools may have what the caller did not send. Their answers are
+            # data: they fill missing keys only, and the decision above stands.
+            filled = await self.tools.fill(
+                policy, view, precheck.missing_evidence, deadline - GATE_RESERVE_SECONDS if deadline is not None else None
+            )
+            for event in _fetch_progress(filled):
+                yield event
+            if filled.fetched:
+                for fetched in filled.fetched:
+                    for key, value in fetched.values.items():
+                        evidence[key] = value
+                        sources[key] = Provenance.of(key, value, fetched.tool, fetched.fetched_at)
+                precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
+            failures = filled.failures
         if precheck.missing_evidence:
             # Escalated or not, nothing is drafted without the evidence the answer must cite.
+            why = [f"{key} ({failures[key]})" for key in precheck.missing_evidence if key in failures]
             yield Outcome(
                 kind=OUTCOME_MISSING_EVIDENCE,
                 missing_evidence=precheck.missing_evidence,
                 next_step=precheck.next_step,
-                reason="required evidence is missing; no model call was made",
+                reason="required evidence is missing" + (f": {', '.join(why)}" if why else "") + "; no model call was made",
                 strategy=decision.strategy,
                 policy_revision=decision.revision,
             )
@@ -402,7 +425,7 @@ class RouterCore:
             why = decision.escalation_reason if decision.escalate else (
                 f"its assurance ({gate.assurance}) is below the route's minimum ({decision.min_assurance})"
             )
-            async for event in self._escalate(policy, request, caller, evidence, decision, gate, why, deadline):
+            async for event in self._escalate(policy, request, caller, evidence, decision, gate, why, deadline, sources):
                 yield event
             return
         yield gate.outcome(decision, below)
@@ -458,9 +481,14 @@ class RouterCore:
         gate: Gate,
         why: str,
         deadline: float | None,
+        sources: Mapping[str, Provenance],
     ) -> AsyncIterator[Event]:
-        """A person decides on the draft: the review holds it; the caller may wait for the decision."""
+        """A person decides on the draft: the review holds it, with where each evidence value
+        came from; the caller may wait for the decision."""
         draft = gate.draft(decision)
+        draft["evidence_sources"] = [
+            {"key": p.key, "source": p.source, "fetched_at": p.fetched_at, "sha256": p.sha256} for _, p in sorted(sources.items())
+        ]
         review_id = ""
         if self.reviews is not None:
             review = await asyncio.to_thread(
@@ -501,6 +529,21 @@ class RouterCore:
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
 
 
+def _fetch_progress(filled: Filled) -> list[Progress]:
+    """One progress event per tool: what it fetched (keys, never values) or why it failed."""
+    events = [Progress(stage=f.describe(), branches_started=0, branches_done=0, usage=Usage(), checks_passed=0, checks_total=0) for f in filled.fetched]
+    failed: dict[str, str] = {}
+    for reason in filled.failures.values():
+        tool, _, why = reason.partition(": ")
+        if why and tool not in failed:
+            failed[tool] = why
+    events += [
+        Progress(stage=f"{tool} failed: {why}", branches_started=0, branches_done=0, usage=Usage(), checks_passed=0, checks_total=0)
+        for tool, why in failed.items()
+    ]
+    return events
+
+
 async def _remembered(memory: OrderedDict, key: tuple[str, str], read) -> list:
     """``read(*key)`` from memory while fresh, else from the store, keeping HISTORY_KINDS keys at
     most; when the store is down or slow, what memory holds, or nothing (the ladder then
@@ -512,10 +555,12 @@ async def _remembered(memory: OrderedDict, key: tuple[str, str], read) -> list:
     try:
         rows = await asyncio.wait_for(asyncio.to_thread(read, *key), PRIOR_TIMEOUT_SECONDS)
     except Exception as exc:
-        if cached is not None:
-            return cached[1]
-        log.warning("reading the prior for %s/%s failed (%s): starting at the first rung", *key, type(exc).__name__)
-        return []
+        # What memory holds (or nothing) serves until the next read is due: a slow or failing
+        # store is asked once per HISTORY_TTL_SECONDS, not by every request.
+        rows = cached[1] if cached is not None else []
+        memory[key] = (time.monotonic(), rows)
+        log.warning("reading the prior for %s/%s failed (%s): using what this router holds", *key, type(exc).__name__)
+        return rows
     memory[key] = (time.monotonic(), rows)
     memory.move_to_end(key)
     while len(memory) > HISTORY_KINDS:

@@ -3,10 +3,14 @@ how far to climb.
 
 The learned prior is the recent history of rung attempts for one tenant and task kind: whether
 each succeeded, the tokens it spent and the samples it drew. Each rung keeps a Beta posterior
-of its success rate and a shrunken mean of its token cost. Each plan acts on one draw from those
-posteriors (Thompson sampling): a choice the data argues against is made rarely, but still made
-now and then, so the prior never locks itself out. No rung is skipped, and no Best-of-N width
-learned, before MIN_ATTEMPTS attempts in the window.
+of its success rate and a shrunken mean of its token cost; the route's other kinds lend the
+prior their record, weighted as POOL_WEIGHT attempts at most, so a new kind starts from what
+its route has seen and its own attempts soon outweigh it. A plan reads each posterior at the
+OPTIMISM quantile: a choice is given up only when a generous reading of its record says it does
+not pay. EXPLORE_SHARE of plans read one random draw instead (Thompson sampling), so a choice
+the data argues against is still made now and then and the prior never locks itself out. No
+rung is skipped, and no Best-of-N width learned, before MIN_ATTEMPTS attempts' evidence (the
+kind's own and what is lent).
 
 - Start: the rung whose climb (start there, go up on failure) has the lowest expected tokens
   per success within the route's budget.
@@ -350,10 +354,11 @@ def plan(
     while top < last and _worth_climbing(stats[top + 1], drawn[top + 1], worth):
         top += 1
     if top < last:
-        above = stats[top + 1]
+        above, rate = stats[top + 1], drawn[top + 1]
+        per_success = f"~{above.mean_tokens / rate:.0f}" if rate > 0 else "unbounded"
         why += (
             f"; no climb past {ladder[top]}: {above.name} succeeds {above.successes}/{above.attempts} "
-            f"at ~{above.mean_tokens:.0f} tokens, over the {worth} a success is worth"
+            f"at ~{above.mean_tokens:.0f} tokens, {per_success} tokens per success, over the {worth} a success is worth"
         )
     return Plan(start, top, _join(f"{why}; {summary}", sampled_why), samples)
 

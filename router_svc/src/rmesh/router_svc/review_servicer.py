@@ -14,7 +14,7 @@ from rmesh.router_svc.policy.model import ROLE_REVIEWER
 from rmesh.router_svc.policy.store import PolicyStore
 from rmesh.convert import check_result_to_proto, checkpoint_to_proto, usage_to_proto
 from rmesh.router_svc import reviews
-from rmesh.router_svc.convert import ASSURANCES, outcome_to_proto
+from rmesh.router_svc.convert import ASSURANCES, evidence_source_to_proto, outcome_to_proto
 from rmesh.router_svc.core import draft_parts, outcome_of_review
 
 SERVICE_NAME = review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name
@@ -74,6 +74,10 @@ def review_to_proto(r: reviews.Review) -> review_pb2.Review:
         draft=draft_to_proto(r.draft),
         outcome=outcome_to_proto(decided) if decided is not None else None,
         caller=r.caller,
+        evidence_sources=[
+            evidence_source_to_proto(str(s["key"]), str(s["source"]), float(s["fetched_at"]), str(s["sha256"]))
+            for s in r.draft.get("evidence_sources", [])
+        ],
     )
 
 

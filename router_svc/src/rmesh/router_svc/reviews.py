@@ -63,6 +63,11 @@ _MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE rung_outcomes ADD COLUMN IF NOT EXISTS tokens INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE rung_outcomes ADD COLUMN IF NOT EXISTS samples INTEGER NOT NULL DEFAULT 0",
     ]),
+    (4, "the route of each rung attempt, indexed: what a route's other kinds lend a kind's prior "
+        "(older rows keep an empty route and lend nothing)", [
+        "ALTER TABLE rung_outcomes ADD COLUMN IF NOT EXISTS route TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS rung_outcomes_by_route ON rung_outcomes (tenant, route, created_at)",
+    ]),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _COLUMNS = (
@@ -262,15 +267,16 @@ class ReviewStore:
 
     # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
     def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float, int, int]]) -> None:
-        """Many (tenant, kind, rung, success, when, tokens, samples) attempts in one transaction."""
+        """Many (tenant, kind, rung, success, when, tokens, samples) attempts in one transaction.
+        A kind is keyed "route/kind" (route names hold no "/"): the route is kept apart too."""
         with self._transaction() as cur:
             cur.executemany(
                 self._sql(
-                    "INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at, tokens, samples) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO rung_outcomes (tenant, kind, rung, success, created_at, tokens, samples, route) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 [
-                    (tenant, kind, rung, 1 if success else 0, when, int(tokens), int(samples))
+                    (tenant, kind, rung, 1 if success else 0, when, int(tokens), int(samples), kind.partition("/")[0] if "/" in kind else "")
                     for tenant, kind, rung, success, when, tokens, samples in rows
                 ],
             )
@@ -290,14 +296,13 @@ class ReviewStore:
     def route_history(self, tenant: str, route: str, limit: int = 200) -> list[tuple[str, Attempt]]:
         """The most recent rung attempts of every kind on one of this tenant's routes, newest
         first, each with its kind: what the route's other kinds lend a kind's prior."""
-        prefix = f"{route}/"
         with self._transaction() as cur:
             cur.execute(
                 self._sql(
                     "SELECT kind, rung, success, tokens, samples FROM rung_outcomes "
-                    "WHERE tenant = ? AND substr(kind, 1, ?) = ? ORDER BY created_at DESC LIMIT ?"
+                    "WHERE tenant = ? AND route = ? ORDER BY created_at DESC LIMIT ?"
                 ),
-                (tenant, len(prefix), prefix, limit),
+                (tenant, route, limit),
             )
             return [
                 (kind, Attempt(rung, bool(success), int(tokens), int(samples)))

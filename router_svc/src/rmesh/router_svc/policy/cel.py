@@ -237,6 +237,28 @@ def is_type_error(exc: Exception) -> bool:
     return any(marker in text for marker in ("no matching overload", "no such overload", "unsupported", "Unsupported"))
 
 
+MAX_TOOL_ARGUMENTS = 16
+MAX_TOOL_ARGUMENT_CHARS = 4096
+
+
+def tool_arguments(value: Any, where: str) -> dict[str, str]:
+    """A tool's arguments as its expression built them: a map of at most MAX_TOOL_ARGUMENTS
+    string keys to strings of at most MAX_TOOL_ARGUMENT_CHARS; TypeError names what is wrong
+    (never a value)."""
+    if not isinstance(value, (celtypes.MapType, dict)):
+        raise TypeError(f"{where}: arguments must be a map of strings, got {type(value).__name__}")
+    if len(value) > MAX_TOOL_ARGUMENTS:
+        raise TypeError(f"{where}: more than {MAX_TOOL_ARGUMENTS} arguments")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise TypeError(f"{where}: argument {str(key)[:64]!r} must map a string to a string, got {type(item).__name__}")
+        if len(item) > MAX_TOOL_ARGUMENT_CHARS:
+            raise TypeError(f"{where}: argument {key[:64]!r} is longer than {MAX_TOOL_ARGUMENT_CHARS} characters")
+        out[str(key)] = str(item)
+    return out
+
+
 def truthy(value: Any, where: str) -> bool:
     if isinstance(value, celtypes.BoolType) or isinstance(value, bool):
         return bool(value)

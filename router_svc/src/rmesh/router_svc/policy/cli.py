@@ -65,21 +65,29 @@ def lint(
                 route.strategies, route.budget, route.search, engine_tokens=engine_tokens, bytes_per_token=kv_bytes_per_token
             ):
                 print(f"WARN {file}:{_route_line(file, route.name)}: routes.{route.name}: {warning}")
+        required = {key for rule in policy.evidence for key in rule.require}
+        for tool in policy.tools:
+            unused = [key for key in tool.provides if key not in required]
+            if unused:
+                print(
+                    f"WARN {file}:{_route_line(file, tool.name, 'tools')}: tools.{tool.name}: provides "
+                    f"{', '.join(unused)}, which no evidence rule requires: it is never called for {'them' if len(unused) > 1 else 'it'}"
+                )
         print(f"ok   {file}: tenant {policy.tenant}, revision {policy.revision}, {len(policy.routes)} routes{note}")
     return 1 if failures else 0
 
 
-def _route_line(file: pathlib.Path, name: str) -> int:
-    """The line of a route's ``- name:`` entry under ``routes:``."""
+def _route_line(file: pathlib.Path, name: str, section: str = "routes") -> int:
+    """The line of an entry's ``- name:`` under ``section:`` (a route's, by default)."""
     in_routes = False
     for number, line in enumerate(file.read_text().splitlines(), 1):
-        if line.startswith("routes:"):
+        if line.startswith(f"{section}:"):
             in_routes = True
         elif in_routes and line[:1].isalpha():
             break
         elif in_routes and re.match(rf"\s*-\s*(\{{\s*)?name:\s*['\"]?{re.escape(name)}['\"]?\s*[,}}]?\s*$", line):
             return number
-    return _line_of(file, "routes")
+    return _line_of(file, section)
 
 
 def _line_of(file: pathlib.Path, key: str) -> int:

@@ -14,7 +14,16 @@ import yaml
 
 from rmesh.domain import Budget, SearchParams
 from rmesh.errors import FailedPrecondition
-from rmesh.router_svc.policy.cel import CelCompileError, CompiledExpression, compile_expression, is_type_error, sample_request, to_activation, truthy
+from rmesh.router_svc.policy.cel import (
+    CelCompileError,
+    CompiledExpression,
+    compile_expression,
+    is_type_error,
+    sample_request,
+    to_activation,
+    tool_arguments,
+    truthy,
+)
 from rmesh.router_svc.policy.engine import decide, request_view
 from rmesh.router_svc.policy.model import (
     UNVERIFIED,
@@ -27,6 +36,7 @@ from rmesh.router_svc.policy.model import (
     ReviewSettings,
     Route,
     TenantPolicy,
+    Tool,
 )
 
 SCHEMA_PATH = pathlib.Path(__file__).resolve().parent / "tenant.schema.json"
@@ -150,6 +160,24 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
             )
         )
 
+    tools: list[Tool] = []
+    for i, item in enumerate(doc.get("tools", [])):
+        rule = f"tool {item['name']}"
+        if any(t.name == item["name"] for t in tools):
+            raise fail(("tools", i, "name"), rule, "duplicate tool name")
+        credential = item.get("credential", {})
+        tools.append(Tool(
+            name=item["name"],
+            provides=tuple(item["provides"]),
+            endpoint=item["endpoint"],
+            arguments=compile_at(("tools", i, "arguments"), rule, item["arguments"], known),
+            timeout_seconds=float(item.get("timeout_seconds", 2.0)),
+            max_calls=int(item.get("max_calls", 1)),
+            cache_ttl_seconds=float(item.get("cache_ttl_seconds", 0.0)),
+            credential_env=credential.get("env", ""),
+            credential_file=credential.get("file", ""),
+        ))
+
     # Type probe: evaluate every expression once on a typical request; type errors fail the load.
     probe = {**sample_request(), "tenant": doc["tenant"]}
     probes: list[tuple[tuple, str, CompiledExpression, bool]] = [
@@ -158,12 +186,15 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
     probes += [(("routes", i, "when"), f"route {r.name}", r.when, True) for i, r in enumerate(routes) if r.when]
     probes += [(("evidence", i, "when"), f"evidence {r.name}", r.when, True) for i, r in enumerate(evidence)]
     probes += [(("escalate", i, "when"), f"escalate {r.name}", r.when, True) for i, r in enumerate(escalate)]
+    probes += [(("tools", i, "arguments"), f"tool {t.name}", t.arguments, False) for i, t in enumerate(tools)]
     values: dict[str, Any] = {}
     for path, rule, expression, boolean in probes:
         try:
             value = expression.evaluate(to_activation(probe, {n: values[n] for n in expression.variables if n in values}))
             if boolean:
                 truthy(value, rule)
+            elif rule.startswith("tool "):
+                tool_arguments(value, rule)
             elif rule.startswith("variable "):
                 values[rule.removeprefix("variable ")] = value
         except TypeError as exc:
@@ -197,6 +228,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         price_per_1k_completion=float(doc.get("pricing", {}).get("per_1k_completion_tokens", 0.0)),
         tests=tuple(doc.get("tests", [])),
         allow_python_tests=bool(doc.get("allow_python_tests", False)),
+        tools=tuple(tools),
     )
     for i, test in enumerate(policy.tests if run_tests else ()):
         failure = run_test(policy, test)

@@ -64,6 +64,25 @@ class EscalationRule:
 
 
 @dataclass(frozen=True)
+class Tool:
+    """An evidence tool: where the router fetches the keys it ``provides`` when a request lacks
+    them. ``endpoint`` is grpc://, grpcs://, http:// or https://; ``arguments`` builds the
+    call's arguments (a map of strings) from the request; the credential is read from the
+    environment variable ``credential_env`` or the file ``credential_file`` (a mounted Secret)
+    at each call, never taken from the caller."""
+
+    name: str
+    provides: tuple[str, ...]
+    endpoint: str
+    arguments: CompiledExpression
+    timeout_seconds: float = 2.0
+    max_calls: int = 1
+    cache_ttl_seconds: float = 0.0
+    credential_env: str = ""
+    credential_file: str = ""
+
+
+@dataclass(frozen=True)
 class Quotas:
     max_concurrent: int = 8
     tokens_per_window: int = 200_000
@@ -101,6 +120,7 @@ class TenantPolicy:
     price_per_1k_completion: float = 0.0
     tests: tuple[dict, ...] = ()
     allow_python_tests: bool = False
+    tools: tuple[Tool, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from rmesh.api.common.v1 import common_pb2 as rmesh_dot_api_dot_common_dot_v1_do
 from rmesh.api.router.v1 import router_pb2 as rmesh_dot_api_dot_router_dot_v1_dot_router__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/review/v1/review.proto\x12\x13rmesh.api.review.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a rmesh/api/common/v1/common.proto\x1a rmesh/api/router/v1/router.proto\"\xab\x04\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .rmesh.api.review.v1.ReviewState\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12;\n\x08\x65vidence\x18\x06 \x03(\x0b\x32).rmesh.api.review.v1.Review.EvidenceEntry\x12\x17\n\x0fpolicy_revision\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reviewer\x18\x0b \x01(\t\x12\x0f\n\x07\x63omment\x18\x0c \x01(\t\x12\x0e\n\x06\x61nswer\x18\r \x01(\t\x12)\n\x05\x64raft\x18\x0e \x01(\x0b\x32\x1a.rmesh.api.review.v1.Draft\x12-\n\x07outcome\x18\x0f \x01(\x0b\x32\x1c.rmesh.api.router.v1.Outcome\x12\x0e\n\x06\x63\x61ller\x18\x10 \x01(\t\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x02\n\x05\x44raft\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x30\n\x06\x63hecks\x18\x03 \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x31\n\tassurance\x18\x04 \x01(\x0e\x32\x1e.rmesh.api.router.v1.Assurance\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x13\n\x0bgate_reason\x18\x07 \x01(\t\"T\n\x12ListReviewsRequest\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .rmesh.api.review.v1.ReviewState\x12\r\n\x05limit\x18\x02 \x01(\x05\"C\n\x13ListReviewsResponse\x12,\n\x07reviews\x18\x01 \x03(\x0b\x32\x1b.rmesh.api.review.v1.Review\"\x1e\n\x10GetReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\"@\n\x11GetReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review\" \n\x12WatchReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x13WatchReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review\"v\n\x14ResolveReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32!.rmesh.api.review.v1.ReviewAction\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"D\n\x15ResolveReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review*\xae\x01\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x17\n\x13REVIEW_STATE_EDITED\x10\x03\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x04\x12\x18\n\x14REVIEW_STATE_EXPIRED\x10\x05*z\n\x0cReviewAction\x12\x1d\n\x19REVIEW_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15REVIEW_ACTION_APPROVE\x10\x01\x12\x16\n\x12REVIEW_ACTION_EDIT\x10\x02\x12\x18\n\x14REVIEW_ACTION_REJECT\x10\x03\x32\x99\x03\n\rReviewService\x12`\n\x0bListReviews\x12\'.rmesh.api.review.v1.ListReviewsRequest\x1a(.rmesh.api.review.v1.ListReviewsResponse\x12Z\n\tGetReview\x12%.rmesh.api.review.v1.GetReviewRequest\x1a&.rmesh.api.review.v1.GetReviewResponse\x12\x62\n\x0bWatchReview\x12\'.rmesh.api.review.v1.WatchReviewRequest\x1a(.rmesh.api.review.v1.WatchReviewResponse0\x01\x12\x66\n\rResolveReview\x12).rmesh.api.review.v1.ResolveReviewRequest\x1a*.rmesh.api.review.v1.ResolveReviewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/review/v1/review.proto\x12\x13rmesh.api.review.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a rmesh/api/common/v1/common.proto\x1a rmesh/api/router/v1/router.proto\"\xea\x04\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .rmesh.api.review.v1.ReviewState\x12\x0f\n\x07problem\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12;\n\x08\x65vidence\x18\x06 \x03(\x0b\x32).rmesh.api.review.v1.Review.EvidenceEntry\x12\x17\n\x0fpolicy_revision\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reviewer\x18\x0b \x01(\t\x12\x0f\n\x07\x63omment\x18\x0c \x01(\t\x12\x0e\n\x06\x61nswer\x18\r \x01(\t\x12)\n\x05\x64raft\x18\x0e \x01(\x0b\x32\x1a.rmesh.api.review.v1.Draft\x12-\n\x07outcome\x18\x0f \x01(\x0b\x32\x1c.rmesh.api.router.v1.Outcome\x12\x0e\n\x06\x63\x61ller\x18\x10 \x01(\t\x12=\n\x10\x65vidence_sources\x18\x11 \x03(\x0b\x32#.rmesh.api.router.v1.EvidenceSource\x1a/\n\rEvidenceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x02\n\x05\x44raft\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x02 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x30\n\x06\x63hecks\x18\x03 \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x31\n\tassurance\x18\x04 \x01(\x0e\x32\x1e.rmesh.api.router.v1.Assurance\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x13\n\x0bgate_reason\x18\x07 \x01(\t\"T\n\x12ListReviewsRequest\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .rmesh.api.review.v1.ReviewState\x12\r\n\x05limit\x18\x02 \x01(\x05\"C\n\x13ListReviewsResponse\x12,\n\x07reviews\x18\x01 \x03(\x0b\x32\x1b.rmesh.api.review.v1.Review\"\x1e\n\x10GetReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\"@\n\x11GetReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review\" \n\x12WatchReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x13WatchReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review\"v\n\x14ResolveReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x31\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32!.rmesh.api.review.v1.ReviewAction\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"D\n\x15ResolveReviewResponse\x12+\n\x06review\x18\x01 \x01(\x0b\x32\x1b.rmesh.api.review.v1.Review*\xae\x01\n\x0bReviewState\x12\x1c\n\x18REVIEW_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REVIEW_STATE_PENDING\x10\x01\x12\x19\n\x15REVIEW_STATE_APPROVED\x10\x02\x12\x17\n\x13REVIEW_STATE_EDITED\x10\x03\x12\x19\n\x15REVIEW_STATE_REJECTED\x10\x04\x12\x18\n\x14REVIEW_STATE_EXPIRED\x10\x05*z\n\x0cReviewAction\x12\x1d\n\x19REVIEW_ACTION_UNSPECIFIED\x10\x00\x12\x19\n\x15REVIEW_ACTION_APPROVE\x10\x01\x12\x16\n\x12REVIEW_ACTION_EDIT\x10\x02\x12\x18\n\x14REVIEW_ACTION_REJECT\x10\x03\x32\x99\x03\n\rReviewService\x12`\n\x0bListReviews\x12\'.rmesh.api.review.v1.ListReviewsRequest\x1a(.rmesh.api.review.v1.ListReviewsResponse\x12Z\n\tGetReview\x12%.rmesh.api.review.v1.GetReviewRequest\x1a&.rmesh.api.review.v1.GetReviewResponse\x12\x62\n\x0bWatchReview\x12\'.rmesh.api.review.v1.WatchReviewRequest\x1a(.rmesh.api.review.v1.WatchReviewResponse0\x01\x12\x66\n\rResolveReview\x12).rmesh.api.review.v1.ResolveReviewRequest\x1a*.rmesh.api.review.v1.ResolveReviewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVIEW_EVIDENCEENTRY']._loaded_options = None
   _globals['_REVIEW_EVIDENCEENTRY']._serialized_options = b'8\001'
-  _globals['_REVIEWSTATE']._serialized_start=1525
-  _globals['_REVIEWSTATE']._serialized_end=1699
-  _globals['_REVIEWACTION']._serialized_start=1701
-  _globals['_REVIEWACTION']._serialized_end=1823
+  _globals['_REVIEWSTATE']._serialized_start=1588
+  _globals['_REVIEWSTATE']._serialized_end=1762
+  _globals['_REVIEWACTION']._serialized_start=1764
+  _globals['_REVIEWACTION']._serialized_end=1886
   _globals['_REVIEW']._serialized_start=159
-  _globals['_REVIEW']._serialized_end=714
-  _globals['_REVIEW_EVIDENCEENTRY']._serialized_start=667
-  _globals['_REVIEW_EVIDENCEENTRY']._serialized_end=714
-  _globals['_DRAFT']._serialized_start=717
-  _globals['_DRAFT']._serialized_end=977
-  _globals['_LISTREVIEWSREQUEST']._serialized_start=979
-  _globals['_LISTREVIEWSREQUEST']._serialized_end=1063
-  _globals['_LISTREVIEWSRESPONSE']._serialized_start=1065
-  _globals['_LISTREVIEWSRESPONSE']._serialized_end=1132
-  _globals['_GETREVIEWREQUEST']._serialized_start=1134
-  _globals['_GETREVIEWREQUEST']._serialized_end=1164
-  _globals['_GETREVIEWRESPONSE']._serialized_start=1166
-  _globals['_GETREVIEWRESPONSE']._serialized_end=1230
-  _globals['_WATCHREVIEWREQUEST']._serialized_start=1232
-  _globals['_WATCHREVIEWREQUEST']._serialized_end=1264
-  _globals['_WATCHREVIEWRESPONSE']._serialized_start=1266
-  _globals['_WATCHREVIEWRESPONSE']._serialized_end=1332
-  _globals['_RESOLVEREVIEWREQUEST']._serialized_start=1334
-  _globals['_RESOLVEREVIEWREQUEST']._serialized_end=1452
-  _globals['_RESOLVEREVIEWRESPONSE']._serialized_start=1454
-  _globals['_RESOLVEREVIEWRESPONSE']._serialized_end=1522
-  _globals['_REVIEWSERVICE']._serialized_start=1826
-  _globals['_REVIEWSERVICE']._serialized_end=2235
+  _globals['_REVIEW']._serialized_end=777
+  _globals['_REVIEW_EVIDENCEENTRY']._serialized_start=730
+  _globals['_REVIEW_EVIDENCEENTRY']._serialized_end=777
+  _globals['_DRAFT']._serialized_start=780
+  _globals['_DRAFT']._serialized_end=1040
+  _globals['_LISTREVIEWSREQUEST']._serialized_start=1042
+  _globals['_LISTREVIEWSREQUEST']._serialized_end=1126
+  _globals['_LISTREVIEWSRESPONSE']._serialized_start=1128
+  _globals['_LISTREVIEWSRESPONSE']._serialized_end=1195
+  _globals['_GETREVIEWREQUEST']._serialized_start=1197
+  _globals['_GETREVIEWREQUEST']._serialized_end=1227
+  _globals['_GETREVIEWRESPONSE']._serialized_start=1229
+  _globals['_GETREVIEWRESPONSE']._serialized_end=1293
+  _globals['_WATCHREVIEWREQUEST']._serialized_start=1295
+  _globals['_WATCHREVIEWREQUEST']._serialized_end=1327
+  _globals['_WATCHREVIEWRESPONSE']._serialized_start=1329
+  _globals['_WATCHREVIEWRESPONSE']._serialized_end=1395
+  _globals['_RESOLVEREVIEWREQUEST']._serialized_start=1397
+  _globals['_RESOLVEREVIEWREQUEST']._serialized_end=1515
+  _globals['_RESOLVEREVIEWRESPONSE']._serialized_start=1517
+  _globals['_RESOLVEREVIEWRESPONSE']._serialized_end=1585
+  _globals['_REVIEWSERVICE']._serialized_start=1889
+  _globals['_REVIEWSERVICE']._serialized_end=2298
 # @@protoc_insertion_point(module_scope)

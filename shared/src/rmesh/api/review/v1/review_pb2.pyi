@@ -40,7 +40,7 @@ REVIEW_ACTION_EDIT: ReviewAction
 REVIEW_ACTION_REJECT: ReviewAction
 
 class Review(_message.Message):
-    __slots__ = ("id", "tenant", "state", "problem", "reason", "evidence", "policy_revision", "created_at", "expires_at", "resolved_at", "reviewer", "comment", "answer", "draft", "outcome", "caller")
+    __slots__ = ("id", "tenant", "state", "problem", "reason", "evidence", "policy_revision", "created_at", "expires_at", "resolved_at", "reviewer", "comment", "answer", "draft", "outcome", "caller", "evidence_sources")
     class EvidenceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Review(_message.Message):
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_SOURCES_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: ReviewState
@@ -80,7 +81,8 @@ class Review(_message.Message):
     draft: Draft
     outcome: _router_pb2.Outcome
     caller: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[ReviewState, str]] = ..., problem: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., policy_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., answer: _Optional[str] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., outcome: _Optional[_Union[_router_pb2.Outcome, _Mapping]] = ..., caller: _Optional[str] = ...) -> None: ...
+    evidence_sources: _containers.RepeatedCompositeFieldContainer[_router_pb2.EvidenceSource]
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[ReviewState, str]] = ..., problem: _Optional[str] = ..., reason: _Optional[str] = ..., evidence: _Optional[_Mapping[str, str]] = ..., policy_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewer: _Optional[str] = ..., comment: _Optional[str] = ..., answer: _Optional[str] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., outcome: _Optional[_Union[_router_pb2.Outcome, _Mapping]] = ..., caller: _Optional[str] = ..., evidence_sources: _Optional[_Iterable[_Union[_router_pb2.EvidenceSource, _Mapping]]] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("answer", "checkpoints", "checks", "assurance", "strategy", "usage", "gate_reason")

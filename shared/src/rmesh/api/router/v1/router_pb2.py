@@ -24,32 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from rmesh.api.common.v1 import common_pb2 as rmesh_dot_api_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/router/v1/router.proto\x12\x13rmesh.api.router.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a rmesh/api/common/v1/common.proto\"\x9e\x01\n\x0cSolveRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12)\n\x08\x65vidence\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bhigh_impact\x18\x04 \x01(\x08\x12\x14\n\x0c\x61wait_review\x18\x05 \x01(\x08\"\x1e\n\x0bStatusEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xd3\x01\n\x0b\x43onfigEvent\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12+\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x1b.rmesh.api.common.v1.Budget\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x19\n\x11required_evidence\x18\x04 \x03(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x06 \x01(\t\x12\x31\n\x06search\x18\x07 \x01(\x0b\x32!.rmesh.api.common.v1.SearchParams\"\xe4\x01\n\rProgressEvent\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x18\n\x10\x62ranches_started\x18\x02 \x01(\x05\x12\x15\n\rbranches_done\x18\x03 \x01(\x05\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x15\n\rchecks_passed\x18\x05 \x01(\x05\x12\x14\n\x0c\x63hecks_total\x18\x06 \x01(\x05\x12\r\n\x05round\x18\x07 \x01(\x05\x12\x17\n\x0f\x62ranches_pruned\x18\x08 \x01(\x05\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"\xc5\x03\n\x07Outcome\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .rmesh.api.router.v1.OutcomeKind\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x18\n\x10missing_evidence\x18\x05 \x03(\t\x12\x11\n\tnext_step\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12)\n\x05usage\x18\x08 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x30\n\x06\x63hecks\x18\t \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x13\n\x0bstop_reason\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x0c \x01(\t\x12\x12\n\nvote_share\x18\r \x01(\x01\x12\x11\n\treview_id\x18\x0e \x01(\t\x12\x31\n\tassurance\x18\x0f \x01(\x0e\x32\x1e.rmesh.api.router.v1.Assurance\"\xe9\x01\n\rSolveResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32 .rmesh.api.router.v1.StatusEventH\x00\x12\x32\n\x06\x63onfig\x18\x02 \x01(\x0b\x32 .rmesh.api.router.v1.ConfigEventH\x00\x12\x36\n\x08progress\x18\x03 \x01(\x0b\x32\".rmesh.api.router.v1.ProgressEventH\x00\x12/\n\x07outcome\x18\x04 \x01(\x0b\x32\x1c.rmesh.api.router.v1.OutcomeH\x00\x42\x07\n\x05\x65vent*\xaa\x01\n\x0bOutcomeKind\x12\x1c\n\x18OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_KIND_RELEASED\x10\x01\x12!\n\x1dOUTCOME_KIND_MISSING_EVIDENCE\x10\x02\x12#\n\x1fOUTCOME_KIND_NO_ELIGIBLE_ANSWER\x10\x03\x12\x1a\n\x16OUTCOME_KIND_ESCALATED\x10\x04*\xbb\x01\n\tAssurance\x12\x19\n\x15\x41SSURANCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41SSURANCE_UNVERIFIED\x10\x01\x12\x1e\n\x1a\x41SSURANCE_CALIBRATED_SCORE\x10\x02\x12\x1f\n\x1b\x41SSURANCE_EVIDENCE_GROUNDED\x10\x03\x12\x1a\n\x16\x41SSURANCE_EXACT_CHECKS\x10\x04\x12\x1c\n\x18\x41SSURANCE_HUMAN_APPROVED\x10\x05\x32\x61\n\rRouterService\x12P\n\x05Solve\x12!.rmesh.api.router.v1.SolveRequest\x1a\".rmesh.api.router.v1.SolveResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n rmesh/api/router/v1/router.proto\x12\x13rmesh.api.router.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a rmesh/api/common/v1/common.proto\"\x9e\x01\n\x0cSolveRequest\x12\x0f\n\x07problem\x18\x01 \x01(\t\x12\'\n\x04task\x18\x02 \x01(\x0b\x32\x19.rmesh.api.common.v1.Task\x12)\n\x08\x65vidence\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bhigh_impact\x18\x04 \x01(\x08\x12\x14\n\x0c\x61wait_review\x18\x05 \x01(\x08\"\x1e\n\x0bStatusEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\"\xd3\x01\n\x0b\x43onfigEvent\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12+\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x1b.rmesh.api.common.v1.Budget\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x19\n\x11required_evidence\x18\x04 \x03(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x06 \x01(\t\x12\x31\n\x06search\x18\x07 \x01(\x0b\x32!.rmesh.api.common.v1.SearchParams\"\xe4\x01\n\rProgressEvent\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x18\n\x10\x62ranches_started\x18\x02 \x01(\x05\x12\x15\n\rbranches_done\x18\x03 \x01(\x05\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x15\n\rchecks_passed\x18\x05 \x01(\x05\x12\x14\n\x0c\x63hecks_total\x18\x06 \x01(\x05\x12\r\n\x05round\x18\x07 \x01(\x05\x12\x17\n\x0f\x62ranches_pruned\x18\x08 \x01(\x05\x12\x13\n\x0bstop_reason\x18\t \x01(\t\"\x84\x04\n\x07Outcome\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .rmesh.api.router.v1.OutcomeKind\x12\x10\n\x08released\x18\x02 \x01(\x08\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x34\n\x0b\x63heckpoints\x18\x04 \x03(\x0b\x32\x1f.rmesh.api.common.v1.Checkpoint\x12\x18\n\x10missing_evidence\x18\x05 \x03(\t\x12\x11\n\tnext_step\x18\x06 \x01(\t\x12\x10\n\x08strategy\x18\x07 \x01(\t\x12)\n\x05usage\x18\x08 \x01(\x0b\x32\x1a.rmesh.api.common.v1.Usage\x12\x30\n\x06\x63hecks\x18\t \x03(\x0b\x32 .rmesh.api.common.v1.CheckResult\x12\x13\n\x0bstop_reason\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x0c \x01(\t\x12\x12\n\nvote_share\x18\r \x01(\x01\x12\x11\n\treview_id\x18\x0e \x01(\t\x12\x31\n\tassurance\x18\x0f \x01(\x0e\x32\x1e.rmesh.api.router.v1.Assurance\x12=\n\x10\x65vidence_sources\x18\x10 \x03(\x0b\x32#.rmesh.api.router.v1.EvidenceSource\"m\n\x0e\x45videnceSource\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12.\n\nfetched_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xe9\x01\n\rSolveResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32 .rmesh.api.router.v1.StatusEventH\x00\x12\x32\n\x06\x63onfig\x18\x02 \x01(\x0b\x32 .rmesh.api.router.v1.ConfigEventH\x00\x12\x36\n\x08progress\x18\x03 \x01(\x0b\x32\".rmesh.api.router.v1.ProgressEventH\x00\x12/\n\x07outcome\x18\x04 \x01(\x0b\x32\x1c.rmesh.api.router.v1.OutcomeH\x00\x42\x07\n\x05\x65vent*\xaa\x01\n\x0bOutcomeKind\x12\x1c\n\x18OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_KIND_RELEASED\x10\x01\x12!\n\x1dOUTCOME_KIND_MISSING_EVIDENCE\x10\x02\x12#\n\x1fOUTCOME_KIND_NO_ELIGIBLE_ANSWER\x10\x03\x12\x1a\n\x16OUTCOME_KIND_ESCALATED\x10\x04*\xbb\x01\n\tAssurance\x12\x19\n\x15\x41SSURANCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41SSURANCE_UNVERIFIED\x10\x01\x12\x1e\n\x1a\x41SSURANCE_CALIBRATED_SCORE\x10\x02\x12\x1f\n\x1b\x41SSURANCE_EVIDENCE_GROUNDED\x10\x03\x12\x1a\n\x16\x41SSURANCE_EXACT_CHECKS\x10\x04\x12\x1c\n\x18\x41SSURANCE_HUMAN_APPROVED\x10\x05\x32\x61\n\rRouterService\x12P\n\x05Solve\x12!.rmesh.api.router.v1.SolveRequest\x1a\".rmesh.api.router.v1.SolveResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rmesh.api.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOMEKIND']._serialized_start=1452
-  _globals['_OUTCOMEKIND']._serialized_end=1622
-  _globals['_ASSURANCE']._serialized_start=1625
-  _globals['_ASSURANCE']._serialized_end=1812
-  _globals['_SOLVEREQUEST']._serialized_start=122
-  _globals['_SOLVEREQUEST']._serialized_end=280
-  _globals['_STATUSEVENT']._serialized_start=282
-  _globals['_STATUSEVENT']._serialized_end=312
-  _globals['_CONFIGEVENT']._serialized_start=315
-  _globals['_CONFIGEVENT']._serialized_end=526
-  _globals['_PROGRESSEVENT']._serialized_start=529
-  _globals['_PROGRESSEVENT']._serialized_end=757
-  _globals['_OUTCOME']._serialized_start=760
-  _globals['_OUTCOME']._serialized_end=1213
-  _globals['_SOLVERESPONSE']._serialized_start=1216
-  _globals['_SOLVERESPONSE']._serialized_end=1449
-  _globals['_ROUTERSERVICE']._serialized_start=1814
-  _globals['_ROUTERSERVICE']._serialized_end=1911
+  _globals['_OUTCOMEKIND']._serialized_start=1659
+  _globals['_OUTCOMEKIND']._serialized_end=1829
+  _globals['_ASSURANCE']._serialized_start=1832
+  _globals['_ASSURANCE']._serialized_end=2019
+  _globals['_SOLVEREQUEST']._serialized_start=155
+  _globals['_SOLVEREQUEST']._serialized_end=313
+  _globals['_STATUSEVENT']._serialized_start=315
+  _globals['_STATUSEVENT']._serialized_end=345
+  _globals['_CONFIGEVENT']._serialized_start=348
+  _globals['_CONFIGEVENT']._serialized_end=559
+  _globals['_PROGRESSEVENT']._serialized_start=562
+  _globals['_PROGRESSEVENT']._serialized_end=790
+  _globals['_OUTCOME']._serialized_start=793
+  _globals['_OUTCOME']._serialized_end=1309
+  _globals['_EVIDENCESOURCE']._serialized_start=1311
+  _globals['_EVIDENCESOURCE']._serialized_end=1420
+  _globals['_SOLVERESPONSE']._serialized_start=1423
+  _globals['_SOLVERESPONSE']._serialized_end=1656
+  _globals['_ROUTERSERVICE']._serialized_start=2021
+  _globals['_ROUTERSERVICE']._serialized_end=2118
 # @@protoc_insertion_point(module_scope)
