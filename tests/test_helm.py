@@ -126,11 +126,24 @@ def test_optional_features_are_off_by_default():
         {"tracing": {"enabled": True}},  # no endpoint
         {"routerReplicas": 3},  # unknown key
         {"verifier": {"judge": "sglang"}},  # the reward model's URL is required
+        {"router": {"toolCredentials": [{"env": "RMESH_REVIEW_DB", "secret": "s", "key": "k"}]}},  # no RMESH_ names
+        {"router": {"toolCredentials": [{"env": "TOKEN", "secret": "s"}]}},  # no key
     ],
 )
 def test_bad_values_fail_the_schema(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(values)
+
+
+def test_tool_credentials_reach_only_the_router_from_their_secrets():
+    values = yaml.safe_load((CHART / "ci" / "secure-values.yaml").read_text())
+    docs = deployments(render(values))
+    router = docs["rm-reasoning-mesh-router"]["spec"]["template"]["spec"]["containers"][0]
+    credential = next(e for e in router["env"] if e["name"] == "FULFILLMENT_TOOL_TOKEN")
+    assert credential["valueFrom"]["secretKeyRef"] == {"name": "fulfillment-tool", "key": "token"}
+    for name, deployment in docs.items():
+        if name != "rm-reasoning-mesh-router":
+            assert "FULFILLMENT_TOOL_TOKEN" not in env_of(deployment)
 
 
 def test_tracing_values_reach_the_services():
