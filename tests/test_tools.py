@@ -11,10 +11,14 @@ import hashlib
 import json
 import socket
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from rmesh.api.tools.v1 import tools_pb2, tools_pb2_grpc
@@ -170,7 +174,11 @@ def tool_calls(tenant: str, result: str) -> float:
 
 async def test_missing_evidence_is_fetched_cited_and_released_with_its_provenance(grpc_tool):
     before = tool_calls("a", "ok")
-    events, solver = await solve(policy(grpc_tool.endpoint))
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tools = EvidenceTools({"TOOL_TOKEN": "tool-secret"}, tracer=provider.get_tracer("test"))
+    events, solver = await solve(policy(grpc_tool.endpoint), tools=tools)
     outcome = events[-1]
     assert outcome.kind == OUTCOME_RELEASED and outcome.assurance == "evidence_grounded"
     # The tool was called with the arguments the policy built and the tenant's credential.
@@ -186,6 +194,10 @@ async def test_missing_evidence_is_fetched_cited_and_released_with_its_provenanc
     # Progress says what was fetched, never the values.
     assert not any(value in stage for stage in stages(events) for value in TICKET.values())
     assert tool_calls("a", "ok") == before + 1
+    (span,) = spans.get_finished_spans()
+    assert span.name == "tool fulfillment" and span.attributes["rmesh.tool.result"] == "ok"
+    assert span.attributes["rmesh.tool.cache_hit"] is False and span.attributes["rmesh.tool.latency_ms"] >= 0
+    assert not any(value in str(span.attributes) for value in TICKET.values())
 
 
 async def test_what_the_caller_sent_is_not_fetched_again(grpc_tool):
@@ -334,3 +346,81 @@ def pathlib_root():
     import pathlib
 
     return pathlib.Path(__file__).resolve().parent.parent
+
+
+async def test_an_escalated_review_keeps_where_its_evidence_came_from(grpc_tool, tmp_path):
+    """A high-impact ticket goes to a person; the review holds each key's source, as the
+    outcome does, and ReviewService shows it."""
+    from rmesh.router_svc.review_servicer import review_to_proto
+    from rmesh.router_svc.reviews import open_store
+
+    store = open_store(str(tmp_path / "reviews.sqlite3"))
+    verifier = InProcessVerifier()
+    core = RouterCore(verifier, CitingSolver(verifier), reviews=store, tools=EvidenceTools({"TOOL_TOKEN": "tool-secret"}))
+    request = RouterRequest(problem="Refund it?", task=TaskSpec(kind="support"), evidence={"order_id": "1042"}, high_impact=True)
+    events = [e async for e in core.solve(with_escalation(grpc_tool.endpoint), request, "caller")]
+    outcome = events[-1]
+    assert outcome.kind == "escalated" and outcome.review_id
+    review = store.get("a", outcome.review_id)
+    kept = {s["key"]: s for s in review.draft["evidence_sources"]}
+    assert kept["order"]["source"] == "fulfillment" and kept["order"]["sha256"] == hashlib.sha256(TICKET["order"].encode()).hexdigest()
+    assert kept["order_id"]["source"] == "caller"
+    shown = {s.key: s.source for s in review_to_proto(review).evidence_sources}
+    assert shown == {"order_id": "caller", "order": "fulfillment", "carrier": "fulfillment", "return_policy": "fulfillment"}
+    await core.drain()
+    store.close()
+
+
+def with_escalation(endpoint: str):
+    """``policy`` with a rule sending high-impact requests to a person."""
+    base = policy(endpoint)
+    return replace(base, escalate=parse_policy(
+        f"""tenant: a
+api_keys:
+  - {{name: caller, sha256: {KEY}}}
+routes:
+  - name: default
+    difficulty: easy
+    strategies: [single_pass]
+    budget: {{max_tokens: 1, max_branches: 1}}
+escalate:
+  - name: high-impact
+    when: request.high_impact
+    reason: a person decides high-impact requests
+""",
+        "escalate.yaml",
+    ).escalate)
+
+
+def test_a_policy_test_says_which_tools_a_request_would_call():
+    text = policy_text_with_tests("tools: [fulfillment]", "{order_id: '1'}")
+    assert parse_policy(text, "t.yaml").tests
+    with pytest.raises(PolicyError) as info:
+        parse_policy(policy_text_with_tests("tools: []", "{order_id: '1'}"), "t.yaml")
+    assert "tools: expected [], got ['fulfillment']" in info.value.reason
+    assert parse_policy(policy_text_with_tests("tools: []", "{order: o, carrier: c, return_policy: r}"), "t.yaml").tests
+
+
+def policy_text_with_tests(expect: str, evidence: str) -> str:
+    return f"""tenant: t
+api_keys:
+  - {{name: caller, sha256: {KEY}}}
+routes:
+  - name: support
+    difficulty: easy
+    strategies: [best_of_n]
+    budget: {{max_tokens: 400, max_branches: 2}}
+evidence:
+  - name: ticket
+    when: request.task.kind == "support"
+    require: [order, carrier, return_policy]
+tools:
+  - name: fulfillment
+    provides: [order, carrier, return_policy]
+    endpoint: grpc://127.0.0.1:1
+    arguments: '{{"order_id": request.evidence.order_id}}'
+tests:
+  - name: which tools
+    request: {{problem: "Where is it?", task: {{kind: support}}, evidence: {evidence}}}
+    expect: {{{expect}}}
+"""

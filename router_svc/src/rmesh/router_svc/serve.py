@@ -19,6 +19,7 @@ from rmesh.router_svc.review_servicer import ReviewServicer
 from rmesh.router_svc.review_servicer import add_to_server as review_add
 from rmesh.router_svc.quotas import Admission, SharedAdmission
 from rmesh.router_svc.reviews import PostgresReviewStore, ReviewStore, open_store
+from rmesh.router_svc.tools import EvidenceTools
 from rmesh.serving import RunningService, provider_factory, start_server
 from rmesh.solving import VerifierPort
 
@@ -55,7 +56,8 @@ async def start_router(
         else "this router's own (one router; set a postgresql:// RMESH_REVIEW_DB to share them)",
     )
     core = RouterCore(
-        verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store
+        verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store,
+        tools=EvidenceTools(tracer=provider.get_tracer("rmesh.router.tools")),
     )
     router = router_servicer.RouterServicer(core, policies)
     review = ReviewServicer(store, policies)

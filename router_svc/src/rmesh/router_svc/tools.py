@@ -37,7 +37,6 @@ from rmesh.router_svc.policy.cel import LazyVariables, to_activation, tool_argum
 from rmesh.router_svc.policy.model import TenantPolicy, Tool
 
 log = logging.getLogger("rmesh.router.tools")
-tracer = trace.get_tracer("rmesh.router.tools")
 
 TOOL_CALLS = Counter("rmesh_tool_calls", "Evidence tool calls, by tenant, tool and result", ["tenant", "tool", "result"])
 
@@ -109,8 +108,9 @@ class EvidenceTools:
     """Calls tenants' evidence tools, with a per-tenant cache and one HTTP client and one gRPC
     channel per endpoint."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None, tracer: trace.Tracer | None = None) -> None:
         self._environ = environ if environ is not None else os.environ
+        self._tracer = tracer or trace.get_tracer("rmesh.router.tools")
         self._cache: OrderedDict[tuple, tuple[float, Fetched]] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._http: httpx.AsyncClient | None = None
@@ -156,7 +156,7 @@ class EvidenceTools:
         return Filled(tuple(fetched), failures)
 
     async def _fetch(self, tenant: str, tool: Tool, keys: list[str], variables: LazyVariables, deadline: float | None) -> Fetched:
-        with tracer.start_as_current_span(f"tool {tool.name}") as span:
+        with self._tracer.start_as_current_span(f"tool {tool.name}") as span:
             span.set_attributes({"rmesh.tenant": tenant, "rmesh.tool.name": tool.name, "rmesh.tool.keys": ",".join(keys)})
             started = time.monotonic()
             try:

@@ -257,6 +257,13 @@ def sample_view(policy_tenant: str, request: dict) -> dict:
     )
 
 
+def tools_to_call(policy: TenantPolicy, required, present) -> list[str]:
+    """The tools a request missing ``required`` keys beyond ``present`` gets them from: each
+    missing key's first provider, in the policy's order."""
+    missing = [key for key in required if key not in set(present)]
+    return [t.name for t in policy.tools if any(next((u for u in policy.tools if key in u.provides), None) is t for key in missing)]
+
+
 def run_test(policy: TenantPolicy, test: dict) -> str | None:
     """None when the test's expectations hold, else what differed."""
     decision = decide(policy, sample_view(policy.tenant, test["request"]))
@@ -268,6 +275,7 @@ def run_test(policy: TenantPolicy, test: dict) -> str | None:
         "escalate": decision.escalate,
         "min_assurance": decision.min_assurance,
         "high_impact": decision.high_impact,
+        "tools": tools_to_call(policy, decision.required_evidence, (test["request"].get("evidence") or {}).keys()),
     }
     wanted = {k: (sorted(v) if k == "required_evidence" else v) for k, v in expect.items()}
     diffs = [f"{k}: expected {wanted[k]!r}, got {got[k]!r}" for k in wanted if got[k] != wanted[k]]
