@@ -31,7 +31,9 @@ proto: $(STAMP)
 
 ## Start router, solver and verifier on localhost in the foreground; Ctrl-C stops them.
 run: $(STAMP)
-	RMESH_DEMO_TOOL_TOKEN=$${RMESH_DEMO_TOOL_TOKEN:-demo-tool-token} $(BIN)/rmesh serve
+	@mkdir -p .rmesh/tool-secrets/demo
+	@test -s .rmesh/tool-secrets/demo/fulfillment || echo demo-tool-token > .rmesh/tool-secrets/demo/fulfillment
+	$(BIN)/rmesh serve
 
 ## A local CA and certificates for mutual TLS between the services (build/certs; development only).
 certs:

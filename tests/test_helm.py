@@ -126,8 +126,8 @@ def test_optional_features_are_off_by_default():
         {"tracing": {"enabled": True}},  # no endpoint
         {"routerReplicas": 3},  # unknown key
         {"verifier": {"judge": "sglang"}},  # the reward model's URL is required
-        {"router": {"toolCredentials": [{"env": "RMESH_REVIEW_DB", "secret": "s", "key": "k"}]}},  # no RMESH_ names
-        {"router": {"toolCredentials": [{"env": "TOKEN", "secret": "s"}]}},  # no key
+        {"router": {"toolCredentials": [{"tenant": "../x", "name": "t", "secret": "s", "key": "k"}]}},  # a path
+        {"router": {"toolCredentials": [{"tenant": "a", "name": "t", "secret": "s"}]}},  # no key
     ],
 )
 def test_bad_values_fail_the_schema(values):
@@ -135,15 +135,23 @@ def test_bad_values_fail_the_schema(values):
         render(values)
 
 
-def test_tool_credentials_reach_only_the_router_from_their_secrets():
+def test_tool_credentials_are_files_of_the_router_only_one_directory_per_tenant():
     values = yaml.safe_load((CHART / "ci" / "secure-values.yaml").read_text())
     docs = deployments(render(values))
-    router = docs["rm-reasoning-mesh-router"]["spec"]["template"]["spec"]["containers"][0]
-    credential = next(e for e in router["env"] if e["name"] == "FULFILLMENT_TOOL_TOKEN")
-    assert credential["valueFrom"]["secretKeyRef"] == {"name": "fulfillment-tool", "key": "token"}
+    router = docs["rm-reasoning-mesh-router"]["spec"]["template"]["spec"]
+    container = router["containers"][0]
+    assert {e["name"]: e.get("value") for e in container["env"]}["RMESH_TOOL_SECRETS_DIR"] == "/etc/rmesh/tool-secrets"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tool-secrets")
+    assert mount == {"name": "tool-secrets", "mountPath": "/etc/rmesh/tool-secrets", "readOnly": True}
+    volume = next(v for v in router["volumes"] if v["name"] == "tool-secrets")
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "fulfillment-tool", "items": [{"key": "token", "path": "support-desk/fulfillment"}]}}
+    ]
     for name, deployment in docs.items():
         if name != "rm-reasoning-mesh-router":
-            assert "FULFILLMENT_TOOL_TOKEN" not in env_of(deployment)
+            spec = deployment["spec"]["template"]["spec"]
+            assert "tool-secrets" not in {v["name"] for v in spec.get("volumes", [])}
+    assert "tool-secrets" not in {v["name"] for v in deployments(render({}))["rm-reasoning-mesh-router"]["spec"]["template"]["spec"]["volumes"]}
 
 
 def test_tracing_values_reach_the_services():

@@ -70,8 +70,10 @@ def shipped(tmp_path_factory):
         "RMESH_METRICS_ADDR": "127.0.0.1:0",
         "RMESH_GRACE_SECONDS": "2",
         # What `make run` gives the router: the demo tenant's public tool credential.
-        "RMESH_DEMO_TOOL_TOKEN": "demo-tool-token",
+        "RMESH_TOOL_SECRETS_DIR": str(tmp / "tool-secrets"),
     }
+    (tmp / "tool-secrets" / "demo").mkdir(parents=True)
+    (tmp / "tool-secrets" / "demo" / "fulfillment").write_text("demo-tool-token\n")
     log = open(tmp / "serve.log", "w")
     process = subprocess.Popen([RMESH, "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -7,6 +7,7 @@ EvidenceToolService and a plain HTTP JSON endpoint, each told how to misbehave."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import socket
@@ -25,6 +26,7 @@ from rmesh.api.tools.v1 import tools_pb2, tools_pb2_grpc
 from rmesh.domain import Candidate, Checkpoint, TaskSpec, Usage
 from rmesh.router_svc.core import OUTCOME_MISSING_EVIDENCE, OUTCOME_RELEASED, Config, Outcome, RouterCore, RouterRequest
 from rmesh.router_svc.policy.loader import PolicyError, parse_policy
+from rmesh.router_svc.policy.model import Privacy, Quotas
 from rmesh.router_svc.tools import MAX_VALUE_CHARS, EvidenceTools
 from rmesh.solving import Progress, SolveRequest, SolveResult
 from tests.test_rung_failures import InProcessVerifier
@@ -39,7 +41,7 @@ TICKET = {
 
 def policy(endpoint: str, tenant: str = "a", with_tools: bool = True, **tool) -> object:
     settings = {"timeout_seconds": 1, "max_calls": 1, "cache_ttl_seconds": 0, **tool}
-    credential = settings.pop("credential", "{env: TOOL_TOKEN}")
+    credential = settings.pop("credential", "{secret: fulfillment}")
     extra = "".join(f"    {k}: {v}\n" for k, v in settings.items())
     tools = f"""tools:
   - name: fulfillment
@@ -123,14 +125,17 @@ async def grpc_tool():
 @pytest.fixture
 def http_tool():
     """An HTTP JSON tool whose reply body is whatever ``state['body']`` holds."""
-    state = {"body": json.dumps({"evidence": TICKET}).encode(), "requests": []}
+    state = {"body": json.dumps({"evidence": TICKET}).encode(), "requests": [], "headers": [], "seen": []}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             length = int(self.headers["content-length"])
             state["requests"].append((json.loads(self.rfile.read(length)), self.headers.get("authorization")))
+            state["seen"].append(dict(self.headers))
             self.send_response(200)
             self.send_header("content-type", "application/json")
+            for name, value in state["headers"]:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(state["body"])
 
@@ -150,10 +155,27 @@ def ticket(**evidence) -> RouterRequest:
     return RouterRequest(problem="When will the rest arrive?", task=TaskSpec(kind="support"), evidence=evidence)
 
 
-async def solve(tenant_policy, request=None, environ=None, tools=None):
+@pytest.fixture(autouse=True)
+def secrets(tmp_path):
+    """The operator's tool secrets: tenants a and b each have their own fulfillment credential."""
+    for tenant, token in (("a", "tool-secret"), ("b", "tool-secret-b")):
+        (tmp_path / "secrets" / tenant).mkdir(parents=True)
+        (tmp_path / "secrets" / tenant / "fulfillment").write_text(token + "\n")
+    SECRETS[0] = tmp_path / "secrets"
+    return SECRETS[0]
+
+
+SECRETS = [None]
+
+
+def tools_for_test(**kwargs) -> EvidenceTools:
+    return EvidenceTools(SECRETS[0], **kwargs)
+
+
+async def solve(tenant_policy, request=None, tools=None):
     verifier = InProcessVerifier()
     solver = CitingSolver(verifier)
-    core = RouterCore(verifier, solver, tools=tools or EvidenceTools(environ if environ is not None else {"TOOL_TOKEN": "tool-secret"}))
+    core = RouterCore(verifier, solver, tools=tools or tools_for_test())
     events = [e async for e in core.solve(tenant_policy, request or ticket(order_id="1042"), "caller")]
     return events, solver
 
@@ -177,7 +199,7 @@ async def test_missing_evidence_is_fetched_cited_and_released_with_its_provenanc
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    tools = EvidenceTools({"TOOL_TOKEN": "tool-secret"}, tracer=provider.get_tracer("test"))
+    tools = tools_for_test(tracer=provider.get_tracer("test"))
     events, solver = await solve(policy(grpc_tool.endpoint), tools=tools)
     outcome = events[-1]
     assert outcome.kind == OUTCOME_RELEASED and outcome.assurance == "evidence_grounded"
@@ -236,6 +258,7 @@ async def test_a_failing_grpc_tool_leaves_the_keys_missing_and_names_itself(grpc
         (json.dumps({"evidence": {**TICKET, "carrier": 5}}).encode(), "fulfillment: returned carrier as number, not a string"),
         (json.dumps({"evidence": {**TICKET, "order": "a\x1b[2Jb"}}).encode(), "fulfillment: returned order with a control character"),
         (json.dumps({"answer": "yes"}).encode(), 'fulfillment: returned JSON without an "evidence" object'),
+        (b'{"evidence": {"order": "\\ud800", "carrier": "c", "return_policy": "r"}}', "fulfillment: returned order that is not valid UTF-8"),
     ],
 )
 async def test_a_failing_http_tool_leaves_the_keys_missing_and_names_itself(http_tool, body, reason):
@@ -265,7 +288,7 @@ async def test_a_tool_is_called_again_on_unavailable_within_its_call_budget(grpc
 
 
 async def test_answers_are_cached_per_tenant_for_the_tools_ttl(grpc_tool):
-    tools = EvidenceTools({"TOOL_TOKEN": "tool-secret"})
+    tools = tools_for_test()
     first, _ = await solve(policy(grpc_tool.endpoint, cache_ttl_seconds=60), tools=tools)
     second, _ = await solve(policy(grpc_tool.endpoint, cache_ttl_seconds=60), tools=tools)
     assert first[-1].kind == second[-1].kind == OUTCOME_RELEASED and len(grpc_tool.calls) == 1
@@ -276,15 +299,30 @@ async def test_answers_are_cached_per_tenant_for_the_tools_ttl(grpc_tool):
     await tools.close()
 
 
-async def test_a_tool_whose_credential_is_not_set_up_is_never_called(grpc_tool, tmp_path):
-    events, _ = await solve(policy(grpc_tool.endpoint), environ={})
+async def test_a_tool_whose_credential_is_not_set_up_is_never_called(grpc_tool, secrets):
+    """The credential is the operator's file <dir>/<tenant>/<secret>: a tenant names only a
+    secret in its own directory; one that is missing, empty or oversized fails closed."""
+    events, _ = await solve(policy(grpc_tool.endpoint, credential="{secret: absent}"))
     assert events[-1].kind == OUTCOME_MISSING_EVIDENCE and "fulfillment: its credential is not set up" in events[-1].reason
-    missing_file = policy(grpc_tool.endpoint, credential=f"{{file: {tmp_path / 'absent'}}}")
-    events, _ = await solve(missing_file)
+    (secrets / "a" / "empty").write_text("")
+    (secrets / "a" / "huge").write_text("x" * 5000)
+    for name in ("empty", "huge"):
+        events, _ = await solve(policy(grpc_tool.endpoint, credential=f"{{secret: {name}}}"))
+        assert events[-1].kind == OUTCOME_MISSING_EVIDENCE
+    events, _ = await solve(policy(grpc_tool.endpoint), tools=EvidenceTools(""))  # no secrets directory
     assert events[-1].kind == OUTCOME_MISSING_EVIDENCE and not grpc_tool.calls
-    (tmp_path / "token").write_text("from-a-secret\n")
-    events, _ = await solve(policy(grpc_tool.endpoint, credential=f"{{file: {tmp_path / 'token'}}}"))
-    assert events[-1].kind == OUTCOME_RELEASED and grpc_tool.calls[-1][3] == "Bearer from-a-secret"
+    # Tenant b's tool of the same name is called with b's own secret.
+    events, _ = await solve(policy(grpc_tool.endpoint, tenant="b"))
+    assert events[-1].kind == OUTCOME_RELEASED and grpc_tool.calls[-1][3] == "Bearer tool-secret-b"
+
+
+def test_a_tenant_cannot_name_a_credential_outside_its_own_directory():
+    for name in ("../b/fulfillment", "/etc/passwd", "..", "a/b"):
+        with pytest.raises(PolicyError) as info:
+            policy("grpc://127.0.0.1:1", credential=f"{{secret: '{name}'}}")
+        assert "tools[0].credential.secret" in info.value.reason
+    with pytest.raises(PolicyError):
+        policy("grpc://127.0.0.1:1", credential="{env: RMESH_SERVICE_TOKEN}")
 
 
 async def test_a_request_without_the_arguments_gets_missing_evidence_naming_the_tool(grpc_tool):
@@ -356,7 +394,7 @@ async def test_an_escalated_review_keeps_where_its_evidence_came_from(grpc_tool,
 
     store = open_store(str(tmp_path / "reviews.sqlite3"))
     verifier = InProcessVerifier()
-    core = RouterCore(verifier, CitingSolver(verifier), reviews=store, tools=EvidenceTools({"TOOL_TOKEN": "tool-secret"}))
+    core = RouterCore(verifier, CitingSolver(verifier), reviews=store, tools=tools_for_test())
     request = RouterRequest(problem="Refund it?", task=TaskSpec(kind="support"), evidence={"order_id": "1042"}, high_impact=True)
     events = [e async for e in core.solve(with_escalation(grpc_tool.endpoint), request, "caller")]
     outcome = events[-1]
@@ -424,3 +462,44 @@ tests:
     request: {{problem: "Where is it?", task: {{kind: support}}, evidence: {evidence}}}
     expect: {{{expect}}}
 """
+
+
+async def test_http_tools_share_no_cookies_and_get_no_compressed_bodies(http_tool):
+    """A tool's Set-Cookie never reaches the next call (another tenant's, perhaps), and the router
+    asks for an uncompressed body and reads it raw: a gzip body is not expanded, it is malformed."""
+    http_tool["headers"] = [("set-cookie", "session=tenant-a-session; Path=/")]
+    tools = tools_for_test()
+    await solve(policy(http_tool["endpoint"]), tools=tools)
+    await solve(policy(http_tool["endpoint"], tenant="b"), tools=tools)
+    assert all("cookie" not in {k.lower() for k in seen} for seen in http_tool["seen"])
+    assert all({k.lower(): v for k, v in seen.items()}.get("accept-encoding") == "identity" for seen in http_tool["seen"])
+    http_tool["headers"] = [("content-encoding", "gzip")]
+    http_tool["body"] = gzip.compress(b'{"evidence": {"order": "' + b"x" * 10_000_000 + b'"}}')
+    events, _ = await solve(policy(http_tool["endpoint"]), tools=tools)
+    assert "order (fulfillment: returned malformed JSON)" in events[-1].reason
+    await tools.close()
+
+
+async def test_a_tenant_over_its_quota_calls_no_tool(grpc_tool):
+    from rmesh.errors import ResourceExhausted
+
+    over = replace(policy(grpc_tool.endpoint), quotas=Quotas(max_concurrent=1, tokens_per_window=1, window_seconds=60))
+    with pytest.raises(ResourceExhausted):
+        await solve(over)
+    assert not grpc_tool.calls
+
+
+async def test_fetched_evidence_keeps_the_callers_total_limit(http_tool):
+    """A tool's answer within its own limits that would take the request's evidence past the
+    64 000 characters a caller may send in all is not used."""
+    http_tool["body"] = json.dumps({"evidence": {**TICKET, "order": "o" * 15_000, "carrier": "c" * 15_000}}).encode()
+    events, solver = await solve(policy(http_tool["endpoint"]), ticket(order_id="1042", note="n" * 16_000, memo="m" * 16_000, more="x" * 10_000))
+    assert events[-1].kind == OUTCOME_MISSING_EVIDENCE and not solver.requests
+    assert "fulfillment: its answer would take the evidence past 64000 characters in all" in events[-1].reason
+
+
+async def test_a_sensitive_keys_value_is_not_hashed_into_the_outcome(grpc_tool):
+    sensitive = replace(policy(grpc_tool.endpoint), privacy=Privacy(sensitive_evidence=("order", "order_id")))
+    events, _ = await solve(sensitive)
+    sources = {s.key: s for s in events[-1].evidence_sources}
+    assert sources["order"].sha256 == "" == sources["order_id"].sha256 and sources["carrier"].sha256

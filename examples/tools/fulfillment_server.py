@@ -9,8 +9,9 @@ request that carries only an order id is answered with this evidence, fetched an
     make run                                             # in another shell
     .venv/bin/rmesh solve --file examples/fulfillment-by-order-id.yaml
 
-Calls must carry ``authorization: Bearer TOKEN``, TOKEN being $RMESH_DEMO_TOOL_TOKEN
-(``make run`` gives the router the same public development value, demo-tool-token).
+Calls must carry ``authorization: Bearer TOKEN``, TOKEN being $RMESH_DEMO_TOOL_TOKEN, else the
+public development value demo-tool-token, which ``make run`` writes where the demo tenant's
+policy finds it (.rmesh/tool-secrets/demo/fulfillment).
 """
 
 from __future__ import annotations

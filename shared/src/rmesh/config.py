@@ -247,6 +247,8 @@ class RouterConfig:
     reload_interval: float = 1.0
     # With PostgreSQL, how long a router's reservation outlives its last heartbeat.
     admission_lease_seconds: float = 30.0
+    # Where tenants' tool credentials are: one directory per tenant, one file per secret.
+    tool_secrets_dir: str = ".rmesh/tool-secrets"
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> "RouterConfig":
@@ -256,4 +258,5 @@ class RouterConfig:
             review_db=e.get("RMESH_REVIEW_DB", ".rmesh/reviews.sqlite3"),
             reload_interval=_number(e, "RMESH_POLICY_RELOAD_SECONDS", 1.0, float, 0, 86400),
             admission_lease_seconds=_number(e, "RMESH_ADMISSION_LEASE_SECONDS", 30.0, float, 1, 3600),
+            tool_secrets_dir=e.get("RMESH_TOOL_SECRETS_DIR") or ".rmesh/tool-secrets",
         )

@@ -99,6 +99,7 @@ async def start_services(
                     solver=InProcessSolver(started[-1].core, started[-1].provider.get_tracer("rmesh.solver")) if colocated else None,
                     code_verifier_address=addresses.code_verifier,
                     admission_lease_seconds=router_config.admission_lease_seconds,
+                    tool_secrets_dir=router_config.tool_secrets_dir,
                 )
             )
     except BaseException:

@@ -253,7 +253,9 @@ class RouterCore:
     ) -> AsyncIterator[Event]:
         evidence = validate(request)
         allowed_checks(policy, request.task)
-        sources.update({key: Provenance.of(key, value) for key, value in evidence.items()})
+        sources.update({
+            key: Provenance.of(key, value, hashed=key not in policy.privacy.sensitive_evidence) for key, value in evidence.items()
+        })
         yield Status("accepted")
         view = request_view(
             problem=request.problem,
@@ -290,36 +292,39 @@ class RouterCore:
             decision.revision,
             decision.search,
         )
-        failures: dict[str, str] = {}
-        if precheck.missing_evidence and policy.tools:
-            # The tenant's own tools may have what the caller did not send. Their answers are
-            # data: they fill missing keys only, and the decision above stands.
-            filled = await self.tools.fill(
-                policy, view, precheck.missing_evidence, deadline - GATE_RESERVE_SECONDS if deadline is not None else None
-            )
-            for event in _fetch_progress(filled):
-                yield event
-            if filled.fetched:
+        fetching = bool(precheck.missing_evidence and policy.tools)
+        if precheck.missing_evidence and not fetching:
+            # Escalated or not, nothing is drafted without the evidence the answer must cite.
+            yield _missing_evidence(precheck, {}, decision)
+            return
+        started = time.monotonic()
+        # Admitted before any tool is called: a tenant over its quota makes no tool calls either.
+        async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
+            if fetching:
+                # The tenant's own tools may have what the caller did not send. Their answers
+                # are data: they fill missing keys only, and the decision above stands.
+                filled = await self.tools.fill(
+                    policy, view, precheck.missing_evidence, deadline - GATE_RESERVE_SECONDS if deadline is not None else None
+                )
+                failures = dict(filled.failures)
+                room = MAX_EVIDENCE_TOTAL_CHARS - sum(len(v) for v in evidence.values())
+                if sum(len(v) for v in filled.values.values()) > room:
+                    # The caller's limit holds for the evidence as a whole, fetched or not.
+                    failures.update({k: f"{f.tool}: its answer would take the evidence past {MAX_EVIDENCE_TOTAL_CHARS} characters in all" for f in filled.fetched for k in f.values})
+                    filled = Filled((), failures)
+                for event in _fetch_progress(filled):
+                    yield event
                 for fetched in filled.fetched:
                     for key, value in fetched.values.items():
                         evidence[key] = value
-                        sources[key] = Provenance.of(key, value, fetched.tool, fetched.fetched_at)
-                precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
-            failures = filled.failures
-        if precheck.missing_evidence:
-            # Escalated or not, nothing is drafted without the evidence the answer must cite.
-            why = [f"{key} ({failures[key]})" for key in precheck.missing_evidence if key in failures]
-            yield Outcome(
-                kind=OUTCOME_MISSING_EVIDENCE,
-                missing_evidence=precheck.missing_evidence,
-                next_step=precheck.next_step,
-                reason="required evidence is missing" + (f": {', '.join(why)}" if why else "") + "; no model call was made",
-                strategy=decision.strategy,
-                policy_revision=decision.revision,
-            )
-            return
-        started = time.monotonic()
-        async with self.admission.admit(policy.tenant, policy.quotas, decision.budget.max_tokens) as record:
+                        sources[key] = Provenance.of(
+                            key, value, fetched.tool, fetched.fetched_at, hashed=key not in policy.privacy.sensitive_evidence
+                        )
+                if filled.fetched:
+                    precheck = await self.verifier.precheck(request.task, evidence, decision.required_evidence)
+                if precheck.missing_evidence:
+                    yield _missing_evidence(precheck, failures, decision)
+                    return
             spent = Usage()
             result: SolveResult | None = None
             kept: tuple[int, SolveResult] | None = None  # the best result of the rungs run so far
@@ -527,6 +532,20 @@ class RouterCore:
                 yield decided
                 return
         yield replace(pending, reason=pending.reason + "; no decision before the call's deadline")
+
+
+def _missing_evidence(precheck: Precheck, failures: Mapping[str, str], decision: Decision) -> Outcome:
+    """Nothing is drafted without the evidence the answer must cite: what is missing, and which
+    tool failed to supply each key."""
+    why = [f"{key} ({failures[key]})" for key in precheck.missing_evidence if key in failures]
+    return Outcome(
+        kind=OUTCOME_MISSING_EVIDENCE,
+        missing_evidence=precheck.missing_evidence,
+        next_step=precheck.next_step,
+        reason="required evidence is missing" + (f": {', '.join(why)}" if why else "") + "; no model call was made",
+        strategy=decision.strategy,
+        policy_revision=decision.revision,
+    )
 
 
 def _fetch_progress(filled: Filled) -> list[Progress]:

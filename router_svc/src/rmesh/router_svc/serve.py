@@ -41,6 +41,7 @@ async def start_router(
     solver: SolverPort | None = None,
     code_verifier_address: str = "",
     admission_lease_seconds: float = 30.0,
+    tool_secrets_dir: str = "",
 ) -> RunningService:
     """The router and review services; ``verifier`` and ``solver`` replace the gRPC clients;
     ``code_verifier_address`` names a separate verifier for tasks with code checks."""
@@ -57,7 +58,7 @@ async def start_router(
     )
     core = RouterCore(
         verifier or verifier_client, solver or peers.SolverClient(solver_channel), admission=admission, reviews=store,
-        tools=EvidenceTools(tracer=provider.get_tracer("rmesh.router.tools")),
+        tools=EvidenceTools(tool_secrets_dir, tracer=provider.get_tracer("rmesh.router.tools")),
     )
     router = router_servicer.RouterServicer(core, policies)
     review = ReviewServicer(store, policies)
@@ -113,5 +114,6 @@ async def start(env: Mapping[str, str]) -> list[RunningService]:
         open_store(config.review_db),
         code_verifier_address=addresses.code_verifier,
         admission_lease_seconds=config.admission_lease_seconds,
+        tool_secrets_dir=config.tool_secrets_dir,
     )
     return [service]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from http.cookiejar import DefaultCookiePolicy
 import json
 import logging
-import os
 import pathlib
 import re
 import time
@@ -45,11 +45,13 @@ TOOL_CALLS = Counter("rmesh_tool_calls", "Evidence tool calls, by tenant, tool a
 MAX_VALUE_CHARS = 16_000
 MAX_TOTAL_CHARS = 64_000
 MAX_RESPONSE_BYTES = 256 * 1024
-CACHE_ENTRIES = 4096
+CACHE_ENTRIES_PER_TENANT = 1024
+MAX_CREDENTIAL_BYTES = 4096
 # A call never starts with less time than this before the caller's deadline.
 MIN_CALL_SECONDS = 0.05
 # Pause before calling an unavailable tool again, times the attempts so far.
 RETRY_PAUSE_SECONDS = 0.2
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 CALLER = "caller"
 
@@ -88,8 +90,10 @@ class Provenance:
     sha256: str = ""
 
     @classmethod
-    def of(cls, key: str, value: str, source: str = CALLER, fetched_at: float = 0.0) -> Provenance:
-        return cls(key, source, fetched_at, hashlib.sha256(value.encode()).hexdigest())
+    def of(cls, key: str, value: str, source: str = CALLER, fetched_at: float = 0.0, hashed: bool = True) -> Provenance:
+        """``hashed``: False for a key the tenant marks sensitive, whose hash would give a
+        short value away."""
+        return cls(key, source, fetched_at, hashlib.sha256(value.encode()).hexdigest() if hashed else "")
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,11 @@ class EvidenceTools:
     """Calls tenants' evidence tools, with a per-tenant cache and one HTTP client and one gRPC
     channel per endpoint."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None, tracer: trace.Tracer | None = None) -> None:
-        self._environ = environ if environ is not None else os.environ
+    def __init__(self, secrets_dir: str | pathlib.Path = "", tracer: trace.Tracer | None = None) -> None:
+        self._secrets = pathlib.Path(secrets_dir) if secrets_dir else None
         self._tracer = tracer or trace.get_tracer("rmesh.router.tools")
-        self._cache: OrderedDict[tuple, tuple[float, Fetched]] = OrderedDict()
+        # Per tenant, so one tenant's lookups never evict another's answers.
+        self._caches: dict[str, OrderedDict[tuple, tuple[float, Fetched]]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._http: httpx.AsyncClient | None = None
 
@@ -185,13 +190,14 @@ class EvidenceTools:
             # The expression read something the request does not have (an order id the caller
             # did not send); what exactly stays out of the reason, which could echo values.
             raise ToolFailure("bad_arguments", "its arguments could not be built from the request") from None
-        cache_key = (tenant, tool.name, tool.endpoint, tuple(sorted(arguments.items())))
-        cached = self._cache.get(cache_key)
+        cache = self._caches.setdefault(tenant, OrderedDict())
+        cache_key = (tool.name, tool.endpoint, tuple(sorted(arguments.items())))
+        cached = cache.get(cache_key)
         if cached is not None and time.monotonic() < cached[0] and all(k in cached[1].values for k in keys):
-            self._cache.move_to_end(cache_key)
+            cache.move_to_end(cache_key)
             hit = cached[1]
             return Fetched(tool.name, {k: hit.values[k] for k in keys}, hit.fetched_at, 0, cache_hit=True)
-        credential = self._credential(tool)
+        credential = await asyncio.to_thread(self._credential, tenant, tool)
         started = time.monotonic()
         last: ToolFailure | None = None
         for attempt in range(tool.max_calls):
@@ -214,26 +220,30 @@ class EvidenceTools:
         values = _validated(tool, raw)
         fetched = Fetched(tool.name, {k: v for k, v in values.items() if k in keys}, time.time(), int((time.monotonic() - started) * 1000))
         if tool.cache_ttl_seconds > 0:
-            self._cache[cache_key] = (time.monotonic() + tool.cache_ttl_seconds, Fetched(tool.name, values, fetched.fetched_at, 0))
-            self._cache.move_to_end(cache_key)
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            cache[cache_key] = (time.monotonic() + tool.cache_ttl_seconds, Fetched(tool.name, values, fetched.fetched_at, 0))
+            cache.move_to_end(cache_key)
+            while len(cache) > CACHE_ENTRIES_PER_TENANT:
+                cache.popitem(last=False)
         return fetched
 
-    def _credential(self, tool: Tool) -> str:
-        """The tool's credential, read at each call (a mounted Secret may be rotated). A tool
-        that names one it cannot read is not called: fail closed."""
-        if tool.credential_env:
-            value = self._environ.get(tool.credential_env, "")
-        elif tool.credential_file:
-            try:
-                value = pathlib.Path(tool.credential_file).read_text().strip()
-            except OSError:
-                value = ""
-        else:
+    def _credential(self, tenant: str, tool: Tool) -> str:
+        """The tool's credential: the operator's file <secrets dir>/<tenant>/<name>, read at each
+        call (a mounted Secret may be rotated). A tenant reaches only its own directory (tenant
+        and secret names are single path components, by the policy schema). A tool that names a
+        credential it cannot read is not called: fail closed."""
+        if not tool.credential:
             return ""
-        if not value or _CONTROL.search(value) or "\n" in value:
-            log.error("tool %s: its credential (%s) is missing or unreadable", tool.name, tool.credential_env or tool.credential_file)
+        value = ""
+        if self._secrets is not None:
+            try:
+                with open(self._secrets / tenant / tool.credential, "rb") as file:
+                    raw = file.read(MAX_CREDENTIAL_BYTES + 1)
+                if len(raw) <= MAX_CREDENTIAL_BYTES:
+                    value = raw.decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                value = ""
+        if not value or _CONTROL.search(value) or "\n" in value or "\r" in value:
+            log.error("tenant %s: tool %s: its credential %r is missing, unreadable or malformed", tenant, tool.name, tool.credential)
             raise ToolFailure("no_credential", "its credential is not set up")
         return value
 
@@ -285,9 +295,13 @@ class EvidenceTools:
         self, url: str, tenant: str, arguments: dict[str, str], keys: list[str], credential: str, timeout: float
     ) -> Any:
         if self._http is None:
-            # No redirects: a tool cannot send the router (and its credential) elsewhere.
+            # No redirects: a tool cannot send the router (and its credential) elsewhere. No
+            # cookies: one tenant's tool session must never reach another tenant's tool.
             self._http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        headers = {"content-type": "application/json"}
+            self._http.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        # Uncompressed only, read raw: the size limit bounds what the router holds, not what a
+        # compressed body would expand to.
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if credential:
             headers["authorization"] = f"Bearer {credential}"
         body = {"arguments": arguments, "keys": keys, "tenant": tenant}
@@ -299,7 +313,7 @@ class EvidenceTools:
                     if response.status_code != 200:
                         raise ToolFailure("error", f"answered HTTP {response.status_code}")
                     data = bytearray()
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in response.aiter_raw():
                         data += chunk
                         if len(data) > MAX_RESPONSE_BYTES:
                             raise ToolFailure("too_large", f"sent a response over {MAX_RESPONSE_BYTES} bytes")
@@ -323,13 +337,18 @@ def _validated(tool: Tool, evidence: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in evidence.items():
         if key not in tool.provides:
-            raise ToolFailure("undeclared_key", f"answered for {str(key)[:64]!r}, which it does not declare")
+            named = repr(key) if _KEY.fullmatch(key) else "a key"
+            raise ToolFailure("undeclared_key", f"answered for {named}, which it does not declare")
         if not isinstance(value, str):
             raise ToolFailure("not_a_string", f"returned {key} as {value_kind(value)}, not a string")
         if len(value) > MAX_VALUE_CHARS:
             raise ToolFailure("too_large", f"returned {key} longer than {MAX_VALUE_CHARS} characters")
         if _CONTROL.search(value):
             raise ToolFailure("malformed", f"returned {key} with a control character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ToolFailure("malformed", f"returned {key} that is not valid UTF-8") from None
         out[key] = value
     if sum(len(v) for v in out.values()) > MAX_TOTAL_CHARS:
         raise ToolFailure("too_large", f"returned more than {MAX_TOTAL_CHARS} characters in all")

@@ -165,7 +165,6 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         rule = f"tool {item['name']}"
         if any(t.name == item["name"] for t in tools):
             raise fail(("tools", i, "name"), rule, "duplicate tool name")
-        credential = item.get("credential", {})
         tools.append(Tool(
             name=item["name"],
             provides=tuple(item["provides"]),
@@ -174,8 +173,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
             timeout_seconds=float(item.get("timeout_seconds", 2.0)),
             max_calls=int(item.get("max_calls", 1)),
             cache_ttl_seconds=float(item.get("cache_ttl_seconds", 0.0)),
-            credential_env=credential.get("env", ""),
-            credential_file=credential.get("file", ""),
+            credential=item.get("credential", {}).get("secret", ""),
         ))
 
     # Type probe: evaluate every expression once on a typical request; type errors fail the load.

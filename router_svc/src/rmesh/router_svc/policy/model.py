@@ -67,9 +67,8 @@ class EscalationRule:
 class Tool:
     """An evidence tool: where the router fetches the keys it ``provides`` when a request lacks
     them. ``endpoint`` is grpc://, grpcs://, http:// or https://; ``arguments`` builds the
-    call's arguments (a map of strings) from the request; the credential is read from the
-    environment variable ``credential_env`` or the file ``credential_file`` (a mounted Secret)
-    at each call, never taken from the caller."""
+    call's arguments (a map of strings) from the request; the credential is the operator's file
+    <tool secrets dir>/<tenant>/<credential>, read at each call, never taken from the caller."""
 
     name: str
     provides: tuple[str, ...]
@@ -78,8 +77,7 @@ class Tool:
     timeout_seconds: float = 2.0
     max_calls: int = 1
     cache_ttl_seconds: float = 0.0
-    credential_env: str = ""
-    credential_file: str = ""
+    credential: str = ""  # a secret's name in the tenant's own directory of tool secrets
 
 
 @dataclass(frozen=True)
