@@ -155,7 +155,7 @@ def test_other_kinds_of_the_route_lend_a_new_kind_their_record():
     POOL_WEIGHT requests) is evidence enough to draw the greedy answer alone and not climb."""
     chosen = plans([], worth=2000, pooled=NOTHING_PASSES * 5)
     assert sum(p.samples == 1 and not p.escalate for p in chosen) > 0.85 * 400
-    assert f"and {POOL_WEIGHT} requests lent by the route's other kinds" in chosen[0].why
+    assert f"and the record of {POOL_WEIGHT} requests lent by the route's other kinds" in chosen[0].why
     # The kind's own record outweighs what is lent: its samples pass, so it keeps its width.
     own = attempts("best_of_n", 5, 3, tokens=600, samples=8)
     assert sum(p.samples > 1 for p in plans(own, worth=2000, pooled=NOTHING_PASSES * 5)) > 0.9 * 400

@@ -98,6 +98,8 @@ class Fulfillment(tools_pb2_grpc.EvidenceToolServiceServicer):
         self.calls.append((dict(request.arguments), list(request.keys), request.tenant, metadata.get("authorization", "")))
         if self.mode == "slow":
             await asyncio.sleep(3)
+        if self.mode == "notfound":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "arguments.order_id: no such order\x1b[2J")
         if self.mode == "flaky" and len(self.calls) == 1:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         evidence = {k: TICKET[k] for k in request.keys}
@@ -236,6 +238,7 @@ async def test_what_the_caller_sent_is_not_fetched_again(grpc_tool):
         ("slow", {"timeout_seconds": 0.3}, "fulfillment: timed out after 0.3 s"),
         ("undeclared", {}, "fulfillment: answered for 'refund_approved', which it does not declare"),
         ("oversize", {}, f"fulfillment: returned order longer than {MAX_VALUE_CHARS} characters"),
+        ("notfound", {}, "fulfillment: answered NOT_FOUND: arguments.order_id: no such order[2J"),
     ],
 )
 async def test_a_failing_grpc_tool_leaves_the_keys_missing_and_names_itself(grpc_tool, mode, settings, reason):
@@ -328,7 +331,7 @@ def test_a_tenant_cannot_name_a_credential_outside_its_own_directory():
 async def test_a_request_without_the_arguments_gets_missing_evidence_naming_the_tool(grpc_tool):
     events, _ = await solve(policy(grpc_tool.endpoint), ticket())
     assert events[-1].kind == OUTCOME_MISSING_EVIDENCE and not grpc_tool.calls
-    assert "order (fulfillment: its arguments could not be built from the request)" in events[-1].reason
+    assert "order (fulfillment: the request has no order_id to build its arguments from)" in events[-1].reason
 
 
 async def test_another_tenants_tools_are_never_called(grpc_tool):
@@ -361,8 +364,19 @@ def test_policy_refuses_bad_tool_declarations():
     assert "schema: tools[0].endpoint: 'ftp://host/x' does not match" in refused("ftp://host/x").reason
     error = refused(arguments="'{\"order_id\": '")
     assert error.rule == "tool fulfillment" and "syntax error" in error.reason
-    error = refused(arguments="'\"just a string\"'")
-    assert error.rule == "tool fulfillment" and "arguments must be a map of strings" in error.reason
+    for arguments, said in (
+        ("'\"just a string\"'", "got a string, not a map"),
+        ("'request.evidence.order_id'", "got a string, not a map"),
+        ("'[request.evidence.order_id]'", "got a list, not a map"),
+        ("'{\"n\": {\"x\": request.evidence.order_id}}'", "argument 'n' is a map, not a string"),
+        ("'{\"n\": request.evidence.order_id + 1}'", "no such overload"),
+    ):
+        error = refused(arguments=arguments)
+        assert error.rule == "tool fulfillment" and f"arguments must build a map of strings: " in error.reason, error
+        assert said in error.reason, error.reason
+    for endpoint in ("grpc://127.0.0.1:99999", "grpc://127.0.0.1", "grpc://127.0.0.1:50070/fetch"):
+        assert "a grpc endpoint is grpc://HOST:PORT" in refused(endpoint).reason
+    assert "(write credential: {secret: NAME}" in refused(credential="orders").reason
 
 
 def test_lint_warns_about_a_tool_key_no_rule_requires(tmp_path):

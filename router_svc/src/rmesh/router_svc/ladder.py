@@ -300,7 +300,7 @@ def best_of_n_samples(
     g = seen.greedy_rate
     record = f"greedy passed {seen.greedy_passes}/{seen.requests}, samples {seen.passed} in {seen.drawn}"
     if seen.lent_requests:
-        record += f" (and {seen.lent_requests:.0f} requests lent by the route's other kinds)"
+        record += f" (and the record of {seen.lent_requests:.0f} requests lent by the route's other kinds)"
     if worth > 0 and seen.tokens_each > 0 and q * worth < seen.tokens_each:
         return 1, (
             f"{BEST_OF_N} greedy only: {record}; a sample's ~{seen.tokens_each:.0f} tokens buy "

@@ -146,7 +146,8 @@ class EvidenceTools:
             return Filled((), failures)
         tools = {t.name: t for t in policy.tools}
         variables = LazyVariables(policy.variables, view)
-        calls = [self._fetch(policy.tenant, tools[name], keys, variables, deadline) for name, keys in assigned.items()]
+        present = set(view.get("evidence", {}))
+        calls = [self._fetch(policy.tenant, tools[name], keys, variables, present, deadline) for name, keys in assigned.items()]
         results = await asyncio.gather(*calls, return_exceptions=True)
         fetched: list[Fetched] = []
         for (name, keys), result in zip(assigned.items(), results):
@@ -160,12 +161,14 @@ class EvidenceTools:
                 failures.update({key: f"{name}: did not return it" for key in keys if key not in result.values})
         return Filled(tuple(fetched), failures)
 
-    async def _fetch(self, tenant: str, tool: Tool, keys: list[str], variables: LazyVariables, deadline: float | None) -> Fetched:
+    async def _fetch(
+        self, tenant: str, tool: Tool, keys: list[str], variables: LazyVariables, present: set[str], deadline: float | None
+    ) -> Fetched:
         with self._tracer.start_as_current_span(f"tool {tool.name}") as span:
             span.set_attributes({"rmesh.tenant": tenant, "rmesh.tool.name": tool.name, "rmesh.tool.keys": ",".join(keys)})
             started = time.monotonic()
             try:
-                result = await self._fetch_once(tenant, tool, keys, variables, deadline)
+                result = await self._fetch_once(tenant, tool, keys, variables, present, deadline)
             except ToolFailure as failure:
                 span.set_attributes({"rmesh.tool.result": failure.result, "rmesh.tool.cache_hit": False})
                 span.set_status(trace.Status(trace.StatusCode.ERROR, failure.reason))
@@ -180,15 +183,18 @@ class EvidenceTools:
             return result
 
     async def _fetch_once(
-        self, tenant: str, tool: Tool, keys: list[str], variables: LazyVariables, deadline: float | None
+        self, tenant: str, tool: Tool, keys: list[str], variables: LazyVariables, present: set[str], deadline: float | None
     ) -> Fetched:
         try:
             arguments = tool_arguments(
                 tool.arguments.evaluate(to_activation(variables.request, variables.values_for(tool.arguments))), f"tool {tool.name}"
             )
         except Exception:
-            # The expression read something the request does not have (an order id the caller
-            # did not send); what exactly stays out of the reason, which could echo values.
+            # Most often the expression reads evidence the caller did not send (an order id):
+            # the reason names those keys, from the policy, never a value.
+            absent = sorted({p[1] for p in tool.arguments.request_paths if len(p) > 1 and p[0] == "evidence"} - present)
+            if absent:
+                raise ToolFailure("bad_arguments", f"the request has no {', '.join(absent)} to build its arguments from") from None
             raise ToolFailure("bad_arguments", "its arguments could not be built from the request") from None
         cache = self._caches.setdefault(tenant, OrderedDict())
         cache_key = (tool.name, tool.endpoint, tuple(sorted(arguments.items())))
@@ -243,7 +249,8 @@ class EvidenceTools:
             except (OSError, UnicodeDecodeError):
                 value = ""
         if not value or _CONTROL.search(value) or "\n" in value or "\r" in value:
-            log.error("tenant %s: tool %s: its credential %r is missing, unreadable or malformed", tenant, tool.name, tool.credential)
+            where = self._secrets / tenant / tool.credential if self._secrets is not None else "(no RMESH_TOOL_SECRETS_DIR)"
+            log.error("tenant %s: tool %s: its credential %s is missing, unreadable, empty or over %d bytes", tenant, tool.name, where, MAX_CREDENTIAL_BYTES)
             raise ToolFailure("no_credential", "its credential is not set up")
         return value
 
@@ -285,10 +292,12 @@ class EvidenceTools:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ToolFailure("timeout", f"timed out after {timeout:.1f} s") from None
             if code == grpc.StatusCode.UNAVAILABLE:
+                log.warning("tenant %s: tool at %s is unavailable", tenant, endpoint)
                 raise ToolFailure("unavailable", "unavailable") from None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise ToolFailure("too_large", f"sent a response over {MAX_RESPONSE_BYTES} bytes") from None
-            raise ToolFailure("error", f"answered {code.name}") from None
+            said = _CONTROL.sub("", exc.details() or "")[:200]
+            raise ToolFailure("error", f"answered {code.name}" + (f": {said}" if said else "")) from None
         return dict(response.evidence)
 
     async def _call_http(

@@ -246,17 +246,27 @@ def tool_arguments(value: Any, where: str) -> dict[str, str]:
     string keys to strings of at most MAX_TOOL_ARGUMENT_CHARS; TypeError names what is wrong
     (never a value)."""
     if not isinstance(value, (celtypes.MapType, dict)):
-        raise TypeError(f"{where}: arguments must be a map of strings, got {type(value).__name__}")
+        raise TypeError(f"{where}: got {_cel_kind(value)}, not a map")
     if len(value) > MAX_TOOL_ARGUMENTS:
         raise TypeError(f"{where}: more than {MAX_TOOL_ARGUMENTS} arguments")
     out: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, str):
-            raise TypeError(f"{where}: argument {str(key)[:64]!r} must map a string to a string, got {type(item).__name__}")
+            raise TypeError(f"{where}: argument {str(key)[:64]!r} is {_cel_kind(item)}, not a string")
         if len(item) > MAX_TOOL_ARGUMENT_CHARS:
             raise TypeError(f"{where}: argument {key[:64]!r} is longer than {MAX_TOOL_ARGUMENT_CHARS} characters")
         out[str(key)] = str(item)
     return out
+
+
+def _cel_kind(value: Any) -> str:
+    """A CEL value's type as policy authors write it."""
+    names = {
+        celtypes.BoolType: "a bool", celtypes.IntType: "an int", celtypes.UintType: "a uint",
+        celtypes.DoubleType: "a double", celtypes.StringType: "a string", celtypes.ListType: "a list",
+        celtypes.MapType: "a map", celtypes.BytesType: "bytes",
+    }
+    return next((name for kind, name in names.items() if isinstance(value, kind)), "null" if value is None else type(value).__name__)
 
 
 def truthy(value: Any, where: str) -> bool:

@@ -97,7 +97,8 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         path = tuple(error.absolute_path)
         rule = _rule_name(doc, path)
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
-        raise PolicyError(source, _line(lines, path), rule, f"schema: {where + ': ' if where else ''}{error.message}")
+        hint = " (write credential: {secret: NAME}, a file the operator puts in the tenant's tool secrets directory)" if "credential" in path else ""
+        raise PolicyError(source, _line(lines, path), rule, f"schema: {where + ': ' if where else ''}{error.message}{hint}")
 
     def fail(path: tuple, rule: str, reason: str) -> PolicyError:
         return PolicyError(source, _line(lines, path), rule, reason)
@@ -184,15 +185,12 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
     probes += [(("routes", i, "when"), f"route {r.name}", r.when, True) for i, r in enumerate(routes) if r.when]
     probes += [(("evidence", i, "when"), f"evidence {r.name}", r.when, True) for i, r in enumerate(evidence)]
     probes += [(("escalate", i, "when"), f"escalate {r.name}", r.when, True) for i, r in enumerate(escalate)]
-    probes += [(("tools", i, "arguments"), f"tool {t.name}", t.arguments, False) for i, t in enumerate(tools)]
     values: dict[str, Any] = {}
     for path, rule, expression, boolean in probes:
         try:
             value = expression.evaluate(to_activation(probe, {n: values[n] for n in expression.variables if n in values}))
             if boolean:
                 truthy(value, rule)
-            elif rule.startswith("tool "):
-                tool_arguments(value, rule)
             elif rule.startswith("variable "):
                 values[rule.removeprefix("variable ")] = value
         except TypeError as exc:
@@ -200,6 +198,22 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
         except Exception as exc:
             if is_type_error(exc):
                 raise fail(path, rule, f"type error: {str(exc).splitlines()[0][:200]}") from None
+    # A tool's arguments are probed on a request that has every evidence key they read: then
+    # anything but a map of strings is the expression's fault, whatever the error.
+    for i, tool in enumerate(tools):
+        read = sorted({p[1] for p in tool.arguments.request_paths if len(p) > 1 and p[0] == "evidence"})
+        sample = {**probe, "evidence": {**probe["evidence"], **{key: "sample" for key in read}}}
+        sample["evidence_keys"] = sorted(sample["evidence"])
+        try:
+            value = tool.arguments.evaluate(to_activation(sample, {n: values[n] for n in tool.arguments.variables if n in values}))
+            tool_arguments(value, "")
+        except Exception as exc:
+            raise fail(("tools", i, "arguments"), f"tool {tool.name}", f"arguments must build a map of strings: {str(exc).lstrip(': ').splitlines()[0][:200]}") from None
+        scheme, _, rest = tool.endpoint.partition("://")
+        if scheme in ("grpc", "grpcs"):
+            host, _, port = rest.rpartition(":")
+            if not host or "/" in rest or not port.isdigit() or not 0 < int(port) < 65536:
+                raise fail(("tools", i, "endpoint"), f"tool {tool.name}", f"a {scheme} endpoint is {scheme}://HOST:PORT (a port from 1 to 65535, no path)")
 
     quotas = Quotas(**doc.get("quotas", {}))
     review = ReviewSettings(**doc.get("review", {}))
