@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     solve = sub.add_parser("solve", help="send one problem to the router and stream its events")
-    solve.add_argument("--file", help="request file (YAML): problem, task, evidence, high_impact")
+    solve.add_argument("--file", help="request file (YAML): problem, task, evidence, high_impact, await_review")
     solve.add_argument("--problem", help="problem text (overrides the file's)")
     solve.add_argument("--evidence", action="append", default=[], metavar="KEY=VALUE", help="add or override evidence")
     solve.add_argument("--drop-evidence", action="append", default=[], metavar="KEY", help="remove an evidence key")
