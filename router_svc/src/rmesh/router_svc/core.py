@@ -7,6 +7,7 @@ decision belongs to the verifier's exact checks and evidence contract, not to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -242,10 +243,13 @@ class RouterCore:
         ``deadline`` the call's monotonic deadline, which bounds waiting for a review. The
         outcome says where each evidence value came from."""
         sources: dict[str, Provenance] = {}
-        async for event in self._solve(policy, request, caller, deadline, sources):
-            if isinstance(event, Outcome):
-                event = replace(event, evidence_sources=tuple(sources[key] for key in sorted(sources)))
-            yield event
+        # Closed with this generator, in its context: a caller that stops reading still has the
+        # search charged and its deadline reset where they were set.
+        async with contextlib.aclosing(self._solve(policy, request, caller, deadline, sources)) as events:
+            async for event in events:
+                if isinstance(event, Outcome):
+                    event = replace(event, evidence_sources=tuple(sources[key] for key in sorted(sources)))
+                yield event
 
     async def _solve(
         self, policy: TenantPolicy, request: RouterRequest, caller: str, deadline: float | None,
