@@ -7,7 +7,10 @@
   three services in one process calling each other in process (``mesh``), and each service in
   its own process calling the others over gRPC, as the Helm chart deploys it
   (``mesh_three_processes``). p50/p99 at concurrency 1 and 16, and ``mesh_overhead_ratio_p50`` =
-  mesh p50 / chain p50 (``..._three_processes`` for the other layout).
+  mesh p50 / chain p50 (``..._three_processes`` for the other layout). The split layout makes
+  five gRPC calls per Solve, so it is also compared with a bare chain that makes the same five
+  (``bare_chain_five_calls``: client to A; A to C; A to B; B to C; A to C), as
+  ``split_overhead_ratio_p50``.
 - strategies: time to the first event and to the final outcome, separately, for each strategy
   on the embedded engine.
 - load: bench/load.py in its own process keeps 64 streams open for 60 s against the instant
@@ -178,10 +181,18 @@ async def load(router: str, streams: int, seconds: float, kind: str) -> dict:
 
 async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requests: int) -> dict:
     """The same streaming call through the bare chain, the mesh and the one-process mesh."""
-    ports = [free_port() for _ in range(3)]
-    procs.start("chain-c", [PYTHON, "-m", "bench.chain", "--port", str(ports[2])])
-    procs.start("chain-b", [PYTHON, "-m", "bench.chain", "--port", str(ports[1]), "--next", f"127.0.0.1:{ports[2]}"])
-    procs.start("chain-a", [PYTHON, "-m", "bench.chain", "--port", str(ports[0]), "--next", f"127.0.0.1:{ports[1]}"])
+    ports = [free_port() for _ in range(6)]
+    hop = [PYTHON, "-m", "bench.chain", "--port"]
+    procs.start("chain-c", [*hop, str(ports[2])])
+    procs.start("chain-b", [*hop, str(ports[1]), "--next", f"127.0.0.1:{ports[2]}"])
+    procs.start("chain-a", [*hop, str(ports[0]), "--next", f"127.0.0.1:{ports[1]}"])
+    # The split mesh's five calls: A plays the router, B the solver, C the verifier.
+    five_c = f"127.0.0.1:{ports[5]}"
+    procs.start("five-c", [*hop, str(ports[5])])
+    procs.start("five-b", [*hop, str(ports[4]), "--check", five_c, "--checks-before", "1"])
+    procs.start("five-a", [
+        *hop, str(ports[3]), "--next", f"127.0.0.1:{ports[4]}", "--check", five_c, "--checks-before", "1", "--checks-after", "1",
+    ])
     for port in ports:
         await wait_port(port)
     router, _ = await start_mesh(procs, "instant", workdir, collector, colocated=True)
@@ -189,13 +200,16 @@ async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requ
     result: dict = {}
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as chain_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{ports[3]}") as five_channel,
         grpc.aio.insecure_channel(router) as channel,
         grpc.aio.insecure_channel(split_router) as split_channel,
     ):
         chain_call = chain_channel.unary_stream(CHAIN_PATH)
+        five_call = five_channel.unary_stream(CHAIN_PATH)
         message = solve_request("best_of_n")
         calls = {
             "bare_chain": lambda: chain_call(b"go"),
+            "bare_chain_five_calls": lambda: five_call(b"go"),
             "mesh": lambda: router_pb2_grpc.RouterServiceStub(channel).Solve(message, metadata=KEY),
             "mesh_three_processes": lambda: router_pb2_grpc.RouterServiceStub(split_channel).Solve(message, metadata=KEY),
         }
@@ -214,9 +228,12 @@ async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requ
                 suffix = name.removeprefix("mesh")
                 row[f"mesh_overhead_ratio_p50{suffix}"] = round(row[name]["p50_ms"] / chain["p50_ms"], 3)
                 row[f"mesh_overhead_ratio_p99{suffix}"] = round(row[name]["p99_ms"] / chain["p99_ms"], 3)
+            five = row["bare_chain_five_calls"]
+            row["split_overhead_ratio_p50"] = round(row["mesh_three_processes"]["p50_ms"] / five["p50_ms"], 3)
+            row["split_overhead_ratio_p99"] = round(row["mesh_three_processes"]["p99_ms"] / five["p99_ms"], 3)
             result[f"concurrency_{concurrency}"] = row
             print(f"concurrency {concurrency}: " + ", ".join(f"{k} p50 {v['p50_ms']} ms" for k, v in row.items() if isinstance(v, dict)), flush=True)
-    procs.stop("chain-a", "chain-b", "chain-c", "instant-colocated", "instant-router", "instant-solver", "instant-verifier")
+    procs.stop("chain-a", "chain-b", "chain-c", "five-a", "five-b", "five-c", "instant-colocated", "instant-router", "instant-solver", "instant-verifier")
     return result
 
 
@@ -270,6 +287,7 @@ async def main(load_seconds: float, requests: int, parts: list[str]) -> None:
             result["goal_mesh_overhead_ratio_p50_at_most_1_3"] = {
                 "one_process": all(v["mesh_overhead_ratio_p50"] <= 1.3 for v in rows.values()),
                 "three_processes": all(v["mesh_overhead_ratio_p50_three_processes"] <= 1.3 for v in rows.values()),
+                "three_processes_against_five_calls": all(v["split_overhead_ratio_p50"] <= 1.3 for v in rows.values()),
             }
         if "load" in parts:
             result["load_instant"] = await load_run(procs, workdir, collector, "instant", 64, load_seconds)

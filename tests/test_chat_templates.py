@@ -4,6 +4,8 @@ one named by RMESH_CHAT_TEMPLATE. No model's turn markers are written in code.""
 
 from __future__ import annotations
 
+import asyncio
+
 import pathlib
 
 import pytest
@@ -107,7 +109,7 @@ def test_rmesh_chat_template_overrides_the_models():
     try:
         assert engine.chat_template.name == "chatml"
     finally:
-        engine._executor.shutdown()
+        asyncio.run(engine.aclose())
     with pytest.raises(ConfigError):
         LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="nosuch")
 

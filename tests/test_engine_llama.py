@@ -1,4 +1,5 @@
-"""The embedded engine on the real Gemma 3 270M model: batched branches, grammar, queueing, deadlines."""
+"""The embedded engine on the real Gemma 3 270M model: batched branches, grammar, continuous
+batching across calls, fair admission, token-exact reuse, deadlines."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import time
 import pytest
 
 from rmesh.engine import GenerationRequest, SamplingParams
-from rmesh.errors import DeadlineExceeded
+from rmesh.engine.llama import LlamaEngine
+from rmesh.errors import DeadlineExceeded, InvalidRequest
 from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
 
 PROMPT = "<start_of_turn>user\nName three colours.<end_of_turn>\n<start_of_turn>model\n"
@@ -58,7 +60,7 @@ async def test_grammar_keeps_branches_on_the_template(engine):
         assert candidate.checkpoints[0].text == evidence["carrier"]
 
 
-async def test_concurrent_callers_are_queued_not_interleaved(engine):
+async def test_concurrent_callers_get_complete_independent_results(engine):
     """Two callers at once both get complete, independent results."""
     params = SamplingParams(max_new_tokens=6, temperature=0)
     a, b = await asyncio.gather(
@@ -99,3 +101,169 @@ async def test_tree_nodes_share_the_root_prefix_in_one_batch(engine):
     for result in (*first, *second):
         assert result.completion_tokens > 0
         assert result.logprob < 0
+
+
+def long(n: int = 1, tokens: int = 200, seed: int = 1, owner: str = "") -> GenerationRequest:
+    return GenerationRequest(
+        PROMPT, n=n, sampling=SamplingParams(max_new_tokens=tokens, temperature=0.9, seed=seed, ignore_eos=True), owner=owner
+    )
+
+
+async def until(condition, timeout: float = 30.0) -> None:
+    stop = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < stop, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_call_joins_the_running_batch_at_the_next_step(engine):
+    """A short call that arrives while a long one decodes finishes first: it does not wait."""
+    engine.stats.peak_calls_per_step = 0
+    running = asyncio.create_task(engine.generate(long(tokens=300)))
+    await until(lambda: engine.stats.busy)
+    (short,) = await engine.generate(GenerationRequest(PROMPT, sampling=SamplingParams(max_new_tokens=4, temperature=0)))
+    assert not running.done() and short.completion_tokens > 0
+    assert engine.stats.peak_calls_per_step >= 2
+    (first,) = await running
+    assert first.completion_tokens == 300
+
+
+async def test_cancelling_one_call_leaves_the_calls_batched_with_it(engine):
+    cancelled_before = engine.stats.jobs_cancelled
+    doomed = asyncio.create_task(engine.generate(long(n=2, tokens=400, seed=2)))
+    kept = asyncio.create_task(engine.generate(long(n=2, tokens=60, seed=3)))
+    await until(lambda: engine.stats.calls_decoding == 2)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    results = await kept
+    assert [r.completion_tokens for r in results] == [60, 60]
+    await until(lambda: engine.stats.jobs_cancelled == cancelled_before + 1)
+    await until(lambda: not engine.stats.busy)
+
+
+async def test_an_engine_error_ends_its_own_call_and_no_other(engine, monkeypatch):
+    """A grammar that no token satisfies (forced here) ends that call with INVALID_ARGUMENT
+    naming the grammar; the call decoding beside it completes."""
+
+    def refuse(branch, index):
+        raise InvalidRequest("grammar", "no token satisfies the grammar")
+
+    monkeypatch.setattr(engine, "_sample_constrained", refuse)
+    other = asyncio.create_task(engine.generate(long(tokens=80, seed=4)))
+    await until(lambda: engine.stats.busy)
+    with pytest.raises(InvalidRequest) as info:
+        await engine.generate(GenerationRequest(PROMPT, sampling=SamplingParams(max_new_tokens=8), grammar='root ::= "zqzqzq"'))
+    assert info.value.field == "grammar"
+    (result,) = await other
+    assert result.completion_tokens == 80
+
+
+async def test_a_grammar_llama_cpp_rejects_fails_that_call_alone(engine):
+    other = asyncio.create_task(engine.generate(long(tokens=60, seed=5)))
+    await until(lambda: engine.stats.busy)
+    with pytest.raises(InvalidRequest) as info:
+        await engine.generate(GenerationRequest(PROMPT, grammar="root ::= ("))
+    assert info.value.field == "grammar"
+    (result,) = await other
+    assert result.completion_tokens == 60
+
+
+async def test_the_owner_with_fewest_live_branches_is_admitted_first(engine):
+    """Four sequences in all. Owner a holds them with a long and a short call and has a third
+    waiting; owner b's call, though it came later, takes the room the short call leaves (first
+    come, first served would finish a2, a3, b)."""
+    done: list[str] = []
+
+    async def run(name: str, request: GenerationRequest) -> None:
+        await engine.generate(request)
+        done.append(name)
+
+    tasks = [asyncio.create_task(run("a1", long(n=2, tokens=240, owner="a")))]
+    await until(lambda: engine.stats.busy)
+    tasks.append(asyncio.create_task(run("a2", long(n=2, tokens=10, owner="a"))))
+    await until(lambda: engine.stats.calls_decoding == 2)
+    tasks.append(asyncio.create_task(run("a3", long(n=2, tokens=10, owner="a"))))
+    await until(lambda: engine.stats.calls_waiting == 1)
+    tasks.append(asyncio.create_task(run("b", long(n=2, tokens=10, owner="b"))))
+    await asyncio.gather(*tasks)
+    assert done[:3] == ["a2", "b", "a3"], done
+
+
+async def test_a_call_that_does_not_fit_now_waits_for_room_and_completes():
+    """Two calls that each need most of a 1024-cell context: the second waits, then runs."""
+    small = LlamaEngine.load(n_ctx=1024, max_branches=4)
+    try:
+        small.stats.peak_calls_per_step = 0
+        first, second = await asyncio.gather(small.generate(long(n=2, tokens=400)), small.generate(long(n=2, tokens=400, seed=9)))
+        assert [r.completion_tokens for r in first + second] == [400] * 4
+        assert small.stats.peak_calls_per_step == 1
+    finally:
+        await small.aclose()
+
+
+async def test_a_continuation_reuses_its_parents_exact_tokens(engine):
+    """A child sent as the parent's prompt plus the parent's output ids finds every token but
+    the last in the kept sequence: nothing is re-tokenised or read again."""
+    (parent,) = await engine.generate(GenerationRequest(PROMPT, sampling=SamplingParams(max_new_tokens=12, temperature=0.9, seed=6)))
+    assert len(parent.output_ids) == parent.completion_tokens > 0
+    child = GenerationRequest(
+        PROMPT + parent.text, sampling=SamplingParams(max_new_tokens=4, temperature=0.9, seed=7),
+        prefix=PROMPT, continuation_ids=parent.output_ids,
+    )
+    (result,) = await engine.generate(child)
+    assert result.prompt_tokens == parent.prompt_tokens + parent.completion_tokens
+    assert result.cached_tokens == result.prompt_tokens - 1
+
+
+async def test_continuation_ids_outside_the_vocabulary_are_refused(engine):
+    bad = GenerationRequest(PROMPT + "x", prefix=PROMPT, continuation_ids=(1, -3))
+    with pytest.raises(InvalidRequest) as info:
+        await engine.generate(bad)
+    assert info.value.field == "continuation_ids"
+
+
+@pytest.mark.parametrize("strategy", ["beam", "mcts"])
+async def test_tree_search_children_reuse_their_parents_exact_tokens(engine, monkeypatch, strategy):
+    """Through the solver, from a cold cache: each node's path comes back as token ids and its
+    children find it in the kept sequences, so of all prompt tokens only the first prompt and
+    one token per expanded node (its last, read again for logits) are computed anew."""
+    from opentelemetry import trace
+
+    from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
+    from rmesh.mesh.in_process import InProcessVerifier
+    from rmesh.solver_svc.core import SolverCore
+    from rmesh.solving import SolveRequest
+    from rmesh.verifier_svc.core import VerifierCore
+
+    calls: list[list[list]] = []
+    generate_many = engine.generate_many
+
+    async def spy(requests):
+        grouped = await generate_many(requests)
+        calls.append(grouped)
+        return grouped
+
+    async def quiet(_progress) -> None:
+        return None
+
+    monkeypatch.setattr(engine, "generate_many", spy)
+    core = SolverCore(engine, InProcessVerifier(VerifierCore(), trace.get_tracer("test")))
+    request = SolveRequest(
+        problem="What is 9 + 8 + 2?",
+        task=TaskSpec("sum", (CheckSpec("arithmetic", {"expression": "9 + 8 + 2"}),)),
+        strategy=strategy,
+        budget=Budget(4000, 12, 3, 120, 40),
+        search=SearchParams(beam_width=2, branching_factor=2, no_improvement_rounds=0),
+        seed=3,
+    )
+    await engine.reset_cache()
+    await core.solve(request, quiet)
+    assert len(calls) >= 2, "the search must expand nodes past the root"
+    first_prompt = calls[0][0][0].prompt_tokens
+    nodes = sum(len(grouped) for grouped in calls)  # one prompt per expanded node (the root too)
+    branches = [r for grouped in calls for results in grouped for r in results]
+    prompt_tokens = sum(r.prompt_tokens for r in branches)
+    cached = sum(r.cached_tokens for r in branches)
+    assert prompt_tokens - cached <= first_prompt + nodes
+    assert cached / (prompt_tokens - first_prompt) >= 0.99

@@ -180,7 +180,7 @@ async def test_failed_rung_escalates_and_progress_shows_it(mesh):
     stages = [e.progress.stage for e in events if e.WhichOneof("event") == "progress"]
     outcome = events[-1].outcome
     if not outcome.released or outcome.strategy == "beam":
-        assert "escalate best_of_n -> beam" in stages
+        assert "escalate best_of_n -> beam" in stages, (stages, outcome)
         escalation = next(e.progress for e in events if e.WhichOneof("event") == "progress" and e.progress.stage.startswith("escalate"))
         later = [e.progress for e in events if e.WhichOneof("event") == "progress"][-1]
         assert later.usage.completion_tokens >= escalation.usage.completion_tokens > 0

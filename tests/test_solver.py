@@ -83,8 +83,8 @@ async def test_kv_budget_smaller_than_the_prompt_is_refused(mesh):
 async def test_exact_check_passed_stops_best_of_n_at_the_first_passing_batch(mesh):
     """Greedy first, then batches of 2, 4, ...: the search ends with the batch that holds the
     first answer passing every check (its number and its stated steps), drawing no more."""
-    progress, result = await solve(mesh.address("solver"), arithmetic("3 + 4", "best_of_n", Budget(1600, 8, 4, 60, 120)))
-    assert result.eligible and result.best.final_answer == "7"
+    progress, result = await solve(mesh.address("solver"), arithmetic("10 + 5", "best_of_n", Budget(1600, 8, 4, 60, 120)))
+    assert result.eligible and result.best.final_answer == "15"
     assert result.stop_reason == "exact_check_passed"
     assert result.candidates_evaluated in (1, 3, 7) and result.candidates_evaluated < 8
     assert [p.branches_started for p in progress if p.stage == "decoding"] == [1, 3, 7][: len([p for p in progress if p.stage == "decoding"])]

@@ -60,6 +60,8 @@ class GenerationRequest:
     # parent's tokens are reused exactly, never re-tokenised (SGLang's ``input_ids``).
     prefix: str | None = None
     continuation_ids: tuple[int, ...] | None = None
+    # Whose work this is (the tenant): an engine that batches calls shares room fairly by owner.
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,11 @@ class EngineStats:
     jobs_cancelled: int = 0
     tokens_generated: int = 0
     busy: bool = False
+    # Continuous batching (the embedded engine): the most calls one decode step has carried, and
+    # the calls decoding and waiting for room now.
+    peak_calls_per_step: int = 0
+    calls_decoding: int = 0
+    calls_waiting: int = 0
 
 
 class Engine(Protocol):

@@ -2,31 +2,41 @@
 
 Follows llama-cpp-python 0.3.36 (``llama_memory_*`` names, ``kv_unified`` context parameter).
 
-Branching: the prompt is decoded once on sequence 0, copied to sequences 1..N-1 with
-``llama_memory_seq_cp`` (a unified KV buffer lets the copies share cells), and every decode step
-then carries one token per live branch in a single ``llama_batch``. Consecutive requests also
-reuse the longest common token prefix left in sequence 0 by the previous request.
+Continuous batching. One worker thread owns the llama.cpp context and runs a loop of steps; each
+step is one ``llama_batch`` that carries the next token of every live branch of every admitted
+call, plus a bounded chunk of the prompts still being read. A call that arrives while others
+decode joins at the next step. Each call reserves the KV cells its prompts and branches can
+fill (``n_ctx`` in all) and the sequences its branches need (``max_branches`` in all); one that
+does not fit waits, and admission is fair: the owner (tenant) with the fewest live branches
+goes first, and a call that has waited ``_STARVING_SECONDS`` holds the line until it fits.
+Cancellation, a deadline or an error ends that call at the next step and frees its sequences;
+the calls batched with it carry on.
+
+Token-exact reuse. A finished branch's sequence is kept, with the token ids it holds (prompt and
+generated tokens), in a small LRU cache. A new prompt copies the longest common token prefix
+from a kept sequence or from a prompt already read by a live call (``llama_memory_seq_cp`` over
+that range: a unified KV buffer lets the copies share cells) and reports it as cached, as
+SGLang's radix cache does. A continuation (``GenerationRequest.continuation_ids``) is given as
+token ids, so a tree node's children continue from their parent's exact tokens. Kept sequences
+are evicted first when the KV buffer is full.
 
 Sampling uses llama.cpp's own sampler chain (top-k, top-p, temperature, seeded dist). A grammar
 is enforced the way llama.cpp's common sampler does it: sample freely, check the one token
 against the grammar, and only when it is rejected apply the grammar to the strongest candidates
 (then, if none survives, to the whole vocabulary) and sample again from those.
-
-One worker thread owns the context: requests from concurrent callers wait in its queue and are
-never interleaved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import functools
 import math
 import os
 import pathlib
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llama_cpp as C
@@ -47,7 +57,12 @@ from rmesh.errors import Cancelled, ConfigError, DeadlineExceeded, InvalidReques
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 # Candidates the grammar is tried on before falling back to the whole vocabulary.
 _GRAMMAR_TOP_K = 256
+# Prompt tokens one step may carry beside the branches' next tokens.
 _PREFILL_CHUNK = 128
+# A call that has waited this long for room is admitted before any other.
+_STARVING_SECONDS = 2.0
+# Finished sequences kept for reuse: a beam round's children, so the next round finds its parents.
+_KEPT_SEQUENCES = 32
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,15 +86,12 @@ def _backend() -> ctypes.CFUNCTYPE:
     return callback
 
 
-@dataclass
-class _Job:
-    requests: list[GenerationRequest]
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def deadline(self) -> float | None:
-        deadlines = [r.deadline for r in self.requests if r.deadline is not None]
-        return min(deadlines) if deadlines else None
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class _Branch:
@@ -90,12 +102,70 @@ class _Branch:
         self.n_prompt = n_prompt
         self.max_new = max_new
         self.tokens: list[int] = []
+        self.fed = 0  # generated tokens whose KV the sequence holds
         self.text = bytearray()
         self.logprob = 0.0
         self.finish: str | None = None
         self.cached = 0
         self.chain = None
         self.grammar = None
+
+
+@dataclass
+class _Prompt:
+    index: int  # the request's place in its call
+    tokens: list[int]
+    branches: list[_Branch] = field(default_factory=list)  # the first one reads the prompt
+    filled: int = 0  # prompt tokens the lead's sequence holds
+    started: bool = False
+    done: bool = False
+
+    @property
+    def lead(self) -> _Branch:
+        return self.branches[0]
+
+
+class _Call:
+    """One ``generate_many`` (or one option probe): its prompts, branches and reservation."""
+
+    def __init__(self, requests: list[GenerationRequest], prompts: list[list[int]], loop, future, probe=None) -> None:
+        self.requests = requests
+        self.prompts = [_Prompt(i, tokens) for i, tokens in enumerate(prompts)]
+        self.owner = next((r.owner for r in requests if r.owner), "")
+        self.loop = loop
+        self.future = future
+        self.probe = probe  # option token ids: read next-token probabilities, generate nothing
+        self.probabilities: dict[int, list[float]] = {}
+        self.cancel = threading.Event()
+        self.arrived = time.monotonic()
+        self.sequences = sum(r.n for r in requests)
+        new_tokens = [0 if probe else r.sampling.max_new_tokens for r in requests]
+        self.cells = sum(len(t) + r.n * m for t, r, m in zip(prompts, requests, new_tokens))
+        deadlines = [r.deadline for r in requests if r.deadline is not None]
+        self.deadline = min(deadlines) if deadlines else None
+
+    @property
+    def branches(self) -> list[_Branch]:
+        return [b for p in self.prompts for b in p.branches]
+
+    @property
+    def reading(self) -> _Prompt | None:
+        """The prompt being read now; None once every prompt is in the KV cache."""
+        return next((p for p in self.prompts if not p.done), None)
+
+    def settle(self, result=None, error: BaseException | None = None) -> None:
+        def apply() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(apply)
+        except RuntimeError:
+            pass  # the caller's loop is gone: nobody waits for this result
 
 
 def _model_meta(model, key: str) -> str | None:
@@ -110,23 +180,38 @@ def _model_meta(model, key: str) -> str | None:
 
 class LlamaEngine:
     def __init__(
-        self, model, ctx, vocab, *, n_ctx: int, max_branches: int, model_name: str, chat_template: str = "auto"
+        self, model, ctx, vocab, *, n_ctx: int, max_branches: int, model_name: str, chat_template: str = "auto",
+        threads: int = 0,
     ) -> None:
         self._model = model
+        self.threads = threads
         self._ctx = ctx
         self._vocab = vocab
         self._n_vocab = C.llama_vocab_n_tokens(vocab)
         self.n_ctx = n_ctx
-        self.max_branches = max_branches
+        self.max_branches = max_branches  # live branches across all calls; one call's limit too
+        # False: one call at a time, as before continuous batching (the benchmark's baseline).
+        self.batch_calls = True
         self.model_name = model_name
         self.stats = EngineStats()
         self.kv = self._read_kv_geometry()
         self.chat_template = self._chat_template(chat_template)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._prefix: list[int] = []  # tokens whose KV sequence 0 holds now
-        self._batch = C.llama_batch_init(max(_PREFILL_CHUNK, max_branches), 0, 1)
+        self._batch = C.llama_batch_init(self._batch_capacity, 0, 1)
         self._eog_tokens = [t for t in range(self._n_vocab) if C.llama_vocab_is_eog(vocab, t)]
+        # Shared with callers, under ``_wake``: calls not yet seen by the worker, and requests to
+        # forget the kept sequences.
+        self._wake = threading.Condition()
+        self._arrivals: list[_Call] = []
+        self._controls: list = []
         self._closed = False
+        # The worker's own state.
+        self._waiting: list[_Call] = []
+        self._active: list[_Call] = []
+        self._reserved = 0  # KV cells the active calls may fill
+        self._free_seqs = list(range(_sequence_slots(max_branches)))
+        self._kept: dict[int, tuple[int, ...]] = {}  # sequence -> the tokens it holds, oldest first
+        self._worker = threading.Thread(target=self._serve, name="llama", daemon=True)
+        self._worker.start()
 
     @classmethod
     def load(
@@ -148,14 +233,16 @@ class LlamaEngine:
             raise ConfigError(f"llama.cpp could not load the model at {path}")
         cparams = C.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = max(_PREFILL_CHUNK, max_branches)
+        # One step carries every live branch's token and a chunk of prompt, as one ubatch.
+        cparams.n_batch = max_branches + _PREFILL_CHUNK
         cparams.n_ubatch = cparams.n_batch
-        # Sequence 0 holds the shared prefix; branches use sequences 1..max_branches.
-        cparams.n_seq_max = max_branches + 1
+        # Live branches use up to max_branches sequences; _KEPT_SEQUENCES more keep finished ones.
+        cparams.n_seq_max = _sequence_slots(max_branches)
         cparams.kv_unified = True  # otherwise each sequence gets only n_ctx / n_seq_max cells
-        if threads:
-            cparams.n_threads = threads
-            cparams.n_threads_batch = threads
+        # llama.cpp's default thread count ignores how many cores there are: more threads than
+        # cores slows decoding by about a third here.
+        cparams.n_threads = threads or available_cores()
+        cparams.n_threads_batch = cparams.n_threads
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
             C.llama_model_free(model)
@@ -166,7 +253,7 @@ class LlamaEngine:
         try:
             return cls(
                 model, ctx, C.llama_model_get_vocab(model), n_ctx=n_ctx, max_branches=max_branches, model_name=name,
-                chat_template=chat_template,
+                chat_template=chat_template, threads=cparams.n_threads,
             )
         except ConfigError:
             C.llama_free(ctx)
@@ -233,22 +320,18 @@ class LlamaEngine:
         return results
 
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
-        """Several prompts (tree nodes), each with its own branches, decoded in one batch."""
+        """Several prompts (tree nodes), each with its own branches, decoded in the batch the
+        engine runs for all its callers."""
         total = sum(r.n for r in requests)
         if not requests or any(r.n < 1 for r in requests) or total > self.max_branches:
             raise InvalidRequest("n", f"branches per call must total 1 to {self.max_branches}, got {total}")
-        job = _Job(list(requests))
-        if job.deadline is not None and job.deadline <= time.monotonic():
-            raise DeadlineExceeded("deadline passed before the engine call started")
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._run, job)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            job.cancel.set()  # the caller went away: stop decoding at the next token
-            raise
-        except Cancelled as exc:
-            raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
+        # Greedy branches of one prompt are one branch: decode it once and copy the result.
+        once = [dataclasses.replace(r, n=1) if r.sampling.temperature <= 0 else r for r in requests]
+        grouped = await self._submit(once, [self._prompt_tokens(r) for r in requests])
+        return [
+            results + [dataclasses.replace(results[0], cached_tokens=results[0].prompt_tokens)] * (r.n - len(results))
+            for r, results in zip(requests, grouped)
+        ]
 
     async def option_probabilities(
         self, prompts: list[str], options: tuple[str, ...] = ("Yes", "No"), deadline: float | None = None
@@ -260,18 +343,8 @@ class LlamaEngine:
             raise InvalidRequest("options", "each option must be a single token")
         results: list[list[float]] = []
         for start in range(0, len(prompts), self.max_branches):
-            chunk = prompts[start : start + self.max_branches]
-            job = _Job([GenerationRequest(p, n=1, deadline=deadline) for p in chunk])
-            loop = asyncio.get_running_loop()
-            probe = functools.partial(self._probe, option_ids=[ids[0] for ids in option_ids])
-            future = loop.run_in_executor(self._executor, self._run, job, probe)
-            try:
-                results += [[float(x) for x in row] for row in await asyncio.shield(future)]
-            except asyncio.CancelledError:
-                job.cancel.set()
-                raise
-            except Cancelled as exc:
-                raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
+            chunk = [GenerationRequest(p, n=1, deadline=deadline) for p in prompts[start : start + self.max_branches]]
+            results += await self._submit(chunk, [self.tokenize(r.prompt) for r in chunk], [ids[0] for ids in option_ids])
         return results
 
     def tokenize_plain(self, text: str) -> list[int]:
@@ -281,111 +354,327 @@ class LlamaEngine:
         n = C.llama_tokenize(self._vocab, data, len(data), out, len(out), False, False)
         return list(out[: max(n, 0)])
 
-    def _probe(self, job: _Job, option_ids: list[int]) -> list[list[float]]:
-        self._check(job)
-        prompts = [self.tokenize(r.prompt) for r in job.requests]
-        common = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
-        mem = C.llama_get_memory(self._ctx)
-        reused = self._prefill(job, prompts[0][:common])
-        branches = [_Branch(i + 1, i, len(p), 0, False) for i, p in enumerate(prompts)]
-        found: dict[int, list[float]] = {}
-
-        def read(lead: _Branch, row: int, _branches) -> None:
-            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-            chosen = np.array([logits[i] for i in option_ids], dtype=np.float64)
-            weights = np.exp(chosen - chosen.max())
-            found[lead.request_index] = list(weights / weights.sum())
-
-        try:
-            self._fork(job, prompts, common, reused, branches, on_logits=read)
-        finally:
-            for branch in branches:
-                C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
-        return [found[i] for i in range(len(prompts))]
-
     async def reset_cache(self) -> None:
-        """Forget the prefix kept from the last request (benchmarks measure cold prompts with it)."""
-
-        def clear() -> None:
-            C.llama_memory_clear(C.llama_get_memory(self._ctx), True)
-            self._prefix = []
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, clear)
+        """Forget the kept sequences (benchmarks measure cold prompts with it)."""
+        done = asyncio.get_running_loop().create_future()
+        call = _Call([], [], asyncio.get_running_loop(), done)
+        with self._wake:
+            if self._closed:
+                return
+            self._controls.append(call)
+            self._wake.notify()
+        await done
 
     async def healthy(self) -> bool:
-        return not self._closed
+        return not self._closed and self._worker.is_alive()
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        await asyncio.get_running_loop().run_in_executor(None, self._worker.join)
         C.llama_batch_free(self._batch)
         C.llama_free(self._ctx)
         C.llama_model_free(self._model)
 
-    # -- worker thread --------------------------------------------------------------------
-    def _check(self, job: _Job) -> None:
-        if job.cancel.is_set():
-            raise Cancelled("caller cancelled")
-        if job.deadline is not None and time.monotonic() > job.deadline:
-            raise Cancelled("deadline exceeded")
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids: a continuation is its prefix's tokens and the generated ids
+        as they came, never re-tokenised text."""
+        if request.prefix is None or request.continuation_ids is None:
+            return self.tokenize(request.prompt)
+        ids = list(request.continuation_ids)
+        if any(not isinstance(t, int) or not 0 <= t < self._n_vocab for t in ids):
+            raise InvalidRequest("continuation_ids", f"token ids must lie in 0..{self._n_vocab - 1}")
+        return self.tokenize(request.prefix) + ids
 
-    def _run(self, job: _Job, work=None):
-        """One job on the worker thread, counted in the engine's stats."""
-        self.stats.jobs_started += 1
-        self.stats.busy = True
-        try:
-            results = (work or self._generate)(job)
-        except Cancelled:
-            self.stats.jobs_cancelled += 1
-            raise
-        finally:
-            self.stats.busy = False
-        self.stats.jobs_finished += 1
-        if work is None:
-            self.stats.tokens_generated += sum(r.completion_tokens for group in results for r in group)
-        return results
-
-    def _generate(self, job: _Job) -> list[list[BranchResult]]:
-        self._check(job)
-        prompts = [self.tokenize(r.prompt) for r in job.requests]
-        # Every prompt keeps at least its last token outside the shared part, for its logits.
-        common = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
-        cells = common + sum(len(p) - common + r.n * r.sampling.max_new_tokens for p, r in zip(prompts, job.requests))
-        if cells > self.n_ctx:
+    async def _submit(self, requests: list[GenerationRequest], prompts: list[list[int]], probe=None):
+        loop = asyncio.get_running_loop()
+        call = _Call(requests, prompts, loop, loop.create_future(), probe)
+        if any(len(p) < 1 for p in prompts):
+            raise InvalidRequest("prompt", "a prompt must have at least one token")
+        if call.cells > self.n_ctx:
             raise ResourceExhausted(
-                f"{cells} KV cells needed (shared prefix {common} tokens, "
-                f"{sum(r.n for r in job.requests)} branches) exceed the engine context of {self.n_ctx}"
+                f"{call.cells} KV cells needed ({', '.join(str(len(p)) for p in prompts)} prompt tokens, "
+                f"{call.sequences} branches) exceed the engine context of {self.n_ctx}"
             )
-        mem = C.llama_get_memory(self._ctx)
-        reused = self._prefill(job, prompts[0][:common])
-        branches: list[_Branch] = []
-        seq = 1
-        for index, (prompt, request) in enumerate(zip(prompts, job.requests)):
-            for _ in range(request.n):
-                branches.append(
-                    _Branch(seq, index, len(prompt), request.sampling.max_new_tokens, request.logprobs)
-                )
-                seq += 1
+        if call.deadline is not None and call.deadline <= time.monotonic():
+            raise DeadlineExceeded("deadline passed before the engine call started")
+        with self._wake:
+            if self._closed:
+                raise ResourceExhausted("the engine is shut down")
+            self._arrivals.append(call)
+            self._wake.notify()
         try:
-            for i, branch in enumerate(branches):
-                request = job.requests[branch.request_index]
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancel.set()  # the caller went away: its branches stop at the next step
+            with self._wake:
+                self._wake.notify()
+            raise
+        except Cancelled as exc:
+            raise DeadlineExceeded(f"engine work cancelled: {exc.reason}") from None
+
+    # -- worker thread: the step loop -----------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._closed or self._arrivals or self._controls or self._active or self._waiting):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                self._waiting += self._arrivals
+                self._arrivals.clear()
+                controls, self._controls = self._controls, []
+            for control in controls:
+                self._forget_kept()
+                control.settle(None)
+            self._end_stopped()
+            self._admit()
+            self._publish()
+            if self._active:
+                self._step()
+            elif self._waiting:
+                with self._wake:  # only cancelled calls wait: they end on the next pass
+                    self._wake.wait(0.05)
+        for call in self._waiting + self._active + self._arrivals:
+            self._end(call, error=Cancelled("the engine shut down"))
+        for control in self._controls:
+            control.settle(None)
+        self.stats.busy = False
+
+    def _end_stopped(self) -> None:
+        now = time.monotonic()
+        for call in self._waiting + self._active:
+            if call.cancel.is_set():
+                self._end(call, error=Cancelled("caller cancelled"))
+            elif call.deadline is not None and now > call.deadline:
+                self._end(call, error=Cancelled("deadline exceeded"))
+
+    def _admit(self) -> None:
+        """Admit waiting calls while their cells and sequences fit: the owner with the fewest
+        live branches first, then the oldest; a starving call is admitted before anything else."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        live: dict[str, int] = {}
+        for call in self._active:
+            live[call.owner] = live.get(call.owner, 0) + call.sequences
+        starving = lambda c: now - c.arrived >= _STARVING_SECONDS  # noqa: E731
+        order = sorted(self._waiting, key=lambda c: (not starving(c), live.get(c.owner, 0), c.arrived))
+        for call in order:
+            if self._fits(call):
+                self._start(call)
+                live[call.owner] = live.get(call.owner, 0) + call.sequences
+            elif starving(call):
+                return  # hold the line until the starving call fits
+
+    def _fits(self, call: _Call) -> bool:
+        if self._active and not self.batch_calls:
+            return False
+        in_use = sum(c.sequences for c in self._active)
+        if self._reserved + call.cells > self.n_ctx or in_use + call.sequences > self.max_branches:
+            return False
+        while len(self._free_seqs) < call.sequences and self._kept:
+            self._evict_oldest()
+        return len(self._free_seqs) >= call.sequences
+
+    def _start(self, call: _Call) -> None:
+        self._waiting.remove(call)
+        self.stats.jobs_started += 1
+        for prompt, request in zip(call.prompts, call.requests):
+            for _ in range(request.n):
+                max_new = 0 if call.probe else request.sampling.max_new_tokens
+                prompt.branches.append(
+                    _Branch(self._free_seqs.pop(0), prompt.index, len(prompt.tokens), max_new, request.logprobs)
+                )
+        self._active.append(call)
+        self._reserved += call.cells
+        try:
+            for i, branch in enumerate(call.branches):
+                request = call.requests[branch.request_index]
                 branch.chain = _make_chain(request.sampling, i, self._n_vocab, self._eog_tokens)
-                if request.grammar:
+                if request.grammar and not call.probe:
                     branch.grammar = C.llama_sampler_init_grammar(self._vocab, request.grammar.encode(), b"root")
                     if not branch.grammar:
                         raise InvalidRequest("grammar", "llama.cpp rejected the grammar")
-            self._fork(job, prompts, common, reused, branches)
-            self._decode_branches(job, branches)
-        finally:
-            for branch in branches:
+        except InvalidRequest as exc:
+            self._end(call, error=exc)
+
+    def _end(self, call: _Call, result=None, error: BaseException | None = None) -> None:
+        """Settle a call and free what it held; a finished call's sequences are kept for reuse."""
+        if call in self._waiting:
+            self._waiting.remove(call)
+        if call in self._active:
+            self._active.remove(call)
+            self._reserved -= call.cells
+            mem = C.llama_get_memory(self._ctx)
+            for branch in call.branches:
                 for sampler in (branch.chain, branch.grammar):
                     if sampler:
                         C.llama_sampler_free(sampler)
-                C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
-        results: list[list[BranchResult]] = [[] for _ in job.requests]
-        for b in branches:
+                branch.chain = branch.grammar = None
+                tokens = call.prompts[branch.request_index].tokens
+                if error is None and (branch.fed or branch is call.prompts[branch.request_index].lead):
+                    self._keep(branch.seq, tuple(tokens) + tuple(branch.tokens[: branch.fed]))
+                else:
+                    C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
+                    self._free_seqs.append(branch.seq)
+        if error is not None:
+            if isinstance(error, Cancelled):
+                self.stats.jobs_cancelled += 1
+        else:
+            self.stats.jobs_finished += 1
+        self._publish()
+        call.settle(result, error)
+
+    def _publish(self) -> None:
+        self.stats.calls_waiting = len(self._waiting)
+        self.stats.calls_decoding = len(self._active)
+        self.stats.busy = bool(self._active)
+
+    # -- kept sequences ---------------------------------------------------------------------
+    def _keep(self, seq: int, tokens: tuple[int, ...]) -> None:
+        mem = C.llama_get_memory(self._ctx)
+        for other, held in list(self._kept.items()):
+            if tokens[: len(held)] == held:  # the new one holds all the old one does
+                self._drop_kept(other)
+            elif held[: len(tokens)] == tokens:  # an older one already holds all of it
+                C.llama_memory_seq_rm(mem, seq, -1, -1)
+                self._free_seqs.append(seq)
+                return
+        self._kept[seq] = tokens
+        while len(self._kept) > _KEPT_SEQUENCES:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        self._drop_kept(next(iter(self._kept)))
+
+    def _drop_kept(self, seq: int) -> None:
+        del self._kept[seq]
+        C.llama_memory_seq_rm(C.llama_get_memory(self._ctx), seq, -1, -1)
+        self._free_seqs.append(seq)
+
+    def _forget_kept(self) -> None:
+        while self._kept:
+            self._evict_oldest()
+
+    def _begin(self, prompt: _Prompt) -> None:
+        """Copy the longest common token prefix held by a kept sequence or a prompt that a live
+        call has read into ``prompt``'s first sequence; its last token is always read anew."""
+        sources = [(seq, held) for seq, held in self._kept.items()]
+        sources += [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.done]
+        best_seq, best = -1, 0
+        for seq, held in sources:
+            if held and held[0] == prompt.tokens[0]:
+                shared = _common_prefix([list(held[: len(prompt.tokens)]), prompt.tokens])
+                if shared > best:
+                    best_seq, best = seq, shared
+        best = min(best, len(prompt.tokens) - 1)
+        if best > 0:
+            C.llama_memory_seq_cp(C.llama_get_memory(self._ctx), best_seq, prompt.lead.seq, 0, best)
+            if best_seq in self._kept:  # most recently used: the last to be evicted
+                self._kept[best_seq] = self._kept.pop(best_seq)
+        prompt.filled = prompt.lead.cached = best
+        prompt.started = True
+
+    # -- one step -----------------------------------------------------------------------------
+    def _step(self) -> None:
+        """One llama_batch: every live branch's next token, then prompt chunks, read in turn."""
+        entries: list[tuple[int, int, int, bool]] = []
+        decoding: list[tuple[_Call, _Branch]] = []
+        for call in self._active:
+            if call.reading is None:
+                for branch in call.branches:
+                    if branch.finish is None:
+                        entries.append((branch.tokens[-1], branch.n_prompt + len(branch.tokens) - 1, branch.seq, True))
+                        decoding.append((call, branch))
+        room = min(_PREFILL_CHUNK, self._batch_capacity - len(entries))
+        reading: list[tuple[_Call, _Prompt, int, int]] = []  # call, prompt, tokens taken, logits row or -1
+        for call in list(self._active):
+            prompt = call.reading
+            if prompt is None or room <= 0:
+                continue
+            if not prompt.started:
+                self._begin(prompt)
+            take = min(room, len(prompt.tokens) - prompt.filled)
+            row = -1
+            for pos in range(prompt.filled, prompt.filled + take):
+                last = pos == len(prompt.tokens) - 1
+                if last:
+                    row = len(entries)
+                entries.append((prompt.tokens[pos], pos, prompt.lead.seq, last))
+            reading.append((call, prompt, take, row))
+            room -= take
+        if not entries:
+            return
+        # Prompt readers take turns: whoever read this step goes to the back.
+        for call, *_ in reading:
+            self._active.remove(call)
+            self._active.append(call)
+        if not self._decode(entries):
+            return
+        self.stats.peak_calls_per_step = max(
+            self.stats.peak_calls_per_step, len({id(c) for c, _ in decoding} | {id(c) for c, *_ in reading})
+        )
+        for row, (call, branch) in enumerate(decoding):
+            branch.fed += 1
+            if call in self._active:
+                self._advance(call, lambda: self._take(branch, self._sample(branch, row), row))
+        for call, prompt, take, row in reading:
+            prompt.filled += take
+            if row >= 0 and call in self._active:
+                self._advance(call, lambda: self._read(call, prompt, row))
+        for call in list(self._active):
+            if call.reading is None and all(b.finish is not None for b in call.branches):
+                self._end(call, result=self._results(call))
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> bool:
+        """Decode the step; when the KV buffer is full, evict kept sequences and try again, then
+        end the newest call in the step (RESOURCE_EXHAUSTED) and let the next step go on."""
+        self._fill_batch(entries)
+        while C.llama_decode(self._ctx, self._batch) != 0:
+            if self._kept:
+                self._evict_oldest()
+                continue
+            seqs = {seq for _, _, seq, _ in entries}
+            newest = next(c for c in reversed(self._active) if any(b.seq in seqs for b in c.branches))
+            self._end(newest, error=ResourceExhausted("llama.cpp could not decode: the engine's KV cache is full"))
+            return False
+        return True
+
+    def _advance(self, call: _Call, work) -> None:
+        """Run one piece of a call's work; an error ends that call alone."""
+        try:
+            work()
+        except (InvalidRequest, ResourceExhausted) as exc:
+            self._end(call, error=exc)
+
+    def _read(self, call: _Call, prompt: _Prompt, row: int) -> None:
+        """The prompt's last token is in: give every branch a copy, then sample each one's first
+        token (or, for a probe, read the options' probabilities) from the row's logits."""
+        mem = C.llama_get_memory(self._ctx)
+        for branch in prompt.branches[1:]:
+            C.llama_memory_seq_cp(mem, prompt.lead.seq, branch.seq, -1, -1)
+            branch.cached = branch.n_prompt
+        prompt.done = True
+        if call.probe is not None:
+            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+            chosen = np.array([logits[i] for i in call.probe], dtype=np.float64)
+            weights = np.exp(chosen - chosen.max())
+            call.probabilities[prompt.index] = [float(x) for x in weights / weights.sum()]
+            for branch in prompt.branches:
+                branch.finish = FINISH_STOP
+            return
+        for branch in prompt.branches:
+            self._take(branch, self._sample(branch, row), row)
+
+    def _results(self, call: _Call):
+        if call.probe is not None:
+            return [call.probabilities[p.index] for p in call.prompts]
+        results: list[list[BranchResult]] = [[] for _ in call.requests]
+        for b in call.branches:
             results[b.request_index].append(
                 BranchResult(
                     text=bytes(b.text).decode("utf-8", errors="replace"),
@@ -394,81 +683,15 @@ class LlamaEngine:
                     completion_tokens=len(b.tokens),
                     finish_reason=b.finish or FINISH_LENGTH,
                     logprob=b.logprob,
+                    output_ids=tuple(b.tokens),
                 )
             )
+        self.stats.tokens_generated += sum(len(b.tokens) for b in call.branches)
         return results
-
-    def _prefill(self, job: _Job, prefix: list[int]) -> int:
-        """Make sequence 0 hold ``prefix``; return how many tokens were already there."""
-        mem = C.llama_get_memory(self._ctx)
-        for seq in range(1, self.max_branches + 1):
-            C.llama_memory_seq_rm(mem, seq, -1, -1)
-        common = _common_prefix([self._prefix, prefix])
-        if common == 0 or not C.llama_memory_seq_rm(mem, 0, common, -1):
-            C.llama_memory_clear(mem, True)
-            common = 0
-        self._prefix = prefix[:common]
-        for start in range(common, len(prefix), _PREFILL_CHUNK):
-            self._check(job)
-            chunk = prefix[start : start + _PREFILL_CHUNK]
-            self._fill_batch([(tok, start + j, 0, False) for j, tok in enumerate(chunk)])
-            self._decode_or_reset("the shared prefix")
-            self._prefix = prefix[: start + len(chunk)]
-        return common
-
-    def _fork(
-        self,
-        job: _Job,
-        prompts: list[list[int]],
-        common: int,
-        reused: int,
-        branches: list[_Branch],
-        on_logits=None,
-    ) -> None:
-        """Give every branch its prompt: copy the shared prefix, decode each prompt's own tail
-        once (on its first branch), then copy that to the prompt's other branches."""
-        mem = C.llama_get_memory(self._ctx)
-        first: dict[int, _Branch] = {}
-        for branch in branches:
-            first.setdefault(branch.request_index, branch)
-        for branch in first.values():
-            C.llama_memory_seq_cp(mem, 0, branch.seq, -1, -1)
-        tails = [(first[i], prompts[i][common:]) for i in sorted(first)]
-        logit_row: dict[int, int] = {}
-        pending = [(b, pos, tok) for b, tail in tails for pos, tok in enumerate(tail, start=common)]
-        for start in range(0, len(pending), self._batch_capacity):
-            self._check(job)
-            chunk = pending[start : start + self._batch_capacity]
-            entries = []
-            for row, (branch, pos, tok) in enumerate(chunk):
-                last = pos == branch.n_prompt - 1
-                entries.append((tok, pos, branch.seq, last))
-                if last:
-                    logit_row[branch.seq] = row
-            self._fill_batch(entries)
-            self._decode_or_reset("the prompts")
-            # Logits rows are only valid for the latest decode: sample the first tokens of
-            # branches whose prompt ended in this chunk right away.
-            for lead_seq, row in list(logit_row.items()):
-                lead = next(b for b in branches if b.seq == lead_seq)
-                (on_logits or self._first_token)(lead, row, branches)
-                del logit_row[lead_seq]
-        for i, lead in first.items():
-            for branch in branches:
-                if branch.request_index == i and branch is not lead:
-                    C.llama_memory_seq_cp(mem, lead.seq, branch.seq, -1, -1)
-                    branch.cached = branch.n_prompt
-            lead.cached = reused if i == 0 else common
 
     @property
     def _batch_capacity(self) -> int:
-        return max(_PREFILL_CHUNK, self.max_branches)
-
-    def _first_token(self, lead: _Branch, row: int, branches: list[_Branch]) -> None:
-        """Sample the first token of every branch of ``lead``'s prompt from its logits row."""
-        for branch in branches:
-            if branch.request_index == lead.request_index:
-                self._take(branch, self._sample(branch, row), row)
+        return self.max_branches + _PREFILL_CHUNK
 
     def _take(self, branch: _Branch, token: int, row: int) -> None:
         if C.llama_vocab_is_eog(self._vocab, token):
@@ -486,12 +709,6 @@ class LlamaEngine:
         top = float(logits.max())
         return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
 
-    def _decode_or_reset(self, what: str) -> None:
-        if C.llama_decode(self._ctx, self._batch) != 0:
-            self._prefix = []
-            C.llama_memory_clear(C.llama_get_memory(self._ctx), True)
-            raise ResourceExhausted(f"llama.cpp could not decode {what} (KV cache full)")
-
     def _fill_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
         batch.n_tokens = len(entries)
@@ -501,17 +718,6 @@ class LlamaEngine:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
             batch.logits[i] = 1 if want_logits else 0
-
-    def _decode_branches(self, job: _Job, branches: list[_Branch]) -> None:
-        while True:
-            self._check(job)
-            live = [b for b in branches if b.finish is None]
-            if not live:
-                return
-            self._fill_batch([(b.tokens[-1], b.n_prompt + len(b.tokens) - 1, b.seq, True) for b in live])
-            self._decode_or_reset("the branches")
-            for row, branch in enumerate(live):
-                self._take(branch, self._sample(branch, row), row)
 
     def _sample(self, branch: _Branch, index: int) -> int:
         token = C.llama_sampler_sample(branch.chain, self._ctx, index)
@@ -567,6 +773,11 @@ def _common_prefix(sequences: list[list[int]]) -> int:
         if any(s[i] != token for s in sequences[1:]):
             return i
     return length
+
+
+def _sequence_slots(max_branches: int) -> int:
+    """llama.cpp sequences: one per live branch, and _KEPT_SEQUENCES for finished ones."""
+    return max_branches + _KEPT_SEQUENCES
 
 
 def _make_chain(params: SamplingParams, branch_index: int, n_vocab: int, eog_tokens: list[int]):

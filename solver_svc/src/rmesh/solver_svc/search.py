@@ -242,6 +242,7 @@ class SearchState:
                     logprobs=logprobs,
                     prefix=prefix,
                     continuation_ids=continuation,
+                    owner=request.tenant,
                 )
             )
         first_id = self.branches_started
