@@ -267,3 +267,25 @@ async def test_tree_search_children_reuse_their_parents_exact_tokens(engine, mon
     cached = sum(r.cached_tokens for r in branches)
     assert prompt_tokens - cached <= first_prompt + nodes
     assert cached / (prompt_tokens - first_prompt) >= 0.99
+
+
+async def test_calls_arriving_together_read_their_shared_prompt_once(engine):
+    """Two calls whose prompts share a long prefix arrive at once: the second waits for the
+    first to read it and copies it, as a radix cache would, instead of reading it beside it."""
+    base = build_prompt("What is 4 + 7 + 2?", {}, numeric_answer=True)
+    other = build_prompt("What is 9 + 3 + 5?", {}, numeric_answer=True)
+    params = SamplingParams(max_new_tokens=4, temperature=0.9, seed=8)
+    await engine.reset_cache()
+    (a,), (b,) = await asyncio.gather(
+        engine.generate(GenerationRequest(base, sampling=params)), engine.generate(GenerationRequest(other, sampling=params))
+    )
+    shared = _common(engine.tokenize(base), engine.tokenize(other))
+    assert shared > 200
+    assert sorted([a.cached_tokens, b.cached_tokens]) == [0, shared]
+
+
+def _common(x: list[int], y: list[int]) -> int:
+    n = 0
+    while n < min(len(x), len(y)) and x[n] == y[n]:
+        n += 1
+    return n

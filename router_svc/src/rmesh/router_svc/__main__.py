@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from rmesh.config import DEFAULT_TENANTS_DIR
+from rmesh.config import DEFAULT_TENANTS_DIR, EMBEDDED_N_CTX
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_engine_arguments(command: argparse.ArgumentParser) -> None:
     """The engine capacity ``policy lint`` checks routes against."""
     command.add_argument(
-        "--engine-tokens", type=int, default=4096, metavar="N",
-        help="KV tokens the engine holds for one solver (default 4096: the embedded default RMESH_N_CTX; "
+        "--engine-tokens", type=int, default=EMBEDDED_N_CTX, metavar="N",
+        help=f"KV tokens the engine holds for one solver (default {EMBEDDED_N_CTX}: the embedded default RMESH_N_CTX; "
         "for SGLang, its max_total_num_tokens)",
     )
     command.add_argument(

@@ -16,7 +16,8 @@ Token-exact reuse. A finished branch's sequence is kept, with the token ids it h
 generated tokens), in a small LRU cache. A new prompt copies the longest common token prefix
 from a kept sequence or from a prompt already read by a live call (``llama_memory_seq_cp`` over
 that range: a unified KV buffer lets the copies share cells) and reports it as cached, as
-SGLang's radix cache does. A continuation (``GenerationRequest.continuation_ids``) is given as
+SGLang's radix cache does; one that shares a longer prefix with a prompt being read right now
+waits for it rather than reading the same tokens beside it. A continuation (``GenerationRequest.continuation_ids``) is given as
 token ids, so a tree node's children continue from their parent's exact tokens. Kept sequences
 are evicted first when the KV buffer is full.
 
@@ -560,17 +561,33 @@ class LlamaEngine:
         while self._kept:
             self._evict_oldest()
 
+    def _best_source(self, tokens: list[int], reading: bool = False) -> tuple[int, int]:
+        """The sequence sharing the longest token prefix with ``tokens``, and that length: among
+        kept sequences and prompts live calls have read, or (``reading``) are reading now."""
+        if reading:
+            sources = [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.started and not p.done]
+        else:
+            sources = list(self._kept.items())
+            sources += [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.done]
+        best_seq, best = -1, 0
+        for seq, held in sources:
+            if held and held[0] == tokens[0]:
+                shared = _common_prefix([list(held[: len(tokens)]), tokens])
+                if shared > best:
+                    best_seq, best = seq, shared
+        return best_seq, best
+
+    def _worth_waiting(self, prompt: _Prompt) -> bool:
+        """True while another call is reading a longer shared prefix than any sequence holds
+        now: this prompt starts once that one is read, and copies it instead of reading it too."""
+        _, held = self._best_source(prompt.tokens)
+        _, being_read = self._best_source(prompt.tokens, reading=True)
+        return being_read >= held + _PREFILL_CHUNK // 4
+
     def _begin(self, prompt: _Prompt) -> None:
         """Copy the longest common token prefix held by a kept sequence or a prompt that a live
         call has read into ``prompt``'s first sequence; its last token is always read anew."""
-        sources = [(seq, held) for seq, held in self._kept.items()]
-        sources += [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.done]
-        best_seq, best = -1, 0
-        for seq, held in sources:
-            if held and held[0] == prompt.tokens[0]:
-                shared = _common_prefix([list(held[: len(prompt.tokens)]), prompt.tokens])
-                if shared > best:
-                    best_seq, best = seq, shared
+        best_seq, best = self._best_source(prompt.tokens)
         best = min(best, len(prompt.tokens) - 1)
         if best > 0:
             C.llama_memory_seq_cp(C.llama_get_memory(self._ctx), best_seq, prompt.lead.seq, 0, best)
@@ -597,6 +614,8 @@ class LlamaEngine:
             if prompt is None or room <= 0:
                 continue
             if not prompt.started:
+                if self._worth_waiting(prompt):
+                    continue
                 self._begin(prompt)
             take = min(room, len(prompt.tokens) - prompt.filled)
             row = -1

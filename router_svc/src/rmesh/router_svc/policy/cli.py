@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from rmesh.capacity import route_warnings
+from rmesh.config import EMBEDDED_N_CTX
 from rmesh.router_svc.policy.engine import decide
 from rmesh.router_svc.policy.loader import PolicyError, load_policy, run_test, sample_view
 
@@ -24,8 +25,8 @@ SandboxProbe = Callable[[], str]
 
 
 # The engine a file is linted against unless told otherwise: the embedded default (Gemma 3
-# 270M, RMESH_N_CTX 4096, an f16 cache).
-DEFAULT_ENGINE_TOKENS = 4096
+# 270M, RMESH_N_CTX 16384, an f16 cache).
+DEFAULT_ENGINE_TOKENS = EMBEDDED_N_CTX
 DEFAULT_KV_BYTES_PER_TOKEN = 18_432
 
 
