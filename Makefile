@@ -58,9 +58,10 @@ fuzz: $(STAMP)
 	mkdir -p fuzz/out
 	$(BIN)/python fuzz/checkers.py -runs=1000000 -max_len=512 -artifact_prefix=fuzz/out/
 
-## Benchmarks; figures go to bench/out/*.json (about 30 minutes).
+## Benchmarks; figures go to bench/out/*.json (about 45 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.solver
+	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.policy
 	$(BIN)/python -m bench.quality

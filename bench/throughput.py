@@ -7,17 +7,25 @@
   ``continuous_batching``, every call's branches in one batch. Requests per second, p50 latency
   and accuracy for each; the batching ratio is taken against each serial mode.
 - Each mode's CPU share: the process's CPU seconds over wall seconds times the threads the
-  engine uses. Well under 1 means something else had the cores during the run.
+  engine uses (at most the cores). Well under 1 means something else had the cores.
+- decode_width: one prompt, N branches of 48 tokens each, for N in WIDTHS: generated tokens per
+  second. How far a wider step still pays on this machine is what sizes
+  RMESH_MAX_PARALLEL_BRANCHES.
+
+``--parts`` runs some of them; the file keeps the figures of parts not run.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
 import statistics
 import time
 
-from bench.common import local_verifier, machine, no_progress, write
+from bench.common import OUT, local_verifier, machine, no_progress, write
+from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine.llama import LlamaEngine, available_cores
 from rmesh.solver_svc.core import SolverCore
@@ -90,7 +98,27 @@ MODES = (  # name, threads (None: the machine's cores), calls batched together
 )
 
 
-async def main() -> None:
+WIDTHS = (1, 4, 8, 16, 32)
+
+
+async def decode_width() -> dict:
+    engine = LlamaEngine.load(n_ctx=N_CTX, max_branches=max(WIDTHS))
+    prompt = "<start_of_turn>user\nCount from one to fifty in words.<end_of_turn>\n<start_of_turn>model\n"
+    sampling = SamplingParams(max_new_tokens=48, temperature=0.9, seed=5, ignore_eos=True)
+    await engine.generate(GenerationRequest(prompt, n=2, sampling=sampling))  # read the prompt once
+    rows = {}
+    for width in WIDTHS:
+        started = time.monotonic()
+        results = await engine.generate(GenerationRequest(prompt, n=width, sampling=sampling))
+        seconds = time.monotonic() - started
+        rows[str(width)] = {"seconds": round(seconds, 2), "tokens_per_second": round(sum(r.completion_tokens for r in results) / seconds, 1)}
+        print("width", width, rows[str(width)], flush=True)
+    threads = engine.threads
+    await engine.aclose()
+    return {"threads": threads, "tokens_per_branch": 48, "by_branches": rows}
+
+
+async def cross_request() -> dict:
     import llama_cpp
 
     work = tasks()
@@ -112,29 +140,40 @@ async def main() -> None:
             "latency_p50": round(batched["latency_p50_seconds"] / serial["latency_p50_seconds"], 3),
         }
 
-    payload = {
-        "machine": machine(),
+    result = {
         "engine": model_name,
-        "cores_available": available_cores(),
-        "load_average": os.getloadavg(),
         "n_ctx": N_CTX,
         "max_parallel_branches": MAX_BRANCHES,
-        "cross_request": {
-            **modes,
-            "batching_against_previous_engine": ratios(modes["previous_engine"]),
-            "batching_against_one_call_at_a_time": ratios(modes["one_call_at_a_time"]),
-            "goal": "requests_per_second ratio >= 2 against the previous engine, correct no lower",
-        },
+        **modes,
+        "batching_against_previous_engine": ratios(modes["previous_engine"]),
+        "batching_against_one_call_at_a_time": ratios(modes["one_call_at_a_time"]),
+        "goal": "requests_per_second ratio >= 2 against the previous engine, correct no lower",
     }
-    write("throughput.json", payload)
     for serial in ("previous_engine", "one_call_at_a_time"):
-        r = payload["cross_request"][f"batching_against_{serial}"]
+        r = result[f"batching_against_{serial}"]
         print(
             f"continuous batching against {serial}: {r['requests_per_second']}x requests/s, p50 "
             f"{modes[serial]['latency_p50_seconds']}s -> {batched['latency_p50_seconds']}s, correct "
             f"{modes[serial]['correct']} -> {batched['correct']} of {REQUESTS}"
         )
+    return result
+
+
+PARTS = {"cross_request": cross_request, "decode_width": decode_width}
+
+
+async def main(parts: list[str]) -> None:
+    path = OUT / "throughput.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    for part in parts:
+        payload[part] = await PARTS[part]()
+        payload[part]["machine"] = machine()
+        payload[part]["cores_available"] = available_cores()
+        payload[part]["load_average"] = os.getloadavg()
+    write("throughput.json", payload)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description="throughput of the embedded engine")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    asyncio.run(main(parser.parse_args().parts))

@@ -289,3 +289,16 @@ def _common(x: list[int], y: list[int]) -> int:
     while n < min(len(x), len(y)) and x[n] == y[n]:
         n += 1
     return n
+
+
+async def test_reuse_never_crosses_owners(engine):
+    """Cached-token counts reach the caller: a tenant must not learn from them what another
+    tenant sent. The same prompt from another owner is read afresh; from the same owner, not."""
+    prompt = build_prompt("Which parcel holds the lamps?", {"parcel": "Parcel 2 holds the lamps."}, numeric_answer=False)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    await engine.reset_cache()
+    (first,) = await engine.generate(GenerationRequest(prompt, sampling=params, owner="tenant-a"))
+    (other,) = await engine.generate(GenerationRequest(prompt, sampling=params, owner="tenant-b"))
+    (same,) = await engine.generate(GenerationRequest(prompt, sampling=params, owner="tenant-a"))
+    assert first.cached_tokens == 0 and other.cached_tokens == 0
+    assert same.cached_tokens == same.prompt_tokens - 1

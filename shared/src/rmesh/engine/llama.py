@@ -17,9 +17,11 @@ generated tokens), in a small LRU cache. A new prompt copies the longest common 
 from a kept sequence or from a prompt already read by a live call (``llama_memory_seq_cp`` over
 that range: a unified KV buffer lets the copies share cells) and reports it as cached, as
 SGLang's radix cache does; one that shares a longer prefix with a prompt being read right now
-waits for it rather than reading the same tokens beside it. A continuation (``GenerationRequest.continuation_ids``) is given as
-token ids, so a tree node's children continue from their parent's exact tokens. Kept sequences
-are evicted first when the KV buffer is full.
+waits for it rather than reading the same tokens beside it. Reuse stays within one owner (the
+tenant): cached-token counts reach callers, and must not tell one tenant what another sent. A
+continuation (``GenerationRequest.continuation_ids``) is given as token ids, so a tree node's
+children continue from their parent's exact tokens. Kept sequences are evicted first when the
+KV buffer is full.
 
 Sampling uses llama.cpp's own sampler chain (top-k, top-p, temperature, seeded dist). A grammar
 is enforced the way llama.cpp's common sampler does it: sample freely, check the one token
@@ -211,6 +213,7 @@ class LlamaEngine:
         self._reserved = 0  # KV cells the active calls may fill
         self._free_seqs = list(range(_sequence_slots(max_branches)))
         self._kept: dict[int, tuple[int, ...]] = {}  # sequence -> the tokens it holds, oldest first
+        self._kept_owner: dict[int, str] = {}  # sequence -> whose call left it
         self._worker = threading.Thread(target=self._serve, name="llama", daemon=True)
         self._worker.start()
 
@@ -518,7 +521,7 @@ class LlamaEngine:
                 branch.chain = branch.grammar = None
                 tokens = call.prompts[branch.request_index].tokens
                 if error is None and (branch.fed or branch is call.prompts[branch.request_index].lead):
-                    self._keep(branch.seq, tuple(tokens) + tuple(branch.tokens[: branch.fed]))
+                    self._keep(branch.seq, tuple(tokens) + tuple(branch.tokens[: branch.fed]), call.owner)
                 else:
                     C.llama_memory_seq_rm(mem, branch.seq, -1, -1)
                     self._free_seqs.append(branch.seq)
@@ -536,9 +539,11 @@ class LlamaEngine:
         self.stats.busy = bool(self._active)
 
     # -- kept sequences ---------------------------------------------------------------------
-    def _keep(self, seq: int, tokens: tuple[int, ...]) -> None:
+    def _keep(self, seq: int, tokens: tuple[int, ...], owner: str) -> None:
         mem = C.llama_get_memory(self._ctx)
         for other, held in list(self._kept.items()):
+            if self._kept_owner[other] != owner:
+                continue
             if tokens[: len(held)] == held:  # the new one holds all the old one does
                 self._drop_kept(other)
             elif held[: len(tokens)] == tokens:  # an older one already holds all of it
@@ -546,6 +551,7 @@ class LlamaEngine:
                 self._free_seqs.append(seq)
                 return
         self._kept[seq] = tokens
+        self._kept_owner[seq] = owner
         while len(self._kept) > _KEPT_SEQUENCES:
             self._evict_oldest()
 
@@ -554,6 +560,7 @@ class LlamaEngine:
 
     def _drop_kept(self, seq: int) -> None:
         del self._kept[seq]
+        del self._kept_owner[seq]
         C.llama_memory_seq_rm(C.llama_get_memory(self._ctx), seq, -1, -1)
         self._free_seqs.append(seq)
 
@@ -561,14 +568,17 @@ class LlamaEngine:
         while self._kept:
             self._evict_oldest()
 
-    def _best_source(self, tokens: list[int], reading: bool = False) -> tuple[int, int]:
+    def _best_source(self, tokens: list[int], owner: str, reading: bool = False) -> tuple[int, int]:
         """The sequence sharing the longest token prefix with ``tokens``, and that length: among
-        kept sequences and prompts live calls have read, or (``reading``) are reading now."""
+        the owner's kept sequences and the prompts its live calls have read, or (``reading``) are
+        reading now. Reuse never crosses owners: cached-token counts reach the caller, and a
+        count from another tenant's prompt would tell what that tenant sent."""
+        mine = [c for c in self._active if c.owner == owner]
         if reading:
-            sources = [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.started and not p.done]
+            sources = [(p.lead.seq, p.tokens) for c in mine for p in c.prompts if p.started and not p.done]
         else:
-            sources = list(self._kept.items())
-            sources += [(p.lead.seq, p.tokens) for c in self._active for p in c.prompts if p.done]
+            sources = [(seq, held) for seq, held in self._kept.items() if self._kept_owner[seq] == owner]
+            sources += [(p.lead.seq, p.tokens) for c in mine for p in c.prompts if p.done]
         best_seq, best = -1, 0
         for seq, held in sources:
             if held and held[0] == tokens[0]:
@@ -577,17 +587,17 @@ class LlamaEngine:
                     best_seq, best = seq, shared
         return best_seq, best
 
-    def _worth_waiting(self, prompt: _Prompt) -> bool:
+    def _worth_waiting(self, call: _Call, prompt: _Prompt) -> bool:
         """True while another call is reading a longer shared prefix than any sequence holds
         now: this prompt starts once that one is read, and copies it instead of reading it too."""
-        _, held = self._best_source(prompt.tokens)
-        _, being_read = self._best_source(prompt.tokens, reading=True)
+        _, held = self._best_source(prompt.tokens, call.owner)
+        _, being_read = self._best_source(prompt.tokens, call.owner, reading=True)
         return being_read >= held + _PREFILL_CHUNK // 4
 
-    def _begin(self, prompt: _Prompt) -> None:
+    def _begin(self, call: _Call, prompt: _Prompt) -> None:
         """Copy the longest common token prefix held by a kept sequence or a prompt that a live
         call has read into ``prompt``'s first sequence; its last token is always read anew."""
-        best_seq, best = self._best_source(prompt.tokens)
+        best_seq, best = self._best_source(prompt.tokens, call.owner)
         best = min(best, len(prompt.tokens) - 1)
         if best > 0:
             C.llama_memory_seq_cp(C.llama_get_memory(self._ctx), best_seq, prompt.lead.seq, 0, best)
@@ -614,9 +624,9 @@ class LlamaEngine:
             if prompt is None or room <= 0:
                 continue
             if not prompt.started:
-                if self._worth_waiting(prompt):
+                if self._worth_waiting(call, prompt):
                     continue
-                self._begin(prompt)
+                self._begin(call, prompt)
             take = min(room, len(prompt.tokens) - prompt.filled)
             row = -1
             for pos in range(prompt.filled, prompt.filled + take):
