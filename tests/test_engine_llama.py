@@ -9,6 +9,7 @@ import time
 import pytest
 
 from rmesh.engine import GenerationRequest, SamplingParams
+from rmesh.engine import llama
 from rmesh.engine.llama import LlamaEngine
 from rmesh.errors import DeadlineExceeded, InvalidRequest
 from rmesh.solver_svc.prompt import build_grammar, build_prompt, parse_response
@@ -169,10 +170,12 @@ async def test_a_grammar_llama_cpp_rejects_fails_that_call_alone(engine):
     assert result.completion_tokens == 60
 
 
-async def test_the_owner_with_fewest_live_branches_is_admitted_first(engine):
+async def test_the_owner_with_fewest_live_branches_is_admitted_first(engine, monkeypatch):
     """Four sequences in all. Owner a holds them with a long and a short call and has a third
     waiting; owner b's call, though it came later, takes the room the short call leaves (first
-    come, first served would finish a2, a3, b)."""
+    come, first served would finish a2, a3, b). The starvation bound is set out of reach: on a
+    loaded machine a3 could otherwise wait long enough to hold the line."""
+    monkeypatch.setattr(llama, "_STARVING_SECONDS", 3600.0)
     done: list[str] = []
 
     async def run(name: str, request: GenerationRequest) -> None:
@@ -302,3 +305,41 @@ async def test_reuse_never_crosses_owners(engine):
     (same,) = await engine.generate(GenerationRequest(prompt, sampling=params, owner="tenant-a"))
     assert first.cached_tokens == 0 and other.cached_tokens == 0
     assert same.cached_tokens == same.prompt_tokens - 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (GenerationRequest(PROMPT, n=1.5), "n"),
+        (GenerationRequest(PROMPT, sampling=SamplingParams(max_new_tokens=-5)), "sampling.max_new_tokens"),
+        (GenerationRequest(PROMPT, sampling=SamplingParams(top_k=1 << 40)), "sampling.top_k"),
+        (GenerationRequest(PROMPT, sampling=SamplingParams(temperature=float("nan"))), "sampling.temperature"),
+        (GenerationRequest(PROMPT, sampling=SamplingParams(seed=-1)), "sampling.seed"),
+    ],
+)
+async def test_what_the_c_interface_cannot_take_is_refused_naming_the_field(engine, request_, field):
+    with pytest.raises(InvalidRequest) as info:
+        await engine.generate(request_)
+    assert info.value.field == field
+    (still,) = await engine.generate(GenerationRequest(PROMPT, sampling=SamplingParams(max_new_tokens=2, temperature=0)))
+    assert still.completion_tokens > 0
+
+
+async def test_a_failing_worker_fails_its_callers_and_the_engine_reports_unhealthy(monkeypatch):
+    """A bug in a step must not leave callers waiting forever: they get UNAVAILABLE, the engine
+    says it is not healthy (the solver then turns NOT_SERVING) and refuses new calls."""
+    from rmesh.errors import Unavailable
+
+    broken = LlamaEngine.load(n_ctx=512, max_branches=2)
+    try:
+        def fail() -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(broken, "_step", fail)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(broken.generate(long(tokens=4)), 30)
+        assert not await broken.healthy()
+        with pytest.raises(Unavailable):
+            await broken.generate(long(tokens=4))
+    finally:
+        await broken.aclose()

@@ -35,9 +35,11 @@ import asyncio
 import ctypes
 import dataclasses
 import functools
+import logging
 import math
 import os
 import pathlib
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,7 +57,9 @@ from rmesh.engine.base import (
     SamplingParams,
 )
 from rmesh.engine.chat import ChatTemplate
-from rmesh.errors import Cancelled, ConfigError, DeadlineExceeded, InvalidRequest, ResourceExhausted
+from rmesh.errors import Cancelled, ConfigError, DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 # Candidates the grammar is tried on before falling back to the whole vocabulary.
@@ -191,6 +195,7 @@ class LlamaEngine:
         self._ctx = ctx
         self._vocab = vocab
         self._n_vocab = C.llama_vocab_n_tokens(vocab)
+        self._n_swa = max(0, C.llama_model_n_swa(model))
         self.n_ctx = n_ctx
         self.max_branches = max_branches  # live branches across all calls; one call's limit too
         # False: one call at a time, as before continuous batching (the benchmark's baseline).
@@ -207,6 +212,7 @@ class LlamaEngine:
         self._arrivals: list[_Call] = []
         self._controls: list = []
         self._closed = False
+        self._freed = False
         # The worker's own state.
         self._waiting: list[_Call] = []
         self._active: list[_Call] = []
@@ -326,8 +332,10 @@ class LlamaEngine:
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
         """Several prompts (tree nodes), each with its own branches, decoded in the batch the
         engine runs for all its callers."""
+        for r in requests:
+            _check_request(r, self._n_vocab)
         total = sum(r.n for r in requests)
-        if not requests or any(r.n < 1 for r in requests) or total > self.max_branches:
+        if not requests or total > self.max_branches:
             raise InvalidRequest("n", f"branches per call must total 1 to {self.max_branches}, got {total}")
         # Greedy branches of one prompt are one branch: decode it once and copy the result.
         once = [dataclasses.replace(r, n=1) if r.sampling.temperature <= 0 else r for r in requests]
@@ -338,16 +346,19 @@ class LlamaEngine:
         ]
 
     async def option_probabilities(
-        self, prompts: list[str], options: tuple[str, ...] = ("Yes", "No"), deadline: float | None = None
+        self, prompts: list[str], options: tuple[str, ...] = ("Yes", "No"), deadline: float | None = None,
+        owner: str = "",
     ) -> list[list[float]]:
         """For each prompt, the probability of each option as the next token, renormalised over
-        the options: a generative judge reads P(yes) this way. Prompts share their prefix."""
+        the options: a generative judge reads P(yes) this way. Prompts share their prefix. Without
+        an ``owner`` the call is its own owner: it shares no cache with any other call."""
+        owner = owner or f"probe-{secrets.token_hex(8)}"
         option_ids = [self.tokenize_plain(o) for o in options]
         if any(len(ids) != 1 for ids in option_ids):
             raise InvalidRequest("options", "each option must be a single token")
         results: list[list[float]] = []
         for start in range(0, len(prompts), self.max_branches):
-            chunk = [GenerationRequest(p, n=1, deadline=deadline) for p in prompts[start : start + self.max_branches]]
+            chunk = [GenerationRequest(p, n=1, deadline=deadline, owner=owner) for p in prompts[start : start + self.max_branches]]
             results += await self._submit(chunk, [self.tokenize(r.prompt) for r in chunk], [ids[0] for ids in option_ids])
         return results
 
@@ -373,12 +384,13 @@ class LlamaEngine:
         return not self._closed and self._worker.is_alive()
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
         with self._wake:
             self._closed = True
             self._wake.notify()
         await asyncio.get_running_loop().run_in_executor(None, self._worker.join)
+        if self._freed:
+            return
+        self._freed = True
         C.llama_batch_free(self._batch)
         C.llama_free(self._ctx)
         C.llama_model_free(self._model)
@@ -407,7 +419,7 @@ class LlamaEngine:
             raise DeadlineExceeded("deadline passed before the engine call started")
         with self._wake:
             if self._closed:
-                raise ResourceExhausted("the engine is shut down")
+                raise Unavailable("the embedded engine is closed")
             self._arrivals.append(call)
             self._wake.notify()
         try:
@@ -422,6 +434,18 @@ class LlamaEngine:
 
     # -- worker thread: the step loop -----------------------------------------------------
     def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug must not leave callers waiting on a dead worker
+            log.exception("the embedded engine's worker failed; the engine is closed")
+            with self._wake:
+                self._closed = True
+            failure = Unavailable("the embedded engine failed; see the solver's log")
+            for call in self._waiting + self._active + self._arrivals + self._controls:
+                call.settle(None, failure)
+            self.stats.busy = False
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not (self._closed or self._arrivals or self._controls or self._active or self._waiting):
@@ -459,20 +483,31 @@ class LlamaEngine:
     def _admit(self) -> None:
         """Admit waiting calls while their cells and sequences fit: the owner with the fewest
         live branches first, then the oldest; a starving call is admitted before anything else."""
-        if not self._waiting:
-            return
         now = time.monotonic()
         live: dict[str, int] = {}
         for call in self._active:
             live[call.owner] = live.get(call.owner, 0) + call.sequences
-        starving = lambda c: now - c.arrived >= _STARVING_SECONDS  # noqa: E731
-        order = sorted(self._waiting, key=lambda c: (not starving(c), live.get(c.owner, 0), c.arrived))
-        for call in order:
+        oldest: dict[str, _Call] = {}
+        for call in self._waiting:
+            if call.owner not in oldest or call.arrived < oldest[call.owner].arrived:
+                oldest[call.owner] = call
+
+        def starving(c: _Call) -> bool:  # only an owner's oldest call can hold the line
+            return oldest.get(c.owner) is c and now - c.arrived >= _STARVING_SECONDS
+
+        passed: set[int] = set()
+        while True:
+            candidates = [c for c in self._waiting if id(c) not in passed]
+            if not candidates:
+                return
+            call = min(candidates, key=lambda c: (not starving(c), live.get(c.owner, 0), c.arrived))
             if self._fits(call):
                 self._start(call)
                 live[call.owner] = live.get(call.owner, 0) + call.sequences
             elif starving(call):
                 return  # hold the line until the starving call fits
+            else:
+                passed.add(id(call))
 
     def _fits(self, call: _Call) -> bool:
         if self._active and not self.batch_calls:
@@ -549,6 +584,7 @@ class LlamaEngine:
             elif held[: len(tokens)] == tokens:  # an older one already holds all of it
                 C.llama_memory_seq_rm(mem, seq, -1, -1)
                 self._free_seqs.append(seq)
+                self._kept[other] = self._kept.pop(other)  # just used: the last to be evicted
                 return
         self._kept[seq] = tokens
         self._kept_owner[seq] = owner
@@ -599,6 +635,9 @@ class LlamaEngine:
         call has read into ``prompt``'s first sequence; its last token is always read anew."""
         best_seq, best = self._best_source(prompt.tokens, call.owner)
         best = min(best, len(prompt.tokens) - 1)
+        mem = C.llama_get_memory(self._ctx)
+        if best > 0 and self._n_swa and C.llama_memory_seq_pos_min(mem, best_seq) > max(0, best - self._n_swa):
+            best = 0  # a sliding-window cache may have reused the cells the copy would need
         if best > 0:
             C.llama_memory_seq_cp(C.llama_get_memory(self._ctx), best_seq, prompt.lead.seq, 0, best)
             if best_seq in self._kept:  # most recently used: the last to be evicted
@@ -663,11 +702,16 @@ class LlamaEngine:
         """Decode the step; when the KV buffer is full, evict kept sequences and try again, then
         end the newest call in the step (RESOURCE_EXHAUSTED) and let the next step go on."""
         self._fill_batch(entries)
-        while C.llama_decode(self._ctx, self._batch) != 0:
+        seqs = {seq for _, _, seq, _ in entries}
+        while (code := C.llama_decode(self._ctx, self._batch)) != 0:
+            if code != 1:  # not a full KV buffer: the step itself failed, so every call in it ends
+                log.error("llama_decode returned %d for a step of %d tokens", code, len(entries))
+                for call in [c for c in self._active if any(b.seq in seqs for b in c.branches)]:
+                    self._end(call, error=Unavailable(f"the embedded engine failed to decode (llama.cpp code {code})"))
+                return False
             if self._kept:
                 self._evict_oldest()
                 continue
-            seqs = {seq for _, _, seq, _ in entries}
             newest = next(c for c in reversed(self._active) if any(b.seq in seqs for b in c.branches))
             self._end(newest, error=ResourceExhausted("llama.cpp could not decode: the engine's KV cache is full"))
             return False
@@ -802,6 +846,22 @@ def _common_prefix(sequences: list[list[int]]) -> int:
         if any(s[i] != token for s in sequences[1:]):
             return i
     return length
+
+
+def _check_request(request: GenerationRequest, n_vocab: int) -> None:
+    """What llama.cpp's C interface needs of a request, as INVALID_ARGUMENT naming the field."""
+    sampling = request.sampling
+    if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
+        raise InvalidRequest("n", f"must be a whole number of branches, at least 1; got {request.n!r}")
+    if isinstance(sampling.max_new_tokens, bool) or not isinstance(sampling.max_new_tokens, int) or not 1 <= sampling.max_new_tokens <= 1 << 20:
+        raise InvalidRequest("sampling.max_new_tokens", f"must be a whole number from 1 to {1 << 20}; got {sampling.max_new_tokens!r}")
+    if isinstance(sampling.top_k, bool) or not isinstance(sampling.top_k, int) or not 0 <= sampling.top_k <= n_vocab:
+        raise InvalidRequest("sampling.top_k", f"must be a whole number from 0 to {n_vocab}; got {sampling.top_k!r}")
+    if not isinstance(sampling.seed, int) or not 0 <= sampling.seed < 1 << 63:
+        raise InvalidRequest("sampling.seed", f"must be a whole number from 0 to 2^63 - 1; got {sampling.seed!r}")
+    for name, value, high in (("temperature", sampling.temperature, 100.0), ("top_p", sampling.top_p, 1.0)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= high:
+            raise InvalidRequest(f"sampling.{name}", f"must be a number from 0 to {high:g}; got {value!r}")
 
 
 def _sequence_slots(max_branches: int) -> int:
