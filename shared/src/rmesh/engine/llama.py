@@ -249,8 +249,8 @@ class LlamaEngine:
         # Live branches use up to max_branches sequences; _KEPT_SEQUENCES more keep finished ones.
         cparams.n_seq_max = _sequence_slots(max_branches)
         cparams.kv_unified = True  # otherwise each sequence gets only n_ctx / n_seq_max cells
-        # llama.cpp's default thread count ignores how many cores there are: more threads than
-        # cores slows decoding by about a third here.
+        # llama.cpp's default thread count (4) ignores how many cores there are: on 2 cores it
+        # served about a fifth fewer requests per second (bench.throughput, previous_engine).
         cparams.n_threads = threads or available_cores()
         cparams.n_threads_batch = cparams.n_threads
         ctx = C.llama_init_from_model(model, cparams)
@@ -639,7 +639,7 @@ class LlamaEngine:
         if best > 0 and self._n_swa and C.llama_memory_seq_pos_min(mem, best_seq) > max(0, best - self._n_swa):
             best = 0  # a sliding-window cache may have reused the cells the copy would need
         if best > 0:
-            C.llama_memory_seq_cp(C.llama_get_memory(self._ctx), best_seq, prompt.lead.seq, 0, best)
+            C.llama_memory_seq_cp(mem, best_seq, prompt.lead.seq, 0, best)
             if best_seq in self._kept:  # most recently used: the last to be evicted
                 self._kept[best_seq] = self._kept.pop(best_seq)
         prompt.filled = prompt.lead.cached = best
