@@ -14,8 +14,10 @@ and the reference notes in the design docs):
   ``input_ids`` mean exactly the tokens they came from. With ``return_logprob`` and
   ``logprob_start_len: 0`` the answer reports ``input_token_logprobs`` (the prompt's ids).
 - ``meta_info.cached_tokens`` emulates the radix cache: a prompt's longest prefix (in
-  whitespace tokens) shared with a prompt seen before, at most ``prompt_tokens - 1``; nothing
-  is cached for a prompt never seen.
+  whitespace tokens) shared with a prompt seen before in the same cache namespace, at most
+  ``prompt_tokens - 1``; nothing is cached for a prompt never seen. The namespace is the
+  body's ``extra_key`` (a string, or a list of strings as long as a batch; an empty string
+  is none, as SGLang's gateway reads it); any other ``extra_key`` is HTTP 400.
 - ``finish_reason`` is ``{"type": "length"}`` when the answer reaches ``max_new_tokens`` and
   ``{"type": "abort"}`` in the ``abort`` fault mode.
 - ``GET /health`` and ``/health_generate`` sleep 1 s before answering and answer 503 while the
@@ -102,8 +104,8 @@ def check_sampling(params: object) -> dict:
 
 class FakeSGLang(BaseHTTPRequestHandler):
     requests: list[dict] = []
-    # Each stand-in's radix tree (by port), as the token lists of the prompts it holds.
-    seen: dict[int, list[list[str]]] = {}
+    # Each stand-in's radix tree (by port), as (namespace, token list) of the prompts it holds.
+    seen: dict[int, list[tuple[str, list[int]]]] = {}
     # Which stand-in (by port) answered each /generate, in order.
     workers: list[int] = []
     malformed = False
@@ -183,10 +185,13 @@ class FakeSGLang(BaseHTTPRequestHandler):
         else:
             self._send(404, b"{}")
 
-    def _cached(self, tokens: list[int]) -> int:
-        """The longest prefix of ``tokens`` some earlier prompt shares (SGLang's radix match)."""
+    def _cached(self, namespace: str, tokens: list[int]) -> int:
+        """The longest prefix of ``tokens`` some earlier prompt in ``namespace`` shares (SGLang's
+        radix match, which never crosses an ``extra_key``)."""
         best = 0
-        for other in type(self).seen.get(self.server.server_address[1], []):
+        for space, other in type(self).seen.get(self.server.server_address[1], []):
+            if space != namespace:
+                continue
             shared = 0
             for a, b in zip(tokens, other):
                 if a != b:
@@ -232,6 +237,13 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 if not all(isinstance(t, str) for t in texts):
                     raise BadRequest("text must be a string or a list of strings")
                 prompts = [[token_id(w) for w in t.split()] for t in texts]
+            key = body.get("extra_key")
+            if key is None or isinstance(key, str):
+                namespaces = [key or ""] * len(prompts)
+            elif batch and isinstance(key, list) and len(key) == len(prompts) and all(isinstance(k, str) for k in key):
+                namespaces = list(key)
+            else:
+                raise BadRequest("extra_key must be a string, or for a batch a list of strings as long as it")
             raw = body.get("sampling_params", {})
             if isinstance(raw, list):
                 if not batch or len(raw) != len(prompts):
@@ -245,8 +257,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
             return
         results = []
         with type(self).lock:
-            for tokens, p in zip(prompts, params, strict=True):
-                cached = self._cached(tokens)
+            for tokens, p, namespace in zip(prompts, params, namespaces, strict=True):
+                cached = self._cached(namespace, tokens)
                 copies = []
                 for i in range(p.get("n") or 1):
                     index = len(copies) + len(results)
@@ -271,7 +283,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
                             meta["input_token_logprobs"] = [[None if k == 0 else -1.0, t, None] for k, t in enumerate(tokens)]
                     output_ids = [token_id(w) for w in answer.split()]
                     copies.append({"text": answer, "output_ids": output_ids, "meta_info": meta})
-                type(self).seen.setdefault(self.server.server_address[1], []).append(tokens)
+                type(self).seen.setdefault(self.server.server_address[1], []).append((namespace, tokens))
                 results.append(copies if (p.get("n") or 1) > 1 else copies[0])
         body = json.dumps([c for r in results for c in (r if isinstance(r, list) else [r])] if batch else results[0])
         if type(self).prompt_tokens_raw is not None:

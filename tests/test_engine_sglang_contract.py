@@ -12,7 +12,7 @@ from sglang_standin import KV_BYTES_PER_TOKEN, FakeSGLang, StandIn
 
 from rmesh.engine import GenerationRequest, SamplingParams
 from rmesh.engine.base import FINISH_ABORT, FINISH_LENGTH, KVGeometry
-from rmesh.engine.sglang import SGLangEngine, sampling_to_sglang
+from rmesh.engine.sglang import SGLangEngine, cache_namespace, sampling_to_sglang
 from rmesh.errors import Unavailable
 
 
@@ -29,8 +29,10 @@ async def test_warms_the_prefix_then_sends_one_prompt_with_n_copies(sglang_url):
     request = GenerationRequest("shared prompt text here", n=3, sampling=SamplingParams(max_new_tokens=16, seed=7), grammar='root ::= "x"')
     results = await engine.generate(request)
     warm, fan_out = FakeSGLang.requests
-    # One prompt per request, as SGLang's gateways require: a string, not a list.
-    assert warm == {"text": request.prompt, "sampling_params": {"max_new_tokens": 0}}
+    # One prompt per request, as SGLang's gateways require: a string, not a list. Work with no
+    # owner has a cache namespace of its own, shared by its warm-up and its branches.
+    assert warm == {"text": request.prompt, "sampling_params": {"max_new_tokens": 0}, "extra_key": fan_out["extra_key"]}
+    assert fan_out["extra_key"].startswith("rmesh-call-")
     assert fan_out["text"] == request.prompt and fan_out["sampling_params"]["n"] == 3
     assert fan_out["sampling_params"]["ebnf"] == 'root ::= "x"' and fan_out["sampling_params"]["max_new_tokens"] == 16
     assert "sampling_seed" not in fan_out["sampling_params"]  # n copies would share it and come out identical
@@ -170,11 +172,12 @@ async def test_a_continuation_sends_the_prefix_ids_and_the_parents_output_ids(sg
 
     engine = SGLangEngine(sglang_url)
     prefix = "instructions and the request <response>\n"
-    root = GenerationRequest(prefix, n=1, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=())
+    root = GenerationRequest(prefix, n=1, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=(), owner="acme")
     (first,) = await engine.generate(root)
     assert first.output_ids == tuple(token_id(w) for w in first.text.split())
     child = GenerationRequest(
-        prefix + first.text, n=2, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=first.output_ids
+        prefix + first.text, n=2, sampling=SamplingParams(max_new_tokens=4), prefix=prefix, continuation_ids=first.output_ids,
+        owner="acme",
     )
     children = await engine.generate(child)
     assert len([r for r in FakeSGLang.requests if r.get("logprob_start_len") == 0]) == 1  # learned once
@@ -184,6 +187,40 @@ async def test_a_continuation_sends_the_prefix_ids_and_the_parents_output_ids(sg
     # The parent's tokens were in the cache: every prompt token but the last is reused.
     assert all(c.cached_tokens == c.prompt_tokens - 1 for c in children)
     await engine.aclose()
+
+
+async def test_the_radix_cache_is_shared_within_a_tenant_and_never_across(sglang_url):
+    """SGLang's radix tree is one for every caller and cached_tokens reaches the caller, so each
+    tenant's work goes in its own namespace (extra_key): another tenant's prompt never counts."""
+    engine = SGLangEngine(sglang_url)
+    prompt = "the confidential order of tenant a holds twelve boxes"
+    words = len(prompt.split())
+
+    async def solve(owner: str) -> set[str]:
+        FakeSGLang.requests.clear()
+        results = await engine.generate(GenerationRequest(prompt, n=2, sampling=SamplingParams(max_new_tokens=2), owner=owner))
+        assert [r.cached_tokens for r in results] == [words - 1] * 2  # its own warm-up
+        return {r["extra_key"] for r in FakeSGLang.requests}
+
+    def cached_in(namespace: str) -> int:
+        body = {"text": prompt, "sampling_params": {"max_new_tokens": 1}, "extra_key": namespace}
+        return httpx.post(f"{sglang_url}/generate", json=body, timeout=5).json()["meta_info"]["cached_tokens"]
+
+    a_keys = await solve("tenant-a")
+    assert a_keys == {cache_namespace("tenant-a")} and "tenant-a" not in next(iter(a_keys))  # no name in the server's logs
+    assert cached_in(cache_namespace("tenant-b")) == 0  # a's prompt is not in b's namespace
+    assert cached_in(cache_namespace("tenant-a")) == words - 1
+    assert await solve("tenant-b") == {cache_namespace("tenant-b")} != a_keys
+    # Work with no owner: each call a namespace of its own, never a tenant's.
+    first, second = await solve(""), await solve("")
+    assert len(first) == len(second) == 1 and first != second and not (first | second) & (a_keys | {cache_namespace("tenant-b")})
+    await engine.aclose()
+
+
+@pytest.mark.parametrize("key", [7, ["a"], {"k": "v"}, ["a", 1]])
+def test_the_standin_refuses_an_extra_key_sglang_cannot_take(sglang_url, key):
+    reply = httpx.post(f"{sglang_url}/generate", json={"text": "p", "sampling_params": {}, "extra_key": key}, timeout=5)
+    assert reply.status_code == 400 and "extra_key" in reply.json()["error"]["message"]
 
 
 async def test_without_ids_from_the_server_continuations_go_as_text(sglang_url):

@@ -22,7 +22,7 @@ from opentelemetry import trace
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 from rmesh.domain import Budget, CheckSpec, SearchParams, TaskSpec
 from rmesh.engine.instant import DEFAULT_TEXT
-from rmesh.engine.sglang import SGLangEngine
+from rmesh.engine.sglang import SGLangEngine, cache_namespace
 from rmesh.mesh.in_process import InProcessVerifier
 from rmesh.mesh.serve import start_services
 from rmesh.solver_svc.core import SolverCore
@@ -89,8 +89,10 @@ async def test_a_solve_through_the_real_gateway_keeps_each_prompt_on_one_worker(
         router = f"127.0.0.1:{services[-1].port}"
         outcome = await solve(router, "What is 2 + 3?")
         assert outcome.released and outcome.answer == "5"
-        # Every /generate the gateway forwarded came with one prompt (no batch lists).
+        # Every /generate the gateway forwarded came with one prompt (no batch lists), in the
+        # demo tenant's cache namespace: the gateway passes extra_key through to the worker.
         assert FakeSGLang.requests and all(isinstance(r["text"], str) for r in FakeSGLang.requests)
+        assert {r.get("extra_key") for r in FakeSGLang.requests} == {cache_namespace("demo")}
         # The warm-up and the branches of the prompt went to the same worker, so they hit its cache.
         assert len(set(FakeSGLang.workers)) == 1 and FakeSGLang.workers[0] in workers
         assert outcome.usage.cached_tokens > 0

@@ -9,12 +9,20 @@ tokens come from ``meta_info.cached_tokens``. A continuation (a tree node's next
 the parent's tokens are reused exactly. No ``sampling_seed`` is sent: SGLang uses it only
 under ``--enable-deterministic-inference``, and there all ``n`` copies of a request share it
 and come out identical.
+
+SGLang's radix cache is one tree for every caller, and ``cached_tokens`` reaches the caller: a
+count earned on another tenant's prompt would say what that tenant sent. So every body carries
+``extra_key``, the cache namespace SGLang (and its gateway's cache-aware routing) keys the tree
+by: a digest of the request's owner (the tenant), or for work with no owner a key of its own,
+fresh for each call. Reuse then stays within one tenant, as on the embedded engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any
@@ -93,8 +101,17 @@ def _name(value: Any) -> str:
     return _CONTROL.sub("", str(value))[:512]
 
 
+def cache_namespace(owner: str) -> str:
+    """The ``extra_key`` for an owner's work: never empty (SGLang and its gateway read an empty
+    key as none, the namespace every caller shares), and no owner name in a server's logs."""
+    if not owner:
+        return "rmesh-call-" + secrets.token_hex(16)
+    return "rmesh-" + hashlib.sha256(owner.encode()).hexdigest()[:32]
+
+
 def _key(prompt: dict[str, Any]) -> tuple:
-    return ("ids", *prompt["input_ids"]) if "input_ids" in prompt else ("text", prompt["text"])
+    content = ("ids", *prompt["input_ids"]) if "input_ids" in prompt else ("text", prompt["text"])
+    return (prompt["extra_key"], *content)
 
 
 def _finish_reason(meta: dict[str, Any]) -> str:
@@ -126,8 +143,9 @@ class SGLangEngine:
         self.context_length = 0
         self.kv_capacity_tokens = 0  # the server's KV pool, in tokens (max_total_num_tokens)
         self._configured_template = chat_template
-        # Token ids of continuation prefixes (prompt + the response's opening), newest last.
-        self._prefix_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        # Token ids of continuation prefixes (prompt + the response's opening) by cache
+        # namespace, newest last.
+        self._prefix_ids: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
         self._template = None if chat_template == "auto" else ChatTemplate.named(chat_template)
         self.stats = EngineStats()
 
@@ -232,10 +250,11 @@ class SGLangEngine:
         # A search measures its prompt with ``measure_tokens`` instead.
         return len(text.encode()) // 3 + 1
 
-    async def measure_tokens(self, prompt: str, deadline: float | None) -> int:
+    async def measure_tokens(self, prompt: str, deadline: float | None, owner: str = "") -> int:
         """The prompt's exact token count under the served tokenizer, from a warm-up that
-        generates nothing (the same one that puts the prompt in the radix cache)."""
-        payload = await self._post("/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 0}}, deadline)
+        generates nothing (the same one that puts the prompt in the owner's radix cache)."""
+        body = {"text": prompt, "sampling_params": {"max_new_tokens": 0}, "extra_key": cache_namespace(owner)}
+        payload = await self._post("/generate", body, deadline)
         item = payload[0] if isinstance(payload, list) and payload else payload
         try:
             count = _count(item["meta_info"]["prompt_tokens"], MAX_POOL_TOKENS)
@@ -254,8 +273,10 @@ class SGLangEngine:
     async def generate_many(self, requests: list[GenerationRequest]) -> list[list[BranchResult]]:
         self.stats.jobs_started += 1
         deadline = min((r.deadline for r in requests if r.deadline is not None), default=None)
+        # One namespace per owner; work with no owner gets one of its own for this call.
+        namespaces = {owner: cache_namespace(owner) for owner in {r.owner for r in requests}}
         try:
-            inputs = await self._inputs(requests, deadline)
+            inputs = await self._inputs(requests, [namespaces[r.owner] for r in requests], deadline)
             # Warm the radix tree with every distinct prompt, then send each node's branches as
             # one request of n copies, all of which hit that prompt's cached prefix.
             distinct = list({_key(i): i for i in inputs}.values())
@@ -285,27 +306,33 @@ class SGLangEngine:
         self.stats.tokens_generated += sum(b.completion_tokens for group in grouped for b in group)
         return grouped
 
-    async def _inputs(self, requests: list[GenerationRequest], deadline: float | None) -> list[dict[str, Any]]:
-        """Each request's prompt as SGLang takes it: token ids for a continuation whose prefix's
-        ids are known (the parent's generated tokens are then reused exactly), else text. A
-        prefix's ids are learned once, from one warm-up that reports its input tokens."""
-        unknown = {r.prefix for r in requests if r.continuation_ids is not None and r.prefix and r.prefix not in self._prefix_ids}
+    async def _inputs(
+        self, requests: list[GenerationRequest], namespaces: list[str], deadline: float | None
+    ) -> list[dict[str, Any]]:
+        """Each request's prompt as SGLang takes it, in its cache namespace: token ids for a
+        continuation whose prefix's ids are known (the parent's generated tokens are then reused
+        exactly), else text. A prefix's ids are learned once per namespace, from one warm-up
+        that reports its input tokens."""
+        keys = [(ns, r.prefix) if r.prefix and r.continuation_ids is not None else None for r, ns in zip(requests, namespaces, strict=True)]
+        unknown = list({key for key in keys if key is not None and key not in self._prefix_ids})
         if unknown:
-            learned = await asyncio.gather(*(self._learn_ids(prefix, deadline) for prefix in unknown))
-            for prefix, ids in zip(unknown, learned, strict=True):
+            learned = await asyncio.gather(*(self._learn_ids(prefix, ns, deadline) for ns, prefix in unknown))
+            for key, ids in zip(unknown, learned, strict=True):
                 if ids:
-                    self._prefix_ids[prefix] = ids
+                    self._prefix_ids[key] = ids
                     while len(self._prefix_ids) > PREFIX_IDS_KEPT:
                         self._prefix_ids.popitem(last=False)
         out = []
-        for r in requests:
-            ids = self._prefix_ids.get(r.prefix) if r.prefix and r.continuation_ids is not None else None
-            out.append({"input_ids": [*ids, *r.continuation_ids]} if ids else {"text": r.prompt})
+        for r, ns, key in zip(requests, namespaces, keys, strict=True):
+            ids = self._prefix_ids.get(key) if key is not None else None
+            prompt: dict[str, Any] = {"input_ids": [*ids, *r.continuation_ids]} if ids else {"text": r.prompt}
+            out.append({**prompt, "extra_key": ns})
         return out
 
-    async def _learn_ids(self, prefix: str, deadline: float | None) -> tuple[int, ...] | None:
+    async def _learn_ids(self, prefix: str, namespace: str, deadline: float | None) -> tuple[int, ...] | None:
         body = {
             "text": prefix, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0,
+            "extra_key": namespace,
         }
         payload = await self._post("/generate", body, deadline)
         item = payload[0] if isinstance(payload, list) and payload else payload

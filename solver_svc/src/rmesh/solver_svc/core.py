@@ -138,7 +138,7 @@ class SolverCore:
             self.engine.chat_template, answer_choices(request.task.checks),
         )
         measure = getattr(self.engine, "measure_tokens", None)
-        prompt_tokens = await measure(prompt, limit) if measure is not None else self.engine.count_tokens(prompt)
+        prompt_tokens = await measure(prompt, limit, owner=request.tenant) if measure is not None else self.engine.count_tokens(prompt)
         live_cap = self.live_branch_cap(request, prompt_tokens)
         state = SearchState(
             request=request,
