@@ -87,10 +87,12 @@ def llama_cpp_ceiling(tokens: list[int], tokens_each: int, threads: int) -> dict
     ctx = C.llama_init_from_model(model, params)
     batch = C.llama_batch_init(params.n_batch, 0, 1)
 
-    def decode(entries: list[tuple[int, int, int]]) -> None:
+    def decode(entries: list[tuple[int, int, int]], logits_from: int) -> None:
+        """One llama_decode; logits for the entries from ``logits_from`` on, as the engine asks:
+        a prompt's last token, and every branch's token in a step."""
         batch.n_tokens = len(entries)
         for i, (token, pos, seq) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, 1
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, int(i >= logits_from)
             batch.seq_id[i][0] = seq
         if C.llama_decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
@@ -99,7 +101,8 @@ def llama_cpp_ceiling(tokens: list[int], tokens_each: int, threads: int) -> dict
         C.llama_memory_clear(C.llama_get_memory(ctx), True)
         started = time.perf_counter()
         for at in range(0, len(tokens), _PREFILL_CHUNK):
-            decode([(t, at + i, 0) for i, t in enumerate(tokens[at : at + _PREFILL_CHUNK])])
+            chunk = tokens[at : at + _PREFILL_CHUNK]
+            decode([(t, at + i, 0) for i, t in enumerate(chunk)], len(chunk) - 1 if at + len(chunk) == len(tokens) else len(chunk))
         return time.perf_counter() - started
 
     def steps(width: int) -> float:
@@ -108,7 +111,7 @@ def llama_cpp_ceiling(tokens: list[int], tokens_each: int, threads: int) -> dict
             C.llama_memory_seq_cp(mem, 0, seq, -1, -1)
         started = time.perf_counter()
         for k in range(tokens_each):
-            decode([(tokens[k % len(tokens)], len(tokens) + k, seq) for seq in range(width)])
+            decode([(tokens[k % len(tokens)], len(tokens) + k, seq) for seq in range(width)], 0)
         return time.perf_counter() - started
 
     try:
