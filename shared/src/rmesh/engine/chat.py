@@ -5,11 +5,18 @@ else from a template shipped as data in ``templates/`` and chosen by the model's
 ``RMESH_CHAT_TEMPLATE`` (a name, or a path to a Jinja file in the Hugging Face chat-template
 format). No model's markers are written in code: prompts are lists of (role, text) turns.
 Templates render in Jinja's sandbox; ``bos_token`` renders empty because the tokenizer adds it.
+
+Turn text is a caller's (a problem, evidence) and the engines read the rendered prompt with
+special tokens parsed, so text holding the template's own turn markers would open and close
+turns of its own: a forged model turn. Every marker the template writes is defused in turn
+text: a word joiner (U+2060) after its first character, so it reads the same and tokenizes as
+plain text.
 """
 
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Sequence
 
 from jinja2 import TemplateError
@@ -23,6 +30,10 @@ TEMPLATES_DIR = pathlib.Path(__file__).resolve().parent / "templates"
 FAMILIES = {"gemma": "gemma", "qwen": "chatml", "chatml": "chatml"}
 
 Turn = tuple[str, str]  # (role: "user" | "assistant" | "system", text)
+# What a special token's text looks like in a template: <name> or <|name|>.
+_MARKER = re.compile(r"<\|?[A-Za-z_][A-Za-z0-9_]*\|?>")
+_JOINER = "\u2060"
+_PROBE = "\x00"
 
 
 def _raise(message: str) -> None:
@@ -38,11 +49,29 @@ class ChatTemplate:
             self._template = environment.from_string(source)
         except TemplateError as exc:
             raise ConfigError(f"chat template {name}: not a Jinja template ({exc})") from None
+        self.markers = self._markers()
+
+    def _markers(self) -> tuple[str, ...]:
+        """The special-token text the template writes around turns. A template that cannot
+        write a user and an assistant turn is refused: its markers could not be defused."""
+        turns = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
+        try:
+            probe = self._template.render(messages=turns, add_generation_prompt=True, bos_token="", eos_token="")
+        except Exception as exc:  # a template's own raise_exception, or any error it makes
+            raise ConfigError(f"chat template {self.name}: cannot write a user and an assistant turn ({exc})") from None
+        return tuple(sorted(set(_MARKER.findall(probe.replace(_PROBE, "\n")))))
+
+    def defuse(self, text: str) -> str:
+        """``text`` with every turn marker of this template broken by a word joiner."""
+        while any(marker in text for marker in self.markers):
+            for marker in self.markers:
+                text = text.replace(marker, marker[0] + _JOINER + marker[1:])
+        return text
 
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
         """The turns as the model reads them; with ``add_generation_prompt`` the model's turn is
         opened for it to write."""
-        messages = [{"role": role, "content": text} for role, text in turns]
+        messages = [{"role": role, "content": self.defuse(text)} for role, text in turns]
         return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
         )
