@@ -49,24 +49,50 @@ class ChatTemplate:
             self._template = environment.from_string(source)
         except TemplateError as exc:
             raise ConfigError(f"chat template {name}: not a Jinja template ({exc})") from None
-        self.markers = self._markers()
+        self.markers: frozenset[str] = frozenset()
+        self._lengths: dict[str, list[int]] = {}  # first character -> marker lengths, longest first
+        self.add_markers(self._markers())
 
-    def _markers(self) -> tuple[str, ...]:
-        """The special-token text the template writes around turns. A template that cannot
-        write a user and an assistant turn is refused: its markers could not be defused."""
-        turns = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}]
-        try:
-            probe = self._template.render(messages=turns, add_generation_prompt=True, bos_token="", eos_token="")
-        except Exception as exc:  # a template's own raise_exception, or any error it makes
-            raise ConfigError(f"chat template {self.name}: cannot write a user and an assistant turn ({exc})") from None
-        return tuple(sorted(set(_MARKER.findall(probe.replace(_PROBE, "\n")))))
+    def _markers(self) -> set[str]:
+        """The special-token text the template writes around turns, read from the two shapes
+        of prompt the mesh renders (a user turn opening the model's; a user and an assistant
+        turn, closed). A template that cannot write them is refused: nothing could be defused."""
+        user, assistant = {"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}
+        written = []
+        for turns, opened in (([user], True), ([user, assistant], False)):
+            try:
+                written.append(self._template.render(messages=turns, add_generation_prompt=opened, bos_token="", eos_token=""))
+            except Exception as exc:  # a template's own raise_exception, or any error it makes
+                raise ConfigError(f"chat template {self.name}: cannot write a user and an assistant turn ({exc})") from None
+        return set(_MARKER.findall("\n".join(written).replace(_PROBE, "\n")))
+
+    def add_markers(self, texts) -> None:
+        """Defuse these texts in turn text too: an engine's control tokens, which its tokenizer
+        reads as such wherever they appear in the prompt (whitespace alone never is one)."""
+        self.markers = self.markers | {t for t in texts if t and not t.isspace()}
+        lengths: dict[str, set[int]] = {}
+        for marker in self.markers:
+            lengths.setdefault(marker[0], set()).add(len(marker))
+        self._lengths = {first: sorted(found, reverse=True) for first, found in lengths.items()}
+        self._starts = re.compile("[" + re.escape("".join(self._lengths)) + "]") if self._lengths else None
 
     def defuse(self, text: str) -> str:
-        """``text`` with every turn marker of this template broken by a word joiner."""
-        while any(marker in text for marker in self.markers):
-            for marker in self.markers:
-                text = text.replace(marker, marker[0] + _JOINER + marker[1:])
-        return text
+        """``text`` with every marker in it broken by a word joiner after its first character."""
+        if self._starts is None:
+            return text
+        while True:
+            pieces, at = [], 0
+            for found in self._starts.finditer(text):
+                i = found.start()
+                if i < at:
+                    continue
+                length = next((n for n in self._lengths[text[i]] if text[i : i + n] in self.markers), 0)
+                if length:
+                    pieces += [text[at : i + 1], _JOINER]
+                    at = i + 1
+            if not pieces:
+                return text
+            text = "".join(pieces) + text[at:]
 
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
         """The turns as the model reads them; with ``add_generation_prompt`` the model's turn is

@@ -276,13 +276,24 @@ class LlamaEngine:
 
     def _chat_template(self, configured: str) -> ChatTemplate:
         """The model's own template (GGUF ``tokenizer.chat_template``), else the shipped template
-        of its architecture; a configured name or path overrides both."""
+        of its architecture; a configured name or path overrides both. Every special token of
+        the vocabulary is defused in turn text: the prompt is tokenized with them parsed."""
+        template = self._choose_template(configured)
+        template.add_markers(self._special_token_texts())
+        return template
+
+    def _choose_template(self, configured: str) -> ChatTemplate:
         if configured != "auto":
             return ChatTemplate.named(configured)
+        architecture = self._meta("general.architecture") or ""
         source = self._meta("tokenizer.chat_template")
         if source:
-            return ChatTemplate(source, "gguf")
-        architecture = self._meta("general.architecture") or ""
+            try:
+                return ChatTemplate(source, "gguf")
+            except ConfigError as exc:
+                if ChatTemplate.for_model(architecture) is None:
+                    raise
+                log.warning("%s; using the shipped template of the %s family instead", exc, architecture)
         found = ChatTemplate.for_model(architecture)
         if found is None:
             raise ConfigError(
@@ -290,6 +301,17 @@ class LlamaEngine:
                 "none ships for its family; name one or give a Jinja file"
             )
         return found
+
+    def _special_token_texts(self) -> list[str]:
+        """The text of every control token, which llama.cpp reads as one only when it parses a
+        prompt's special tokens. User-defined tokens (Gemma's whole HTML tags) are plain text:
+        the tokenizer makes them from a caller's text either way, and they open no turn."""
+        special = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_UNKNOWN
+        return [
+            C.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+            for token in range(self._n_vocab)
+            if C.llama_vocab_get_attr(self._vocab, token) & special
+        ]
 
     def _read_kv_geometry(self) -> KVGeometry:
         arch = self._meta("general.architecture") or "llama"
