@@ -286,6 +286,39 @@ async def test_review_service_flow(mesh):
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and info.value.details().startswith("id:")
 
 
+async def test_watch_streams_are_capped_per_tenant_and_a_closed_one_frees_its_place(mesh):
+    from rmesh.router_svc.review_servicer import MAX_WATCHES_PER_TENANT
+
+    review_id = await escalate(mesh.address("router"))
+    async with mesh.channel() as channel:
+        stub = review_pb2_grpc.ReviewServiceStub(channel)
+        request = review_pb2.WatchReviewRequest(id=review_id)
+        watches = [stub.WatchReview(request, metadata=auth("demo-key"), timeout=30) for _ in range(MAX_WATCHES_PER_TENANT)]
+        for watch in watches:  # each one is open: it has sent the pending review
+            assert (await watch.read()).review.state == review_pb2.REVIEW_STATE_PENDING
+        refused = stub.WatchReview(request, metadata=auth("demo-key"), timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refused.read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"WatchReview: {MAX_WATCHES_PER_TENANT} streams of this tenant are open" in info.value.details()
+        # The tenant's other review calls still answer, and a closed stream frees its place.
+        got = await stub.GetReview(review_pb2.GetReviewRequest(id=review_id), metadata=auth("demo-key"), timeout=5)
+        assert got.review.id == review_id
+        watches.pop().cancel()
+        for _ in range(50):
+            again = stub.WatchReview(request, metadata=auth("demo-key"), timeout=30)
+            try:
+                assert (await again.read()).review.state == review_pb2.REVIEW_STATE_PENDING
+                break
+            except grpc.aio.AioRpcError as exc:  # the cancelled stream is still closing
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("a closed watch never freed its place")
+        for watch in [*watches, again]:
+            watch.cancel()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from rmesh.api.review.v1 import review_pb2, review_pb2_grpc
-from rmesh.errors import InvalidRequest, MeshError
+from rmesh.errors import InvalidRequest, MeshError, ResourceExhausted
 from rmesh.grpc_edge import abort, abort_internal, unary_edge
 from rmesh.router_svc.policy.model import ROLE_REVIEWER
 from rmesh.router_svc.policy.store import PolicyStore
@@ -19,6 +19,9 @@ from rmesh.router_svc.core import draft_parts, outcome_of_review
 
 SERVICE_NAME = review_pb2.DESCRIPTOR.services_by_name["ReviewService"].full_name
 WATCH_INTERVAL_SECONDS = 0.2
+# Open WatchReview streams per tenant on one router. Each polls the review store, so a tenant
+# opening streams without end would starve every tenant's review calls.
+MAX_WATCHES_PER_TENANT = 16
 _STATES = {
     reviews.PENDING: review_pb2.REVIEW_STATE_PENDING,
     reviews.APPROVED: review_pb2.REVIEW_STATE_APPROVED,
@@ -85,6 +88,7 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     def __init__(self, store: reviews.ReviewStore, policies: PolicyStore) -> None:
         self.store = store
         self.policies = policies
+        self._watches: dict[str, int] = {}  # tenant -> open WatchReview streams
 
     def _caller(self, context, role: str | None = None):
         """The tenant, the key, and whose reviews it sees: a caller key only its own requests'
@@ -121,15 +125,27 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         try:
             policy, _, own = self._caller(context)
             _review_id(request.id)
-            last = None
-            while True:
-                review = await asyncio.to_thread(self.store.get, policy.tenant, request.id, own)
-                if review != last:
-                    yield review_pb2.WatchReviewResponse(review=review_to_proto(review))
-                    last = review
-                if review.state != reviews.PENDING:
-                    return
-                await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            tenant = policy.tenant
+            if self._watches.get(tenant, 0) >= MAX_WATCHES_PER_TENANT:
+                raise ResourceExhausted(
+                    f"WatchReview: {MAX_WATCHES_PER_TENANT} streams of this tenant are open on this router; "
+                    "close one, or poll GetReview"
+                )
+            self._watches[tenant] = self._watches.get(tenant, 0) + 1
+            try:
+                last = None
+                while True:
+                    review = await asyncio.to_thread(self.store.get, tenant, request.id, own)
+                    if review != last:
+                        yield review_pb2.WatchReviewResponse(review=review_to_proto(review))
+                        last = review
+                    if review.state != reviews.PENDING:
+                        return
+                    await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            finally:
+                self._watches[tenant] -= 1
+                if not self._watches[tenant]:
+                    del self._watches[tenant]
         except MeshError as exc:
             await abort(context, exc)
         except Exception as exc:
