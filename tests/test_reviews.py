@@ -177,6 +177,23 @@ def test_a_routes_history_holds_its_kinds_and_no_other_route_or_tenant(store):
     assert store.route_history(who, "maths", limit=1) == [("maths/product", ("beam", True, 300, 6))]
 
 
+def test_each_kind_keeps_only_its_newest_rung_rows(store):
+    """The prior reads a kind's newest RUNG_ROWS_KEPT attempts; older rows are deleted as new
+    ones arrive, so the table does not grow without end. Other kinds and tenants keep theirs."""
+    from rmesh.router_svc.reviews import RUNG_ROWS_KEPT
+
+    who, other = tenant(), tenant()
+    store.record_rungs([(who, "maths/sum", "best_of_n", i % 3 == 0, 1000.0 + i, i, 8) for i in range(RUNG_ROWS_KEPT - 10)])
+    store.record_rungs([(other, "maths/sum", "beam", True, 900.0, 1, 1), (who, "maths/product", "beam", False, 950.0, 2, 2)])
+    store.record_rungs([(who, "maths/sum", "best_of_n", True, 2000.0 + i, 10_000 + i, 8) for i in range(25)])
+    history = store.rung_history(who, "maths/sum", limit=10 * RUNG_ROWS_KEPT)
+    assert len(history) == RUNG_ROWS_KEPT
+    assert history[0].tokens == 10_024 and history[-1].tokens == 15  # the 15 oldest went
+    assert store.rung_history(other, "maths/sum") == [("beam", True, 1, 1)]
+    assert store.rung_history(who, "maths/product") == [("beam", False, 2, 2)]
+    assert [kind for kind, _ in store.route_history(who, "maths", limit=10 * RUNG_ROWS_KEPT)].count("maths/product") == 1
+
+
 class CountingStore:
     """A review store that records each batch, holds writes until released, can be made to fail."""
 

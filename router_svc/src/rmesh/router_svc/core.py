@@ -45,7 +45,7 @@ log = logging.getLogger("rmesh.router")
 MAX_PROBLEM_CHARS = 8000
 # The prior's history is kept in memory and re-read from the store this often.
 HISTORY_TTL_SECONDS = 30.0
-HISTORY_LIMIT = 200
+HISTORY_LIMIT = reviews_module.RUNG_ROWS_KEPT  # what the store keeps per kind
 HISTORY_KINDS = 4096
 # The prior's read never holds a Solve up longer than this; past it, the ladder starts at rung 0.
 PRIOR_TIMEOUT_SECONDS = 0.5

@@ -70,6 +70,8 @@ _MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ]),
 ]
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
+# Rung attempts kept per tenant and kind: at least what the router's prior reads (HISTORY_LIMIT).
+RUNG_ROWS_KEPT = 200
 _COLUMNS = (
     "id, tenant, state, problem, reason, evidence, policy_revision, created_at, expires_at, "
     "on_timeout, resolved_at, reviewer, comment, answer, resolution, caller, draft"
@@ -268,7 +270,9 @@ class ReviewStore:
     # -- the router's learned prior: which rung of a ladder succeeds for a tenant's task kind --
     def record_rungs(self, rows: Sequence[tuple[str, str, str, bool, float, int, int]]) -> None:
         """Many (tenant, kind, rung, success, when, tokens, samples) attempts in one transaction.
-        A kind is keyed "route/kind" (route names hold no "/"): the route is kept apart too."""
+        A kind is keyed "route/kind" (route names hold no "/"): the route is kept apart too.
+        Each kind keeps its newest RUNG_ROWS_KEPT rows; older ones are deleted with the batch
+        (the prior never reads past them, and a route's history is drawn from its kinds')."""
         with self._transaction() as cur:
             cur.executemany(
                 self._sql(
@@ -279,6 +283,14 @@ class ReviewStore:
                     (tenant, kind, rung, 1 if success else 0, when, int(tokens), int(samples), kind.partition("/")[0] if "/" in kind else "")
                     for tenant, kind, rung, success, when, tokens, samples in rows
                 ],
+            )
+            cur.executemany(
+                self._sql(
+                    "DELETE FROM rung_outcomes WHERE tenant = ? AND kind = ? AND created_at < ("
+                    "SELECT created_at FROM rung_outcomes WHERE tenant = ? AND kind = ? "
+                    "ORDER BY created_at DESC LIMIT 1 OFFSET ?)"
+                ),
+                [(tenant, kind, tenant, kind, RUNG_ROWS_KEPT - 1) for tenant, kind in {(row[0], row[1]) for row in rows}],
             )
 
     def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[Attempt]:
