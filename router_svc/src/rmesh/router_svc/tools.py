@@ -192,7 +192,7 @@ class EvidenceTools:
         except Exception:
             # Most often the expression reads evidence the caller did not send (an order id):
             # the reason names those keys, from the policy, never a value.
-            absent = sorted({p[1] for p in tool.arguments.request_paths if len(p) > 1 and p[0] == "evidence"} - present)
+            absent = sorted(tool.evidence_read - present)
             if absent:
                 raise ToolFailure("bad_arguments", f"the request has no {', '.join(absent)} to build its arguments from") from None
             raise ToolFailure("bad_arguments", "its arguments could not be built from the request") from None

@@ -201,7 +201,7 @@ def parse_policy(text: str, source: str, run_tests: bool = True) -> TenantPolicy
     # A tool's arguments are probed on a request that has every evidence key they read: then
     # anything but a map of strings is the expression's fault, whatever the error.
     for i, tool in enumerate(tools):
-        read = sorted({p[1] for p in tool.arguments.request_paths if len(p) > 1 and p[0] == "evidence"})
+        read = sorted(tool.evidence_read)
         sample = {**probe, "evidence": {**probe["evidence"], **{key: "sample" for key in read}}}
         sample["evidence_keys"] = sorted(sample["evidence"])
         try:

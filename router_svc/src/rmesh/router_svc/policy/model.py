@@ -79,6 +79,11 @@ class Tool:
     cache_ttl_seconds: float = 0.0
     credential: str = ""  # a secret's name in the tenant's own directory of tool secrets
 
+    @property
+    def evidence_read(self) -> frozenset[str]:
+        """The evidence keys the arguments expression reads (``request.evidence.KEY``)."""
+        return frozenset(path[1] for path in self.arguments.request_paths if len(path) > 1 and path[0] == "evidence")
+
 
 @dataclass(frozen=True)
 class Quotas:
