@@ -91,10 +91,6 @@ class Plan:
     why: str
     samples: int = 0  # best_of_n's N from the learned per-sample rate; 0: the route's own
 
-    @property
-    def escalate(self) -> bool:
-        return self.last > self.start
-
 
 @dataclass(frozen=True)
 class SampleEvidence:
