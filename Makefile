@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.quality
 	$(BIN)/rmesh verifier calibrate
 	$(BIN)/python -m bench.mesh
+	$(BIN)/python -m bench.hops
 
 ## buf lint with the STANDARD rules (also part of the test suite).
 lint: $(STAMP)

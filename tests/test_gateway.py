@@ -142,6 +142,7 @@ async def test_a_beam_search_continues_nodes_by_token_ids_through_the_gateway(ga
     request = SolveRequest(
         problem="What is 2 + 3?", task=TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": "7"}),)),
         strategy="beam", budget=Budget(3000, 12, 3, 60, 60), search=SearchParams(beam_width=2, branching_factor=2),
+        tenant="acme",  # one namespace for every round, as the router gives a tenant's requests
     )
     result = await core.solve(request, _no_progress)
     await engine.aclose()
