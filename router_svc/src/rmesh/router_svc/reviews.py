@@ -293,7 +293,7 @@ class ReviewStore:
                 [(tenant, kind, tenant, kind, RUNG_ROWS_KEPT - 1) for tenant, kind in {(row[0], row[1]) for row in rows}],
             )
 
-    def rung_history(self, tenant: str, kind: str, limit: int = 200) -> list[Attempt]:
+    def rung_history(self, tenant: str, kind: str, limit: int = RUNG_ROWS_KEPT) -> list[Attempt]:
         """The most recent rung attempts for this tenant and kind, newest first."""
         with self._transaction() as cur:
             cur.execute(
@@ -305,7 +305,7 @@ class ReviewStore:
             )
             return [Attempt(rung, bool(success), int(tokens), int(samples)) for rung, success, tokens, samples in cur.fetchall()]
 
-    def route_history(self, tenant: str, route: str, limit: int = 200) -> list[tuple[str, Attempt]]:
+    def route_history(self, tenant: str, route: str, limit: int = RUNG_ROWS_KEPT) -> list[tuple[str, Attempt]]:
         """The most recent rung attempts of every kind on one of this tenant's routes, newest
         first, each with its kind: what the route's other kinds lend a kind's prior."""
         with self._transaction() as cur:

@@ -8,9 +8,9 @@ Templates render in Jinja's sandbox; ``bos_token`` renders empty because the tok
 
 Turn text is a caller's (a problem, evidence) and the engines read the rendered prompt with
 special tokens parsed, so text holding the template's own turn markers would open and close
-turns of its own: a forged model turn. Every marker the template writes is defused in turn
-text: a word joiner (U+2060) after its first character, so it reads the same and tokenizes as
-plain text.
+turns of its own: a forged model turn. Every marker the template writes, and every control
+token an engine names (``add_markers``), is defused in turn text: a word joiner (U+2060) after
+its first character, so it reads the same and tokenizes as plain text.
 """
 
 from __future__ import annotations
