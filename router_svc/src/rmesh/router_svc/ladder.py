@@ -26,6 +26,7 @@ kind's own and what is lent).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -160,8 +161,10 @@ class Reading:
         return beta_quantile(OPTIMISM, alpha, beta)
 
 
+@functools.lru_cache(maxsize=4096)
 def beta_quantile(p: float, alpha: float, beta: float) -> float:
-    """The x with P(X <= x) = p for X ~ Beta(alpha, beta), by bisection on the CDF."""
+    """The x with P(X <= x) = p for X ~ Beta(alpha, beta), by bisection on the CDF. Cached:
+    the parameters are counts, so plans read the same few posteriors again and again."""
     low, high = 0.0, 1.0
     for _ in range(50):
         mid = (low + high) / 2

@@ -150,6 +150,7 @@ class SolverCore:
             numeric_answer=precheck.numeric_answer,
             tracer=self.tracer,
             live_cap=live_cap,
+            prompt=prompt,
             prompt_tokens=prompt_tokens,
             extractive_answer=extractive,
             expression_answer=precheck.expression_answer,

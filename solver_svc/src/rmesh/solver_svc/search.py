@@ -35,7 +35,6 @@ from rmesh.solver_svc.prompt import (
     RESPONSE_OPEN,
     answer_choices,
     build_grammar,
-    build_prompt,
     build_step_grammar,
     parse_response,
     quotable,
@@ -96,6 +95,7 @@ class SearchState:
     numeric_answer: bool
     tracer: trace.Tracer
     live_cap: int  # branches alive at once, after the engine's limit and the KV budget
+    prompt: str  # the request in the engine's chat template, the model's turn opened
     prompt_tokens: int
     learned_max_n: int = 0  # cap on samples when ranking by a calibrated learned score
     extractive_answer: bool = False
@@ -195,10 +195,7 @@ class SearchState:
         total = n * len(parents)
         per_branch = max(1, min(request.budget.max_tokens_per_branch, self.tokens_left // total))
         choices = answer_choices(request.task.checks)
-        base = build_prompt(
-            request.problem, request.evidence, self.numeric_answer, self.extractive_answer, self.expression_answer,
-            self.engine.chat_template, choices,
-        )
+        base = self.prompt
         generations = []
         for index, parent in enumerate(parents):
             if step:
