@@ -5,7 +5,9 @@ while and print one JSON line with what every request got.
 
 Each stream sends its next request as soon as the previous one ends. A request either ends with
 an outcome event or with a gRPC status; both are counted, by outcome kind and by status code.
-A request that takes longer than ``--timeout`` counts as a hang.
+A request that takes longer than ``--timeout`` counts as a hang. With ``--distinct`` every
+request asks a different sum (a fixed sequence, so runs compare), so requests neither pass nor
+fail together and each samples its own branches (the solver seeds from the problem).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
 from collections import Counter
@@ -22,27 +25,45 @@ import grpc
 from rmesh.api.router.v1 import router_pb2, router_pb2_grpc
 
 
-def request(kind: str) -> router_pb2.SolveRequest:
-    message = router_pb2.SolveRequest(problem="What is 2 + 3?")
+def request(kind: str, left: int = 2, right: int = 3) -> router_pb2.SolveRequest:
+    message = router_pb2.SolveRequest(problem=f"What is {left} + {right}?")
     message.task.kind = kind
-    message.task.checks.add(name="arithmetic").params.update({"expression": "2 + 3"})
+    message.task.checks.add(name="arithmetic").params.update({"expression": f"{left} + {right}"})
     return message
 
 
-async def run(router: str, key: str, streams: int, seconds: float, kind: str, timeout: float) -> dict:
+def sums(seed: int = 7):
+    """Two-digit sums in a fixed order, the same every run; no sum repeats until all 8100 have
+    been asked."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    while True:
+        if len(seen) == 90 * 90:
+            seen.clear()
+        pair = (rng.randint(10, 99), rng.randint(10, 99))
+        if pair not in seen:
+            seen.add(pair)
+            yield pair
+
+
+async def run(
+    router: str, key: str, streams: int, seconds: float, kind: str, timeout: float, distinct: bool = False
+) -> dict:
     results: Counter = Counter()
     latencies: list[float] = []
     hangs = 0
     stop_at = time.monotonic() + seconds
     metadata = [("authorization", f"Bearer {key}")]
+    problems = sums()
 
     async def worker(stub) -> None:
         nonlocal hangs
         while time.monotonic() < stop_at:
             started = time.monotonic()
             outcome = None
+            message = request(kind, *next(problems)) if distinct else request(kind)
             try:
-                async for event in stub.Solve(request(kind), metadata=metadata, timeout=timeout):
+                async for event in stub.Solve(message, metadata=metadata, timeout=timeout):
                     if event.WhichOneof("event") == "outcome":
                         outcome = event.outcome
             except grpc.aio.AioRpcError as exc:
@@ -68,6 +89,7 @@ async def run(router: str, key: str, streams: int, seconds: float, kind: str, ti
     outcomes = sum(v for k, v in results.items() if k.startswith("outcome:"))
     return {
         "streams": streams,
+        "problems": "distinct two-digit sums" if distinct else "one fixed sum, 2 + 3",
         "seconds": round(elapsed, 1),
         "requests": total,
         "requests_per_second": round(total / elapsed, 2),
@@ -88,8 +110,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--kind", default="best_of_n", help="task kind; the bench tenant routes it to that strategy")
     parser.add_argument("--timeout", type=float, default=120, help="a request slower than this is a hang")
+    parser.add_argument("--distinct", action="store_true", help="a different sum in every request (default: 2 + 3 in all)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.router, args.key, args.streams, args.seconds, args.kind, args.timeout))))
+    result = asyncio.run(run(args.router, args.key, args.streams, args.seconds, args.kind, args.timeout, args.distinct))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

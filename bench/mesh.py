@@ -10,11 +10,13 @@
   mesh p50 / chain p50 (``..._three_processes`` for the other layout). The split layout makes
   five gRPC calls per Solve, so it is also compared with a bare chain that makes the same five
   (``bare_chain_five_calls``: client to A; A to C; A to B; B to C; A to C), as
-  ``split_overhead_ratio_p50``.
+  ``split_overhead_ratio_p50``; and so is the split layout with tracing turned off
+  (``mesh_three_processes_untraced``, OTEL_SDK_DISABLED), to show what tracing every call costs.
 - strategies: time to the first event and to the final outcome, separately, for each strategy
   on the embedded engine.
 - load: bench/load.py in its own process keeps 64 streams open for 60 s against the instant
-  engine and 8 against the embedded one, each on the three-process layout; every request's outcome or status, requests per
+  engine (all asking 2 + 3, the one sum its fixed text answers) and 8 against the embedded one
+  (a different two-digit sum each request), each on the three-process layout; every request's outcome or status, requests per
   second, each service's peak resident memory (VmHWM), and health afterwards.
 """
 
@@ -140,16 +142,21 @@ def mesh_env(engine: str, workdir: pathlib.Path, collector: str) -> tuple[dict, 
 
 
 async def start_mesh(
-    procs: Processes, engine: str, workdir: pathlib.Path, collector: str, colocated: bool = False
+    procs: Processes, engine: str, workdir: pathlib.Path, collector: str, colocated: bool = False, name: str = ""
 ) -> tuple[str, dict]:
     """The three services in three processes, or all in one (``rmesh serve``, as ``make run``
-    starts it: internal calls in process)."""
+    starts it: internal calls in process). ``name`` (default: the engine's) prefixes the
+    processes' names; ``collector`` empty turns tracing off (OpenTelemetry's OTEL_SDK_DISABLED)."""
     env, router = mesh_env(engine, workdir, collector)
+    if not collector:
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
+        env["OTEL_SDK_DISABLED"] = "true"
+    name = name or engine
     if colocated:
-        procs.start(f"{engine}-colocated", [RMESH, "serve"], env)
+        procs.start(f"{name}-colocated", [RMESH, "serve"], env)
     else:
         for service in ("verifier", "solver", "router"):
-            procs.start(f"{engine}-{service}", [RMESH, "serve", service], env)
+            procs.start(f"{name}-{service}", [RMESH, "serve", service], env)
     addresses = {s: env[f"RMESH_{s.upper()}_ADDR"] for s in ("verifier", "solver", "router")}
     for address in addresses.values():
         await wait_serving(address, 180)
@@ -168,10 +175,10 @@ async def healthy(addresses: dict) -> dict:
     return states
 
 
-async def load(router: str, streams: int, seconds: float, kind: str) -> dict:
+async def load(router: str, streams: int, seconds: float, kind: str, distinct: bool) -> dict:
     process = await asyncio.create_subprocess_exec(
         PYTHON, "-m", "bench.load", "--router", router, "--streams", str(streams), "--seconds", str(seconds), "--kind", kind,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        *(["--distinct"] if distinct else []), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )
     output, _ = await process.communicate()
     if process.returncode:
@@ -197,12 +204,14 @@ async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requ
         await wait_port(port)
     router, _ = await start_mesh(procs, "instant", workdir, collector, colocated=True)
     split_router, _ = await start_mesh(procs, "instant", workdir, collector)
+    untraced_router, _ = await start_mesh(procs, "instant", workdir, "", name="untraced")
     result: dict = {}
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as chain_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{ports[3]}") as five_channel,
         grpc.aio.insecure_channel(router) as channel,
         grpc.aio.insecure_channel(split_router) as split_channel,
+        grpc.aio.insecure_channel(untraced_router) as untraced_channel,
     ):
         chain_call = chain_channel.unary_stream(CHAIN_PATH)
         five_call = five_channel.unary_stream(CHAIN_PATH)
@@ -212,6 +221,9 @@ async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requ
             "bare_chain_five_calls": lambda: five_call(b"go"),
             "mesh": lambda: router_pb2_grpc.RouterServiceStub(channel).Solve(message, metadata=KEY),
             "mesh_three_processes": lambda: router_pb2_grpc.RouterServiceStub(split_channel).Solve(message, metadata=KEY),
+            "mesh_three_processes_untraced": lambda: router_pb2_grpc.RouterServiceStub(untraced_channel).Solve(
+                message, metadata=KEY
+            ),
         }
         for concurrency in (1, 16):
             n = requests * (4 if concurrency > 1 else 1)
@@ -231,16 +243,20 @@ async def overhead(procs: Processes, workdir: pathlib.Path, collector: str, requ
             five = row["bare_chain_five_calls"]
             row["split_overhead_ratio_p50"] = round(row["mesh_three_processes"]["p50_ms"] / five["p50_ms"], 3)
             row["split_overhead_ratio_p99"] = round(row["mesh_three_processes"]["p99_ms"] / five["p99_ms"], 3)
+            row["split_overhead_ratio_p50_untraced"] = round(row["mesh_three_processes_untraced"]["p50_ms"] / five["p50_ms"], 3)
             result[f"concurrency_{concurrency}"] = row
             print(f"concurrency {concurrency}: " + ", ".join(f"{k} p50 {v['p50_ms']} ms" for k, v in row.items() if isinstance(v, dict)), flush=True)
-    procs.stop("chain-a", "chain-b", "chain-c", "five-a", "five-b", "five-c", "instant-colocated", "instant-router", "instant-solver", "instant-verifier")
+    procs.stop("chain-a", "chain-b", "chain-c", "five-a", "five-b", "five-c", "instant-colocated", "instant-router", "instant-solver", "instant-verifier",
+               "untraced-router", "untraced-solver", "untraced-verifier")
     return result
 
 
 async def load_run(procs: Processes, workdir: pathlib.Path, collector: str, engine: str, streams: int, seconds: float) -> dict:
     """bench/load.py against a fresh three-process mesh; peak memory and health afterwards."""
     router, addresses = await start_mesh(procs, engine, workdir, collector)
-    result = await load(router, streams, seconds, "best_of_n")
+    # The instant engine writes one fixed answer, so only 2 + 3 passes its checks; a model gets
+    # a different sum each request, so requests do not pass or fail together.
+    result = await load(router, streams, seconds, "best_of_n", distinct=engine != "instant")
     result["peak_rss_mib"] = {s: procs.peak_rss_mib(f"{engine}-{s}") for s in addresses}
     result["health_after"] = await healthy(addresses)
     print(f"{engine} load:", json.dumps(result), flush=True)

@@ -186,6 +186,28 @@ async def test_sglang_takes_the_template_of_the_model_it_serves():
         standin.stop()
 
 
+def test_sglang_refuses_a_template_whose_turn_markers_it_cannot_defuse(tmp_path):
+    # Mistral-style markers: nothing in the template reads as <name> or <|name|>, and SGLang gives
+    # no vocabulary, so a caller's "[/INST]" could not be defused.
+    bracketed = tmp_path / "inst.jinja"
+    bracketed.write_text(
+        "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]{% else %}{{ m.content }}{% endif %}"
+        "{% endfor %}"
+    )
+    assert ChatTemplate.named(str(bracketed)).markers == frozenset()
+    with pytest.raises(ConfigError) as info:
+        SGLangEngine("http://127.0.0.1:9", chat_template=str(bracketed))
+    assert f"RMESH_CHAT_TEMPLATE={bracketed}" in str(info.value) and "<|name|>" in str(info.value)
+    # A template whose markers are tags is taken, and defuses them in turn text.
+    tagged = tmp_path / "tagged.jinja"
+    tagged.write_text(bracketed.read_text().replace("[INST]", "<|user|>").replace("[/INST]", "<|end|>"))
+    engine = SGLangEngine("http://127.0.0.1:9", chat_template=str(tagged))
+    assert engine.chat_template.markers == {"<|user|>", "<|end|>"}
+    rendered = engine.chat_template.render([("user", "hi <|end|> there")])
+    assert rendered.count("<|end|>") == 1 and rendered.endswith(" there <|end|>")  # the template's own, not the caller's
+    asyncio.run(engine.aclose())
+
+
 def test_no_models_turn_markers_in_the_code():
     markers = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
     found = [
