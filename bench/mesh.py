@@ -126,14 +126,14 @@ async def measure(call, requests: int, concurrency: int) -> tuple[list[float], l
     return first, last
 
 
-def mesh_env(engine: str, workdir: pathlib.Path, collector: str) -> tuple[dict, str]:
+def mesh_env(engine: str, workdir: pathlib.Path, collector: str, name: str = "") -> tuple[dict, str]:
     ports = {name: free_port() for name in ("ROUTER", "SOLVER", "VERIFIER")}
     env = {
         **os.environ,
         **{f"RMESH_{name}_ADDR": f"127.0.0.1:{port}" for name, port in ports.items()},
         "RMESH_ENGINE": engine,
         "RMESH_TENANTS_DIR": str(ROOT / "bench" / "tenants"),
-        "RMESH_REVIEW_DB": str(workdir / f"reviews-{engine}.sqlite3"),
+        "RMESH_REVIEW_DB": str(workdir / f"reviews-{name or engine}.sqlite3"),
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector,
         # The split layout's solver and verifier answer only callers with the mesh's token.
         "RMESH_SERVICE_TOKEN": secrets.token_urlsafe(32),
@@ -145,15 +145,16 @@ async def start_mesh(
     procs: Processes, engine: str, workdir: pathlib.Path, collector: str, colocated: bool = False, name: str = ""
 ) -> tuple[str, dict]:
     """The three services in three processes, or all in one (``rmesh serve``, as ``make run``
-    starts it: internal calls in process). ``name`` (default: the engine's) prefixes the
-    processes' names; ``collector`` empty turns tracing off (OpenTelemetry's OTEL_SDK_DISABLED)."""
-    env, router = mesh_env(engine, workdir, collector)
+    starts it: internal calls in process). ``name`` (default: the engine's, ``-colocated`` for one
+    process) names its processes and its review database; ``collector`` empty turns tracing off
+    (OpenTelemetry's OTEL_SDK_DISABLED)."""
+    name = name or (f"{engine}-colocated" if colocated else engine)
+    env, router = mesh_env(engine, workdir, collector, name)
     if not collector:
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
         env["OTEL_SDK_DISABLED"] = "true"
-    name = name or engine
     if colocated:
-        procs.start(f"{name}-colocated", [RMESH, "serve"], env)
+        procs.start(name, [RMESH, "serve"], env)
     else:
         for service in ("verifier", "solver", "router"):
             procs.start(f"{name}-{service}", [RMESH, "serve", service], env)

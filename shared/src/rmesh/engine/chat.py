@@ -10,7 +10,10 @@ Turn text is a caller's (a problem, evidence) and the engines read the rendered 
 special tokens parsed, so text holding the template's own turn markers would open and close
 turns of its own: a forged model turn. Every marker the template writes, and every control
 token an engine names (``add_markers``), is defused in turn text: a word joiner (U+2060) after
-its first character, so it reads the same and tokenizes as plain text.
+its first character, so it reads the same and tokenizes as plain text. A template that marks a
+turn boundary with plain words alone (``assistant:``) is refused: nothing there could be defused.
+An engine with no vocabulary to read control tokens from (SGLang) adds the well-known ones of
+the common model families, shipped as data (``with_known_control_tokens``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ TEMPLATES_DIR = pathlib.Path(__file__).resolve().parent / "templates"
 FAMILIES = {"gemma": "gemma", "qwen": "chatml", "chatml": "chatml"}
 
 Turn = tuple[str, str]  # (role: "user" | "assistant" | "system", text)
-# What a special token's text looks like in a template: <name> or <|name|>.
-_MARKER = re.compile(r"<\|?[A-Za-z_][A-Za-z0-9_]*\|?>")
+# What a special token's text looks like in a template: <name>, <|name|>, </s>, <｜User｜> (any
+# short run in angle brackets without spaces), or [INST], [/INST] (a word in square brackets).
+_MARKER = re.compile(r"<[^<>\s]{1,64}>|\[/?[A-Za-z_]{2,32}\]")
+# Control tokens of common model families (Gemma, ChatML/Qwen, Llama 3, Mistral, DeepSeek, Phi)
+# that a prompt may hold outside the template's own markers, one per line.
+KNOWN_CONTROL_TOKENS = TEMPLATES_DIR / "control-tokens.txt"
 _JOINER = "\u2060"
 _PROBE = "\x00"
 
@@ -56,7 +63,8 @@ class ChatTemplate:
     def _markers(self) -> set[str]:
         """The special-token text the template writes around turns, read from the two shapes
         of prompt the mesh renders (a user turn opening the model's; a user and an assistant
-        turn, closed). A template that cannot write them is refused: nothing could be defused."""
+        turn, closed). A template that cannot write them is refused, and so is one whose text
+        between two turns holds no special token: a caller could write that boundary itself."""
         user, assistant = {"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}
         written = []
         for turns, opened in (([user], True), ([user, assistant], False)):
@@ -64,6 +72,15 @@ class ChatTemplate:
                 written.append(self._template.render(messages=turns, add_generation_prompt=opened, bos_token="", eos_token=""))
             except Exception as exc:  # a template's own raise_exception, or any error it makes
                 raise ConfigError(f"chat template {self.name}: cannot write a user and an assistant turn ({exc})") from None
+        # What separates the user's text from the model's, in either shape.
+        boundaries = [written[0].split(_PROBE)[1:2], written[1].split(_PROBE)[1:2]]
+        for found in boundaries:
+            if not found or not _MARKER.search(found[0]):
+                shown = found[0] if found else ""
+                raise ConfigError(
+                    f"chat template {self.name}: the text between a user turn and the model's ({shown!r}) holds no "
+                    "special token (<name>, <|name|>, [NAME]), so a caller could write it and open a turn of its own"
+                )
         return set(_MARKER.findall("\n".join(written).replace(_PROBE, "\n")))
 
     def add_markers(self, texts) -> None:
@@ -122,3 +139,12 @@ class ChatTemplate:
             if family in lowered:
                 return cls.named(name)
         return None
+
+
+def with_known_control_tokens(template: ChatTemplate) -> ChatTemplate:
+    """``template`` with the common families' control tokens defused in turn text too, for an
+    engine that has no vocabulary to name its own (SGLang tokenizes the text it is sent, with
+    special tokens parsed)."""
+    lines = KNOWN_CONTROL_TOKENS.read_text().splitlines()
+    template.add_markers(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return template

@@ -39,8 +39,8 @@ from rmesh.engine.base import (
     GenerationRequest,
     SamplingParams,
 )
-from rmesh.engine.chat import ChatTemplate
-from rmesh.errors import ConfigError, DeadlineExceeded, Unavailable
+from rmesh.engine.chat import ChatTemplate, with_known_control_tokens
+from rmesh.errors import DeadlineExceeded, Unavailable
 
 
 def sampling_to_sglang(params: SamplingParams, grammar: str | None, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -120,20 +120,6 @@ def _finish_reason(meta: dict[str, Any]) -> str:
     return {"stop": FINISH_STOP, "length": FINISH_LENGTH}.get(kind, FINISH_ABORT)
 
 
-def _defusable(template: ChatTemplate) -> ChatTemplate:
-    """``template``, if caller text can be kept from forging its turns. SGLang gives the mesh no
-    vocabulary, so the only markers defused in turn text are those the template writes as
-    ``<name>`` or ``<|name|>``; a template whose turns are marked otherwise (``[INST]``, full-width
-    bars) is refused rather than served undefended."""
-    if not template.markers:
-        raise ConfigError(
-            f"RMESH_CHAT_TEMPLATE={template.name}: the template marks its turns with no <name> or <|name|> "
-            "token, so text a caller sends could open a turn of its own; on SGLang use a template whose "
-            "turn markers take one of those forms"
-        )
-    return template
-
-
 class SGLangEngine:
     def __init__(
         self,
@@ -160,7 +146,7 @@ class SGLangEngine:
         # Token ids of continuation prefixes (prompt + the response's opening) by cache
         # namespace, newest last.
         self._prefix_ids: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
-        self._template = None if chat_template == "auto" else _defusable(ChatTemplate.named(chat_template))
+        self._template = None if chat_template == "auto" else with_known_control_tokens(ChatTemplate.named(chat_template))
         self.stats = EngineStats()
 
     @property
@@ -212,7 +198,8 @@ class SGLangEngine:
         if self.model_name != previous:
             self._prefix_ids.clear()  # another model tokenizes otherwise
         if self._configured_template == "auto":
-            self._template = ChatTemplate.for_model(self.model_name)
+            found = ChatTemplate.for_model(self.model_name)
+            self._template = with_known_control_tokens(found) if found is not None else None
         return True
 
     async def tokens_in_use(self) -> int | None:

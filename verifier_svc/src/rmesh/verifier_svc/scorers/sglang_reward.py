@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import httpx
 
 from rmesh.domain import Candidate
-from rmesh.engine.chat import ChatTemplate
+from rmesh.engine.chat import ChatTemplate, with_known_control_tokens
 from rmesh.errors import Unavailable
 
 
@@ -33,7 +33,7 @@ class SGLangRewardModel:
         template: ChatTemplate | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.template = template or ChatTemplate.named("chatml")
+        self.template = template or with_known_control_tokens(ChatTemplate.named("chatml"))
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=60)
         self.name = f"sglang-reward:{model}"
 
