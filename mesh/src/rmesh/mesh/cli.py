@@ -243,8 +243,12 @@ def _review(args: argparse.Namespace) -> int:
     with _client(key) as mesh:
         try:
             if args.review_command == "list":
-                for review in mesh.list_reviews(args.state, timeout=30):
+                reviews = mesh.list_reviews(args.state, timeout=30)
+                for review in reviews:
                     print(show(review))
+                if not reviews:
+                    # On stderr: a script reading stdout still gets no lines for no reviews.
+                    print(f"no {args.state + ' ' if args.state else ''}reviews for this key's tenant", file=sys.stderr)
             elif args.review_command == "show":
                 print(show(mesh.get_review(args.id, timeout=30)))
             else:
