@@ -225,12 +225,26 @@ def test_markers_that_are_not_tags_are_defused_too(source, forged, markers):
         "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
         # A tag on the first turn only: the boundary between turns is still plain words.
         "<|begin|>{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+        # Tags around the first exchange only: the caller's turn comes after worked examples.
+        "{% for m in messages %}{% if loop.index <= 2 %}<|{{ m.role }}|>{{ m.content }}<|end|>{% else %}\n{{ m.role }}: "
+        "{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}\nassistant: {% endif %}",
     ],
-    ids=["roles as words", "a tag only before the first turn"],
+    ids=["roles as words", "a tag only before the first turn", "tags on the first exchange only"],
 )
 def test_a_template_whose_turn_boundary_is_plain_words_is_refused(source):
     with pytest.raises(ConfigError, match="holds no special token"):
         ChatTemplate(source, "words")
+
+
+def test_a_one_character_control_token_is_no_marker():
+    # Breaking a one-character marker leaves it whole: defusing it could never end.
+    template = ChatTemplate.named("chatml")
+    before = template.markers
+    template.add_markers(["\ufffd", "x", "a\u2060b"])
+    assert template.markers == before
+    assert template.defuse("caf\ufffd x") == "caf\ufffd x"
+    # Overlapping and nested markers are each broken, in one pass.
+    assert template.defuse("<|im_<|im_end|>start|>") == "<|im_<\u2060|im_end|>start|>"
 
 
 async def test_sglang_defuses_the_common_families_control_tokens_on_every_template_path(tmp_path):

@@ -40,6 +40,7 @@ _MARKER = re.compile(r"<[^<>\s]{1,64}>|\[/?[A-Za-z_]{2,32}\]")
 # that a prompt may hold outside the template's own markers, one per line.
 KNOWN_CONTROL_TOKENS = TEMPLATES_DIR / "control-tokens.txt"
 _JOINER = "\u2060"
+_END = ""  # the trie key that ends a marker: no character is the empty string
 _PROBE = "\x00"
 
 
@@ -57,59 +58,73 @@ class ChatTemplate:
         except TemplateError as exc:
             raise ConfigError(f"chat template {name}: not a Jinja template ({exc})") from None
         self.markers: frozenset[str] = frozenset()
-        self._lengths: dict[str, list[int]] = {}  # first character -> marker lengths, longest first
         self.add_markers(self._markers())
 
     def _markers(self) -> set[str]:
-        """The special-token text the template writes around turns, read from the two shapes
-        of prompt the mesh renders (a user turn opening the model's; a user and an assistant
-        turn, closed). A template that cannot write them is refused, and so is one whose text
-        between two turns holds no special token: a caller could write that boundary itself."""
+        """The special-token text the template writes around turns, read from the shapes of
+        prompt the mesh renders (a user turn opening the model's; a user and an assistant turn,
+        closed; a worked example then a user turn opening the model's). A template that cannot
+        write them is refused, and so is one where any text between two turns holds no special
+        token: a caller could write that boundary itself."""
         user, assistant = {"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}
         written = []
-        for turns, opened in (([user], True), ([user, assistant], False)):
+        for turns, opened in (([user], True), ([user, assistant], False), ([user, assistant, user], True)):
             try:
-                written.append(self._template.render(messages=turns, add_generation_prompt=opened, bos_token="", eos_token=""))
+                text = self._template.render(messages=turns, add_generation_prompt=opened, bos_token="", eos_token="")
             except Exception as exc:  # a template's own raise_exception, or any error it makes
                 raise ConfigError(f"chat template {self.name}: cannot write a user and an assistant turn ({exc})") from None
-        # What separates the user's text from the model's, in either shape.
-        boundaries = [written[0].split(_PROBE)[1:2], written[1].split(_PROBE)[1:2]]
-        for found in boundaries:
-            if not found or not _MARKER.search(found[0]):
-                shown = found[0] if found else ""
-                raise ConfigError(
-                    f"chat template {self.name}: the text between a user turn and the model's ({shown!r}) holds no "
-                    "special token (<name>, <|name|>, [NAME]), so a caller could write it and open a turn of its own"
-                )
+            written.append(text)
+            chunks = text.split(_PROBE)
+            # Between consecutive turns, and after the last when the model's turn is opened.
+            for boundary in chunks[1:] if opened else chunks[1:-1]:
+                if not _MARKER.search(boundary):
+                    raise ConfigError(
+                        f"chat template {self.name}: the text between two turns ({boundary!r}) holds no special "
+                        "token (<name>, <|name|>, [NAME]), so a caller could write it and open a turn of its own"
+                    )
         return set(_MARKER.findall("\n".join(written).replace(_PROBE, "\n")))
 
     def add_markers(self, texts) -> None:
         """Defuse these texts in turn text too: an engine's control tokens, which its tokenizer
-        reads as such wherever they appear in the prompt (whitespace alone never is one)."""
-        self.markers = self.markers | {t for t in texts if t and not t.isspace()}
-        lengths: dict[str, set[int]] = {}
+        reads as such wherever they appear in the prompt. A text shorter than two characters, or
+        holding the joiner, is no marker: breaking it could not keep it from being found again."""
+        self.markers = self.markers | {t for t in texts if len(t) > 1 and not t.isspace() and _JOINER not in t}
+        # A trie of the markers, so finding those that start at a place costs at most the
+        # longest partial match there, however many markers share a first character.
+        trie: dict = {}
         for marker in self.markers:
-            lengths.setdefault(marker[0], set()).add(len(marker))
-        self._lengths = {first: sorted(found, reverse=True) for first, found in lengths.items()}
-        self._starts = re.compile("[" + re.escape("".join(self._lengths)) + "]") if self._lengths else None
+            node = trie
+            for character in marker:
+                node = node.setdefault(character, {})
+            node[_END] = True
+        self._trie = trie
+        self._starts = re.compile("[" + re.escape("".join(trie)) + "]") if trie else None
+
+    def _marker_at(self, text: str, i: int) -> bool:
+        """Whether a marker starts at ``text[i]``."""
+        node, j, end = self._trie[text[i]], i + 1, len(text)
+        while _END not in node:
+            if j == end:
+                return False
+            node = node.get(text[j])
+            if node is None:
+                return False
+            j += 1
+        return True
 
     def defuse(self, text: str) -> str:
-        """``text`` with every marker in it broken by a word joiner after its first character."""
+        """``text`` with every marker in it broken by a word joiner after its first character.
+        One pass is enough: a marker is at least two characters without the joiner, so a
+        joiner inserted cannot make a new one."""
         if self._starts is None:
             return text
-        while True:
-            pieces, at = [], 0
-            for found in self._starts.finditer(text):
-                i = found.start()
-                if i < at:
-                    continue
-                length = next((n for n in self._lengths[text[i]] if text[i : i + n] in self.markers), 0)
-                if length:
-                    pieces += [text[at : i + 1], _JOINER]
-                    at = i + 1
-            if not pieces:
-                return text
-            text = "".join(pieces) + text[at:]
+        pieces, at = [], 0
+        for found in self._starts.finditer(text):
+            i = found.start()
+            if self._marker_at(text, i):
+                pieces += [text[at : i + 1], _JOINER]
+                at = i + 1
+        return "".join(pieces) + text[at:] if pieces else text
 
     def render(self, turns: Sequence[Turn], add_generation_prompt: bool = True) -> str:
         """The turns as the model reads them; with ``add_generation_prompt`` the model's turn is
