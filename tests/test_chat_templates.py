@@ -159,14 +159,46 @@ def test_the_packaged_gguf_carries_no_template_so_its_architectures_is_used(engi
     assert engine.chat_template.name == "gemma"
 
 
-def test_rmesh_chat_template_overrides_the_models():
-    engine = LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="chatml")
+def test_rmesh_chat_template_overrides_the_models(tmp_path):
+    own = tmp_path / "gemma-terse.jinja"
+    own.write_text((TEMPLATES_DIR / "gemma.jinja").read_text())
+    engine = LlamaEngine.load(n_ctx=512, max_branches=1, chat_template=str(own))
     try:
-        assert engine.chat_template.name == "chatml"
+        assert engine.chat_template.name == str(own)
     finally:
         asyncio.run(engine.aclose())
     with pytest.raises(ConfigError):
         LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="nosuch")
+    # Another family's markers are plain text to this model: a caller could write them too.
+    with pytest.raises(ConfigError, match="holds none of the model's control tokens"):
+        LlamaEngine.load(n_ctx=512, max_branches=1, chat_template="chatml")
+
+
+def test_a_gguf_template_marked_with_ordinary_tags_gives_way_to_its_familys(engine, monkeypatch):
+    tagged = (
+        "{% for m in messages %}<p>{{ m.role }}<br>{{ m.content }}</p>{% endfor %}"
+        "{% if add_generation_prompt %}<p>model<br>{% endif %}"
+    )
+    monkeypatch.setattr(type(engine), "_meta", lambda self, key: tagged if key == "tokenizer.chat_template" else "gemma3")
+    assert ChatTemplate(tagged, "gguf").markers  # it passes the shape check alone
+    assert engine._chat_template("auto").name == "gemma"
+
+
+@pytest.mark.parametrize(
+    "served, family",
+    [
+        ("google/gemma-3-270m-it", "gemma"),
+        ("gemma3", "gemma"),
+        ("Qwen/Qwen2.5-7B-Instruct", "chatml"),
+        ("qwen2", "chatml"),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", None),  # DeepSeek's turns, not Qwen's
+        ("meta-llama/Llama-3.1-8B-Instruct", None),
+        ("mistralai/Mistral-7B-Instruct-v0.3", None),
+    ],
+)
+def test_a_model_gets_its_familys_template_or_none_never_another_familys(served, family):
+    found = ChatTemplate.for_model(served)
+    assert (found.name if found else None) == family
 
 
 async def test_sglang_takes_the_template_of_the_model_it_serves():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 import pytest
@@ -26,12 +27,16 @@ FULFILLMENT_EVIDENCE = {
 
 
 def arithmetic(expression: str, strategy: str, budget: Budget, search: SearchParams = SearchParams()) -> SolveRequest:
+    """A request under a tenant of its own. The engine reuses KV only within a tenant, and a
+    prompt copied from another test's call is not bit-identical to one read afresh, so sampled
+    text would depend on which tests ran before this one in the shared session."""
     return SolveRequest(
         problem=f"What is {expression}?",
         task=TaskSpec("arithmetic", (CheckSpec("arithmetic", {"expression": expression}),)),
         strategy=strategy,
         budget=budget,
         search=search,
+        tenant=f"test-{uuid.uuid4().hex[:12]}",
     )
 
 

@@ -31,6 +31,9 @@ TEMPLATES_DIR = pathlib.Path(__file__).resolve().parent / "templates"
 # Model families (a GGUF's general.architecture, or words in a served model's path) and the
 # shipped template each uses.
 FAMILIES = {"gemma": "gemma", "qwen": "chatml", "chatml": "chatml"}
+# Families with no shipped template. A path naming one of them is never matched to another
+# family it also names: DeepSeek-R1-Distill-Qwen writes DeepSeek's turns, not Qwen's.
+UNSHIPPED_FAMILIES = ("deepseek", "mistral", "mixtral", "llama", "phi", "zephyr")
 
 Turn = tuple[str, str]  # (role: "user" | "assistant" | "system", text)
 # What a special token's text looks like in a template: <name>, <|name|>, </s>, <｜User｜> (any
@@ -58,6 +61,7 @@ class ChatTemplate:
         except TemplateError as exc:
             raise ConfigError(f"chat template {name}: not a Jinja template ({exc})") from None
         self.markers: frozenset[str] = frozenset()
+        self.boundaries: tuple[str, ...] = ()  # the text the template writes between turns
         self.add_markers(self._markers())
 
     def _markers(self) -> set[str]:
@@ -67,7 +71,7 @@ class ChatTemplate:
         write them is refused, and so is one where any text between two turns holds no special
         token: a caller could write that boundary itself."""
         user, assistant = {"role": "user", "content": _PROBE}, {"role": "assistant", "content": _PROBE}
-        written = []
+        written, boundaries = [], []
         for turns, opened in (([user], True), ([user, assistant], False), ([user, assistant, user], True)):
             try:
                 text = self._template.render(messages=turns, add_generation_prompt=opened, bos_token="", eos_token="")
@@ -77,12 +81,27 @@ class ChatTemplate:
             chunks = text.split(_PROBE)
             # Between consecutive turns, and after the last when the model's turn is opened.
             for boundary in chunks[1:] if opened else chunks[1:-1]:
+                boundaries.append(boundary)
                 if not _MARKER.search(boundary):
                     raise ConfigError(
                         f"chat template {self.name}: the text between two turns ({boundary!r}) holds no special "
                         "token (<name>, <|name|>, [NAME]), so a caller could write it and open a turn of its own"
                     )
+        self.boundaries = tuple(dict.fromkeys(boundaries))
         return set(_MARKER.findall("\n".join(written).replace(_PROBE, "\n")))
+
+    def require_control_tokens(self, tokens) -> None:
+        """Refuse this template for a model unless every boundary between turns holds one of the
+        model's control ``tokens``: markers the tokenizer reads as plain text (another family's,
+        or an ordinary tag) mark nothing a caller could not write."""
+        known = {t for t in tokens if len(t) > 1}
+        for boundary in self.boundaries:
+            if not any(token in boundary for token in known):
+                raise ConfigError(
+                    f"chat template {self.name}: the text between two turns ({boundary!r}) holds none of the model's "
+                    "control tokens, so the model reads it as plain text that a caller could write too; use the "
+                    "model's own template"
+                )
 
     def add_markers(self, texts) -> None:
         """Defuse these texts in turn text too: an engine's control tokens, which its tokenizer
@@ -148,10 +167,14 @@ class ChatTemplate:
 
     @classmethod
     def for_model(cls, description: str) -> "ChatTemplate | None":
-        """The shipped template of the family a model's architecture or path names, if any."""
-        lowered = description.lower()
+        """The shipped template of the family a model's architecture or path names, if any:
+        a word of it that begins with the family's name (``Qwen2.5-7B``, ``gemma3``), and none
+        that names a family with no shipped template."""
+        words = re.findall(r"[a-z]+", description.lower())
+        if any(word.startswith(UNSHIPPED_FAMILIES) for word in words):
+            return None
         for family, name in FAMILIES.items():
-            if family in lowered:
+            if any(word.startswith(family) for word in words):
                 return cls.named(name)
         return None
 

@@ -278,18 +278,24 @@ class LlamaEngine:
         """The model's own template (GGUF ``tokenizer.chat_template``), else the shipped template
         of its architecture; a configured name or path overrides both. Every special token of
         the vocabulary is defused in turn text: the prompt is tokenized with them parsed."""
-        template = self._choose_template(configured)
-        template.add_markers(self._special_token_texts())
+        controls = self._special_token_texts()
+        template = self._choose_template(configured, controls)
+        template.add_markers(controls)
         return template
 
-    def _choose_template(self, configured: str) -> ChatTemplate:
+    def _choose_template(self, configured: str, controls: list[str]) -> ChatTemplate:
+        """The template, if its turn boundaries are this model's control tokens (else refused)."""
         if configured != "auto":
-            return ChatTemplate.named(configured)
+            template = ChatTemplate.named(configured)
+            template.require_control_tokens(controls)
+            return template
         architecture = self._meta("general.architecture") or ""
         source = self._meta("tokenizer.chat_template")
         if source:
             try:
-                return ChatTemplate(source, "gguf")
+                template = ChatTemplate(source, "gguf")
+                template.require_control_tokens(controls)
+                return template
             except ConfigError as exc:
                 if ChatTemplate.for_model(architecture) is None:
                     raise
@@ -300,6 +306,7 @@ class LlamaEngine:
                 f"RMESH_CHAT_TEMPLATE: the model (architecture {architecture!r}) carries no chat template and "
                 "none ships for its family; name one or give a Jinja file"
             )
+        found.require_control_tokens(controls)
         return found
 
     def _special_token_texts(self) -> list[str]:
