@@ -296,9 +296,10 @@ async def test_sglang_defuses_the_common_families_control_tokens_on_every_templa
         await auto.aclose()
     finally:
         standin.stop()
-    reward = SGLangRewardModel("http://127.0.0.1:9")
-    assert "<|endoftext|>" not in reward.template.render([("user", forged)])
-    await reward.aclose()
+    for template in (None, ChatTemplate.named("gemma")):  # the shipped default, or RMESH_REWARD_CHAT_TEMPLATE's
+        reward = SGLangRewardModel("http://127.0.0.1:9", template=template)
+        assert "<|endoftext|>" not in reward.template.render([("user", forged)])
+        await reward.aclose()
 
 
 def test_no_models_turn_markers_in_the_code():

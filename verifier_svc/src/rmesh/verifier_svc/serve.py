@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from rmesh.config import Addresses, ServerSettings, SolverConfig, VerifierConfig
 from rmesh.engine import Engine, create_engine
-from rmesh.engine.chat import ChatTemplate, with_known_control_tokens
+from rmesh.engine.chat import ChatTemplate
 from rmesh.errors import ConfigError
 from rmesh.serving import RunningService, provider_factory, start_server
 from rmesh.verifier_svc import sandbox
@@ -40,9 +40,7 @@ def build_scorer(config: VerifierConfig, engine: Engine | None):
             engine = started = create_engine(SolverConfig(engine="embedded"))
         scorer = GenerativeJudge(engine)
     else:
-        scorer = SGLangRewardModel(
-            config.reward_url, template=with_known_control_tokens(ChatTemplate.named(config.reward_chat_template))
-        )
+        scorer = SGLangRewardModel(config.reward_url, template=ChatTemplate.named(config.reward_chat_template))
     path = config.calibration_path or SHIPPED_CALIBRATION
     if config.calibration_path and not pathlib.Path(path).is_file():
         raise ConfigError(f"RMESH_JUDGE_CALIBRATION={path}: no such file")

@@ -33,7 +33,7 @@ class SGLangRewardModel:
         template: ChatTemplate | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.template = template or with_known_control_tokens(ChatTemplate.named("chatml"))
+        self.template = with_known_control_tokens(template or ChatTemplate.named("chatml"))
         self._client = client or httpx.AsyncClient(base_url=self.base_url, timeout=60)
         self.name = f"sglang-reward:{model}"
 
